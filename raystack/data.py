@@ -1,0 +1,345 @@
+"""Corpus pipeline: sources -> Ray Data (read, tokenize, split, pack) -> packed token blocks in storage -> batches.
+
+Contract:
+- ``DataConfig.sources`` are text files, directories, globs or parquet files (``.parquet``), local paths or object-store
+  URIs (anything ``pyarrow.fs`` opens: ``s3://``, ``gs://``, ``file://``). Empty means the default corpus: the
+  source code of the running Python's standard library (a real corpus on every machine, no download).
+- ``prepare_blocks(config, out_dir)`` runs Ray Data over the sources: each document is tokenized (byte tokenizer,
+  ``<|endoftext|>`` after each), assigned to train or validation by a hash of its content (never by order), and
+  documents are packed into fixed blocks of ``block_size + 1`` tokens. The blocks are written to ``out_dir`` as
+  ``train.npy`` / ``val.npy`` (uint16 ``[N, block_size + 1]``) plus ``meta.json``, written last as the commit
+  marker; a directory without ``meta.json`` is never read. A re-run with the same inputs reuses the blocks.
+- ``batch_indices(step, batch_size, n_blocks, seed)`` says which blocks make up optimizer step ``step``: a
+  permutation seeded by ``(seed, epoch)`` walked in order. The data position is therefore just the step counter,
+  and a resumed run sees exactly the batches an uninterrupted one would, for any worker count.
+- A missing source, a missing column, an unreadable file or an empty corpus raise ``DataError`` naming the source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import sysconfig
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from raystack.tokenizer import EOT, ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """A corpus source is missing, unreadable, of the wrong shape, or empty."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)
+    """Text files, directories, globs or ``.parquet`` files, local or URIs. Empty: the Python standard library."""
+    text_column: str = "text"
+    """Column holding the documents in parquet sources."""
+    block_size: int = 128
+    """Tokens per training example; blocks hold ``block_size + 1`` tokens (inputs plus shifted targets)."""
+    val_fraction: float = 0.05
+    """Share of documents (by content hash) held out for validation loss."""
+    max_documents: int = 0
+    """Read at most this many documents, the first in sorted path order (0 = all). Keeps tests and demos small."""
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"data.block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_documents < 0:
+            raise ValueError(f"data.max_documents must be >= 0 (0 = all), got {self.max_documents}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def default_corpus_dir() -> str:
+    """The running Python's standard library source directory."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in source:
+        try:
+            return pafs.FileSystem.from_uri(source)
+        except Exception as e:  # pyarrow raises several types for bad URIs and missing credentials
+            raise DataError(f"cannot open data source {source!r}: {e}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def resolve_source(source: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and sorted file paths one source names (a file, a directory, or a glob)."""
+    fs, path = _filesystem(source)
+    if _is_glob(path):
+        if isinstance(fs, pafs.LocalFileSystem):
+            paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+        else:
+            base = path
+            while _is_glob(base):
+                base = posixpath.dirname(base)
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            paths = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"data source {source!r} does not exist; pass existing files, directories or globs")
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            paths = [
+                i.path for i in infos if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".")
+            ]
+        else:
+            paths = [path]
+    if not paths:
+        raise DataError(f"data source {source!r} matches no files")
+    return fs, sorted(paths)
+
+
+@dataclass
+class ResolvedSources:
+    text: list[tuple[pafs.FileSystem, list[str]]]
+    parquet: list[tuple[pafs.FileSystem, list[str]]]
+    fingerprint: str
+    description: str
+
+
+def resolve_sources(config: DataConfig) -> ResolvedSources:
+    sources = config.sources or [os.path.join(default_corpus_dir(), "*.py")]
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, config.text_column, config.block_size,
+                                        config.val_fraction, config.max_documents]).encode())
+    text, parquet = [], []
+    for source in sources:
+        fs, paths = resolve_source(source)
+        pq_paths = [p for p in paths if p.endswith(".parquet")]
+        txt_paths = [p for p in paths if not p.endswith(".parquet")]
+        if pq_paths:
+            _check_parquet_column(source, fs, pq_paths, config.text_column)
+            parquet.append((fs, pq_paths))
+        if txt_paths:
+            text.append((fs, txt_paths))
+        for info in fs.get_file_info(paths):
+            digest.update(f"{source}|{info.path}|{info.size}|{info.mtime_ns}".encode())
+    description = ", ".join(sources) if config.sources else f"Python standard library ({sources[0]})"
+    return ResolvedSources(text, parquet, digest.hexdigest()[:16], description)
+
+
+def _check_parquet_column(source: str, fs, paths: list[str], column: str) -> None:
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except Exception as e:
+            raise DataError(f"cannot read parquet file {path!r} (from source {source!r}): {e}") from None
+        if column not in schema.names:
+            raise DataError(
+                f"parquet file {path!r} has no column {column!r} (it has {schema.names}); "
+                f"set data.text_column to the column that holds the text"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenize, split, pack (pure functions; Ray Data runs them in parallel)
+
+
+def is_validation(document: bytes, val_fraction: float) -> bool:
+    """Deterministic split by content: the same document lands on the same side on every run and machine."""
+    h = int.from_bytes(hashlib.blake2b(document, digest_size=8).digest(), "little")
+    return h / 2**64 < val_fraction
+
+
+def pack_documents(documents: list[bytes], block_size: int, val_fraction: float) -> dict[str, np.ndarray]:
+    """Tokenize and pack a group of documents into ``[n, block_size + 1]`` uint16 blocks per split.
+
+    Documents are joined with ``<|endoftext|>``; the tail shorter than one block is dropped (at most
+    ``block_size`` tokens per group of documents).
+    """
+    tokenizer = ByteTokenizer()
+    streams: dict[str, list[int]] = {"train": [], "val": []}
+    for doc in documents:
+        split = "val" if is_validation(doc, val_fraction) else "train"
+        streams[split].extend(tokenizer.encode(doc))
+        streams[split].append(EOT)
+    width = block_size + 1
+    out = {}
+    for split, tokens in streams.items():
+        n = len(tokens) // width
+        out[split] = np.asarray(tokens[: n * width], dtype=np.uint16).reshape(n, width)
+    return out
+
+
+def _pack_batch(batch: dict, block_size: int, val_fraction: float) -> dict:
+    """Ray Data ``map_batches`` body: documents (sorted by key) -> rows of packed blocks tagged with their origin."""
+    order = np.argsort(batch["key"], kind="stable")
+    keys = [batch["key"][i] for i in order]
+    docs = [batch["doc"][i] for i in order]
+    packed = pack_documents(docs, block_size, val_fraction)
+    rows_split, rows_key, rows_index, rows_tokens = [], [], [], []
+    group = keys[0] if keys else ""
+    for split, blocks in packed.items():
+        for i, block in enumerate(blocks):
+            rows_split.append(split)
+            rows_key.append(group)
+            rows_index.append(i)
+            rows_tokens.append(block)
+    tokens = np.stack(rows_tokens) if rows_tokens else np.zeros((0, block_size + 1), np.uint16)
+    return {"split": np.array(rows_split, dtype=object), "key": np.array(rows_key, dtype=object),
+            "index": np.array(rows_index, dtype=np.int64), "tokens": tokens}
+
+
+def _text_documents(batch: dict) -> dict:
+    return {"key": np.array(list(batch["path"]), dtype=object), "doc": np.array(list(batch["bytes"]), dtype=object)}
+
+
+def _parquet_documents(batch: dict, column: str) -> dict:
+    keys, docs = [], []
+    for value in batch[column]:
+        if value is None:
+            continue  # a null row has no text to learn from; counted as skipped in meta.json
+        doc = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        keys.append(hashlib.blake2b(doc, digest_size=16).hexdigest())
+        docs.append(doc)
+    return {"key": np.array(keys, dtype=object), "doc": np.array(docs, dtype=object)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage of packed blocks
+
+
+def _open_dir(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _write_npy(fs, path: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    with fs.open_output_stream(path) as f:
+        f.write(buffer.getvalue())
+
+
+def _read_npy(fs, path: str) -> np.ndarray:
+    with fs.open_input_file(path) as f:
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+def read_meta(uri: str) -> dict | None:
+    fs, path = _open_dir(uri)
+    meta_path = posixpath.join(path, "meta.json")
+    if fs.get_file_info(meta_path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(meta_path) as f:
+        return json.loads(f.read())
+
+
+def load_blocks(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(train, val, meta)`` from a committed block directory written by ``prepare_blocks``."""
+    meta = read_meta(uri)
+    if meta is None:
+        raise DataError(f"{uri!r} holds no committed token blocks (meta.json missing)")
+    fs, path = _open_dir(uri)
+    return _read_npy(fs, posixpath.join(path, "train.npy")), _read_npy(fs, posixpath.join(path, "val.npy")), meta
+
+
+def prepare_blocks(config: DataConfig, out_root: str) -> str:
+    """Pack the corpus into ``out_root/<fingerprint>`` (reusing it when already committed); return that URI."""
+    import ray
+    import ray.data
+
+    resolved = resolve_sources(config)
+    out_uri = posixpath.join(out_root, resolved.fingerprint) if "://" in out_root else os.path.join(
+        os.path.abspath(os.path.expanduser(out_root)), resolved.fingerprint)
+    if read_meta(out_uri) is not None:
+        logger.info("reusing packed token blocks at %s", out_uri)
+        return out_uri
+
+    datasets = []
+    for fs, paths in resolved.text:
+        ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+        datasets.append(ds.map_batches(_text_documents, batch_format="numpy"))
+    for fs, paths in resolved.parquet:
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=[config.text_column])
+        datasets.append(ds.map_batches(_parquet_documents, fn_kwargs={"column": config.text_column},
+                                       batch_format="numpy"))
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    if config.max_documents:
+        ds = ds.limit(config.max_documents)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # fixed document groups -> the same blocks on every run
+    packed = ds.map_batches(_pack_batch, batch_size=64, batch_format="numpy",
+                            fn_kwargs={"block_size": config.block_size, "val_fraction": config.val_fraction})
+
+    rows = {"train": [], "val": []}
+    try:
+        for batch in packed.iter_batches(batch_format="numpy", batch_size=4096):
+            for split, key, index, tokens in zip(batch["split"], batch["key"], batch["index"], batch["tokens"]):
+                rows[split].append((key, int(index), tokens))
+    except Exception as e:  # a read failure surfaces here, wrapped in Ray's task errors
+        cause = getattr(e, "cause", None) or e
+        raise DataError(f"cannot read the corpus {resolved.description}: {type(cause).__name__}: {cause}") from None
+
+    # Order blocks by origin, not by arrival: identical inputs give identical block indices on every run.
+    blocks = {s: np.stack([t for _, _, t in sorted(r, key=lambda x: x[:2])]) if r else
+              np.zeros((0, config.block_size + 1), np.uint16) for s, r in rows.items()}
+    if len(blocks["train"]) == 0:
+        raise DataError(
+            f"the corpus {resolved.description} yields no training block of {config.block_size + 1} tokens; "
+            "add text or lower data.block_size"
+        )
+    if len(blocks["val"]) == 0 and config.val_fraction > 0:
+        # Too few documents for a hash split to hold any out: keep the last blocks of train for validation.
+        n_val = max(1, int(round(config.val_fraction * len(blocks["train"]))))
+        if n_val >= len(blocks["train"]):
+            raise DataError(f"the corpus {resolved.description} is too small to hold out a validation block")
+        blocks["val"], blocks["train"] = blocks["train"][-n_val:], blocks["train"][:-n_val]
+        logger.warning("no document hashed into validation; held out the last %d training blocks", n_val)
+
+    fs, path = _open_dir(out_uri)
+    fs.create_dir(path, recursive=True)
+    _write_npy(fs, posixpath.join(path, "train.npy"), blocks["train"])
+    _write_npy(fs, posixpath.join(path, "val.npy"), blocks["val"])
+    meta = {"format_version": FORMAT_VERSION, "sources": resolved.description, "block_size": config.block_size,
+            "train_blocks": len(blocks["train"]), "val_blocks": len(blocks["val"]),
+            "train_tokens": int(blocks["train"].size), "val_tokens": int(blocks["val"].size)}
+    with fs.open_output_stream(posixpath.join(path, "meta.json")) as f:  # commit marker, written last
+        f.write(json.dumps(meta, indent=2).encode())
+    logger.info("packed %d train / %d val blocks from %s into %s", meta["train_blocks"], meta["val_blocks"],
+                resolved.description, out_uri)
+    return out_uri
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches by index
+
+
+def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> np.ndarray:
+    """Block indices of optimizer step ``step`` (0-based): positions ``step * batch_size ...`` of the stream formed
+    by concatenating one permutation of ``range(n_blocks)`` per epoch, each seeded by ``(seed, epoch)``."""
+    flat = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(flat, n_blocks)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n_blocks)
+        mask = epochs == epoch
+        out[mask] = perm[offsets[mask]]
+    return out

@@ -1,0 +1,237 @@
+"""A decoder-only transformer (GPT) with an incremental decode path over a slot-indexed KV cache.
+
+Contract:
+- ``GPT(config)(tokens)`` -> logits ``[B, T, vocab]`` for a full causal forward (training, scoring).
+- ``GPT.forward(tokens, positions=..., cache=..., slots=...)`` -> logits for an incremental step: row ``b``'s
+  tokens sit at absolute ``positions[b]`` of KV-cache slot ``slots[b]``; their keys/values are written into the
+  cache and they attend to every earlier position of that slot. Prefill and decode are the same call, so logits from
+  decoding token by token equal the full forward's within float tolerance (tests/unit/test_model.py proves it).
+
+Architecture: pre-norm (RMSNorm) blocks, causal attention through ``F.scaled_dot_product_attention``, rotary
+position embeddings, a GELU MLP (4x), no biases, input and output embeddings tied.
+
+Presets (``ModelConfig.from_preset``): ``tiny`` (~0.12 M parameters, tests and the demo), ``small`` (~19 M) and
+``gpt2`` (GPT-2 small's shape: 12 layers, 12 heads, 768 wide, 1024 context; 124 M parameters with GPT-2's 50 k BPE
+vocabulary, ~85 M with raystack's 257-token byte vocabulary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raystack.tokenizer import VOCAB_SIZE
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer. Every field is saved in the model artifact's ``config.json``."""
+
+    vocab_size: int = VOCAB_SIZE
+    """Number of token ids (the byte tokenizer's 256 bytes + special tokens)."""
+    max_seq_len: int = 128
+    """Longest sequence (prompt + generated tokens) the model attends over, in tokens."""
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    """Width of the residual stream; must divide evenly by ``n_head`` into an even head size (rotary)."""
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be n_head ({self.n_head}) times an even head size; "
+                "pick n_embd divisible by 2 * n_head"
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"model.preset {name!r} is not one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, max_seq_len=128),
+    "small": dict(n_layer=6, n_head=8, n_embd=512, max_seq_len=512),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=1024),
+}
+
+
+class KVCache:
+    """Preallocated keys and values, ``[n_layer, slots, n_head, max_seq_len, head_dim]`` each.
+
+    Memory is fixed up front: ``2 * n_layer * slots * max_seq_len * n_embd * element_size`` bytes.
+    A request owns a slot from admission to finish; nothing is freed or moved in between.
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, slots, config.n_head, config.max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[max_seq_len, head_dim / 2]`` in float32."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(config.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D]`` by angle tables ``[B or 1, 1, T, D/2]`` (rotate-half convention)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, positions=None, cache: KVCache | None = None, slots=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+            # Write this step's keys/values at (slot, position); [B, T] index pairs broadcast over heads.
+            k_cache[slots[:, None], :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[slots[:, None], :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+            # Attend over the prefix every row needs, masking each row's future (and other rows' lengths).
+            span = int(positions.max()) + 1
+            keys = k_cache[slots, :, :span].to(q.dtype)
+            values = v_cache[slots, :, :span].to(q.dtype)
+            visible = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.proj(y), dropout, self.training)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.n_embd)
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.fc_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, positions=None, cache=None, slots=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, slots)
+        mlp = self.fc_proj(F.gelu(self.fc(self.mlp_norm(x))))
+        return x + F.dropout(mlp, self.dropout, self.training)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd)
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init for the projections that write into the residual stream.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * d * T."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, slots=None):
+        B, T = tokens.shape
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]
+        else:
+            if positions is None or slots is None:
+                raise ValueError("an incremental forward needs positions [B, T] and slots [B]")
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin, positions, cache, slots)
+        return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self, tokens)
+
+
+def causal_lm_loss(model, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of ``tokens`` ``[B, T + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+
+    ``model`` is any callable returning logits: a ``GPT`` or its DDP wrapper (so DDP's gradient hooks fire).
+    """
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction=reduction)

@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray per test session (its own temp dir and auth token), skips for GPU tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Keep every Ray and raystack file of the test session out of the user's home (~/.ray, ~/raystack_runs).
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="raystack-tests-"))
+os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(_SESSION_TMP / "auth_token"))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster shared by every integration test; stopped (only it) at the end."""
+    import ray
+
+    ray.init(
+        num_cpus=4,  # 2 cores here; training tests use 2 workers x 1 CPU plus Ray Data and the controller
+        include_dashboard=False,
+        object_store_memory=150 * 1024**2,
+        _temp_dir=str(_SESSION_TMP / "ray"),
+        log_to_driver=True,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides for a fast tiny run on a small slice of the default corpus, stored under tmp_path."""
+    return [
+        f"storage_path={tmp_path / 'runs'}",
+        "data.max_documents=30",
+        "data.block_size=64",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=5",
+        "train.eval_blocks=32",
+    ]
+
+
+@pytest.fixture(scope="session")
+def python():
+    return sys.executable

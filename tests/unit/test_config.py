@@ -1,0 +1,60 @@
+"""Config loading: unknown keys and bad values name the key, overrides parse as YAML."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raystack.config import ConfigError, parse_overrides
+from raystack.train import TrainJobConfig, load_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_valid_and_overrides_apply(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: exp\ntrain:\n  lr: 0.001\nscaling:\n  num_workers: [1, 2]\n")
+    config = load_train_config(cfg_file, ["train.steps=7", "model.n_layer=3"])
+    assert isinstance(config, TrainJobConfig)
+    assert (config.name, config.train.lr, config.train.steps) == ("exp", 0.001, 7)
+    assert config.scaling.num_workers == [1, 2]
+    assert config.model.build().n_layer == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", r"unknown config key 'train.lrr' \(did you mean 'lr'\?\)"),
+    ("bogus=1", "unknown config key 'bogus'"),
+    ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("train.lr=-1", "train.lr must be a positive number"),
+    ("scaling.num_workers=[2, 1]", "scaling.num_workers must be an int or \\[min, max\\]"),
+    ("model.preset=huge", "model.preset 'huge' is not one of"),
+    ("data.block_size=4096", "data.block_size \\(4096\\) exceeds the model's max_seq_len"),
+    ("data.val_fraction=1.5", "data.val_fraction must be in"),
+    ("train.precision=fp8", "train.precision must be auto, fp32 or bf16"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, [override])
+
+
+def test_malformed_overrides_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_train_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_train_config(bad)
+
+
+def test_job_refuses_a_bad_key_before_starting_ray(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--set", "train.nope=1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "raystack: error: unknown config key 'train.nope'" in result.stderr
+    assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr + result.stdout
