@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +14,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Keep every Ray and raystack file of the test session out of the user's home (~/.ray, ~/raystack_runs).
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="raystack-tests-"))
-os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(_SESSION_TMP / "auth_token"))
+_TOKEN = _SESSION_TMP / "auth_token"
+_TOKEN.write_text(secrets.token_hex(32))
+_TOKEN.chmod(0o600)
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
+os.environ["RAY_AUTH_MODE"] = "token"  # what we ship: token auth on
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
@@ -44,18 +49,21 @@ def ray_session():
     ray.shutdown()
 
 
+# A fast tiny run on a small slice of the default corpus.
+TINY_OVERRIDES = [
+    "data.max_documents=30",
+    "data.block_size=64",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=5",
+    "train.eval_blocks=32",
+]
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
-    """Overrides for a fast tiny run on a small slice of the default corpus, stored under tmp_path."""
-    return [
-        f"storage_path={tmp_path / 'runs'}",
-        "data.max_documents=30",
-        "data.block_size=64",
-        "train.batch_size=8",
-        "train.micro_batch_size=4",
-        "train.warmup_steps=5",
-        "train.eval_blocks=32",
-    ]
+    """``TINY_OVERRIDES`` with storage under this test's tmp_path."""
+    return [*TINY_OVERRIDES, f"storage_path={tmp_path / 'runs'}"]
 
 
 @pytest.fixture(scope="session")
