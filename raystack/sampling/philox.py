@@ -1,0 +1,45 @@
+"""Counter-based randomness: Philox-4x32-10 exactly as Triton's ``tl.philox`` / ``tl.rand`` compute it.
+
+One uniform per (seed, step): ``uniform(seed, step)`` on the CPU equals ``uint_to_uniform_float(philox(seed, step, 0, 0,
+0)[0])`` inside the Triton kernel bit for bit, so a request's draw depends only on its own seed and step — not on
+the batch, the row's position, the device or the kernel's block size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK = 0xFFFFFFFF
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def _mulhi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of constant ``a`` and uint32 values ``b`` (held in int64)."""
+    product = b * a  # wraps modulo 2**64 in int64; both halves stay exact
+    return (product >> 32) & _MASK, product & _MASK
+
+
+def philox4x32(seed: torch.Tensor, c0: torch.Tensor, c1=None, c2=None, c3=None, rounds: int = 10):
+    """Philox-4x32 over int64 tensors holding uint32 values; the key is the 64-bit seed (lo, hi words)."""
+    seed = seed.to(torch.int64)
+    k0, k1 = seed & _MASK, (seed >> 32) & _MASK
+    zero = torch.zeros_like(c0, dtype=torch.int64)
+    c0 = c0.to(torch.int64) & _MASK
+    c1 = zero if c1 is None else c1.to(torch.int64) & _MASK
+    c2 = zero if c2 is None else c2.to(torch.int64) & _MASK
+    c3 = zero if c3 is None else c3.to(torch.int64) & _MASK
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhi_lo(ROUND_B, c2)
+        hi_a, lo_a = _mulhi_lo(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & _MASK, (k1 + KEY_B) & _MASK
+    return c0, c1, c2, c3
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1], one per (seed, step) pair, equal to Triton's ``tl.rand``-style conversion."""
+    bits = philox4x32(seed, step)[0]
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)  # bitcast to int32
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)

@@ -1,0 +1,163 @@
+"""The sampling op's semantics (reference), its CPU fast path, and parameter validation."""
+
+import math
+
+import pytest
+import torch
+
+from raystack.sampling import SamplingParams, sample
+from raystack.sampling.cpu import survivors_cpu
+from raystack.sampling.philox import philox4x32, uniform
+from raystack.sampling.reference import filter_logits, filtered_probs, sample_reference
+from tests.unit.sampling_cases import g_test_p_value, grid_params, tie_logits
+
+
+def test_philox_matches_the_published_known_answer():
+    # Random123's kat_vectors for philox4x32_10: counter and key all 0xffffffff.
+    ones = torch.tensor([0xFFFFFFFF], dtype=torch.int64)
+    out = philox4x32(ones | (ones << 32), ones, ones, ones, ones)
+    assert [int(c) for c in out] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    u = uniform(torch.arange(1000), torch.zeros(1000, dtype=torch.int64))
+    assert 0 <= float(u.min()) and float(u.max()) <= 1 and abs(float(u.mean()) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("make_logits", [lambda B: torch.randn(B, 1000) * 3, lambda B: tie_logits(B, 1000)],
+                         ids=["random", "ties"])
+def test_cpu_support_equals_reference_over_a_parameter_grid(make_logits):
+    params, B = grid_params()
+    torch.manual_seed(0)
+    logits = make_logits(B)
+    expected = filter_logits(logits.double(), params)
+    got = survivors_cpu(logits, params)
+    mismatched = [row for row in range(B) if not torch.equal(got[row], expected[row])]
+    assert not mismatched, f"support differs for rows {mismatched[:5]}"
+
+
+def test_tie_rules_keep_whole_groups():
+    logits = torch.tensor([[3.0, 1.0, 3.0, 1.0, 1.0, 0.0] + [-10.0] * 250])
+    # top_k=2: both 3.0 survive; top_k=3: the 1.0 group ties at the boundary, all three kept
+    for k, expected in [(1, [0, 2]), (2, [0, 2]), (3, [0, 1, 2, 3, 4])]:
+        params = SamplingParams.build(1, top_k=k)
+        for mask in (filter_logits(logits.double(), params), survivors_cpu(logits, params)):
+            assert torch.nonzero(mask[0])[:, 0].tolist() == expected
+    # top_p: the mass strictly above a 1.0 token is that of both 3.0 tokens; it decides for the whole group
+    above = 2 * math.exp(3) / (2 * math.exp(3) + 3 * math.exp(1) + 1 + 250 * math.exp(-10))
+    for p, expected in [(above - 1e-3, [0, 2]), (above + 1e-3, [0, 1, 2, 3, 4])]:
+        params = SamplingParams.build(1, top_p=p)
+        for mask in (filter_logits(logits.double(), params), survivors_cpu(logits, params)):
+            assert torch.nonzero(mask[0])[:, 0].tolist() == expected
+
+
+def test_greedy_is_the_first_argmax_and_has_logprob_zero():
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0] + [0.0] * 252, [1.0] * 256])
+    out = sample(logits, SamplingParams.build(2, temperature=0.0, top_k=5, seed=[1, 2]), return_logprobs=True)
+    assert out.tokens.tolist() == [1, 0]
+    assert out.logprobs.tolist() == [0.0, 0.0]
+
+
+def test_cpu_path_draws_the_reference_tokens_and_logprobs():
+    params, B = grid_params(B_per=2)
+    torch.manual_seed(1)
+    logits = torch.randn(B, 2048) * 2.5
+    tokens, logprobs = sample_reference(logits.double(), params)
+    out = sample(logits, params, return_logprobs=True, backend="cpu")
+    assert (out.tokens == tokens).float().mean() == 1.0
+    torch.testing.assert_close(out.logprobs.double(), logprobs, rtol=0, atol=1e-5)
+
+
+def test_penalties_follow_the_vllm_definitions():
+    torch.manual_seed(2)
+    B, V = 4, 300
+    logits = torch.randn(B, V) * 2
+    counts = torch.zeros(B, V, dtype=torch.int32)
+    counts[:, :20] = torch.randint(0, 4, (B, 20), dtype=torch.int32)
+    prompt = torch.zeros(B, V, dtype=torch.bool)
+    prompt[:, 20:25] = True
+    params = SamplingParams.build(B, temperature=0.8, top_p=0.9, repetition_penalty=[1.0, 1.3, 0.7, 1.3],
+                                  presence_penalty=[0.5, 0.0, -0.5, 1.0], frequency_penalty=[0.2, 0.0, 0.3, -0.1],
+                                  counts=counts, prompt_mask=prompt, seed=[4, 5, 6, 7])
+    from raystack.sampling.reference import apply_penalties
+
+    x, c = logits[1], counts[1].float()
+    seen = (c > 0) | prompt[1]
+    manual = torch.where(seen, torch.where(x > 0, x / 1.3, x * 1.3), x)
+    torch.testing.assert_close(apply_penalties(logits, params)[1], manual)
+    assert torch.equal(survivors_cpu(logits, params), filter_logits(logits.double(), params))
+    assert torch.equal(sample(logits, params, backend="cpu").tokens, sample_reference(logits.double(), params)[0])
+
+
+@pytest.mark.parametrize("case", [
+    dict(temperature=0.9),
+    dict(temperature=0.7, top_k=6),
+    dict(temperature=1.2, top_p=0.7),
+    dict(temperature=1.0, min_p=0.1),
+    dict(temperature=0.8, top_k=12, top_p=0.85, min_p=0.02),
+])
+def test_cpu_draws_follow_the_filtered_distribution(case):
+    """G-test at alpha = 1e-3: 20 000 draws of one row (steps 0..19 999) against the reference probabilities."""
+    torch.manual_seed(3)
+    V, N = 256, 20_000
+    row = torch.randn(1, V) * 2
+    params = SamplingParams.build(N, seed=11, step=torch.arange(N), **case)
+    tokens = sample(row.expand(N, V), params, backend="cpu").tokens
+    expected = filtered_probs(row.double(), SamplingParams.build(1, **case))[0]
+    assert g_test_p_value(torch.bincount(tokens, minlength=V), expected) > 1e-3
+
+
+def test_same_seed_and_step_give_the_same_token_whatever_the_batch():
+    torch.manual_seed(4)
+    logits = torch.randn(32, 4096) * 3
+    params = SamplingParams.build(32, temperature=0.9, top_k=[0, 40] * 16, top_p=0.92, seed=list(range(32)), step=5)
+    batched = sample(logits, params, backend="cpu").tokens
+    for row in (0, 7, 31):
+        alone = sample(logits[row:row + 1], params.select(torch.tensor([row])), backend="cpu").tokens
+        assert alone.item() == batched[row].item()
+    shuffled = torch.randperm(32)
+    assert torch.equal(sample(logits[shuffled], params.select(shuffled), backend="cpu").tokens, batched[shuffled])
+    # different seeds give different draws of the same distribution
+    same_row = sample(logits[:1].expand(64, -1), SamplingParams.build(64, seed=torch.arange(64)), backend="cpu")
+    assert len(set(same_row.tokens.tolist())) > 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_dtypes(dtype):
+    logits = (torch.randn(4, 512) * 2).to(dtype)
+    params = SamplingParams.build(4, temperature=0.7, top_k=30, top_p=0.9, seed=[1, 2, 3, 4])
+    expected, _ = sample_reference(logits.double(), params)
+    assert torch.equal(sample(logits, params, backend="cpu").tokens, expected)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.1, "temperature must be a finite number >= 0; row 1"),
+    ("temperature", math.inf, "temperature must be a finite number >= 0; row 1"),
+    ("temperature", math.nan, "temperature must be a finite number >= 0; row 1"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]; row 1"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]; row 1"),
+    ("top_k", -2, "top_k must be -1, 0 \\(off\\) or a positive integer; row 1"),
+    ("min_p", 1.0, r"min_p must be in \[0, 1\); row 1"),
+    ("min_p", -0.1, r"min_p must be in \[0, 1\); row 1"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be a finite number > 0; row 1"),
+])
+def test_bad_parameters_name_the_parameter_and_row(field, value, message):
+    values = {field: [SamplingParams.build(1).__dict__[field].item(), value, 0.5 if field != "top_k" else 3]}
+    params = SamplingParams.build(3, **values)
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=message):
+            sample(torch.randn(3, 300), params, backend=backend)
+
+
+def test_bad_logits_and_shapes_are_refused():
+    params = SamplingParams.build(2)
+    logits = torch.randn(2, 300)
+    logits[1, 7] = math.nan
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="logits of row 1 contain NaN"):
+            sample(logits, params, backend=backend)
+    with pytest.raises(ValueError, match="logits of row 0"):
+        sample(torch.full((2, 300), -math.inf), params)
+    with pytest.raises(ValueError, match=r"temperature must have shape \[3\], got \[2\]"):
+        sample(torch.randn(3, 300), params)
+    with pytest.raises(ValueError, match=r"logits must be \[batch, vocab\]"):
+        sample(torch.randn(300), params)
+    with pytest.raises(ValueError, match=r"counts must have shape \[2, 300\]"):
+        sample(torch.randn(2, 300), SamplingParams.build(2, counts=torch.zeros(2, 10, dtype=torch.int32)))

@@ -1,0 +1,110 @@
+"""The Triton sampling kernel against the reference and the CPU path.
+
+Without a GPU the kernel runs through Triton's interpreter (TRITON_INTERPRET=1, set here before Triton compiles
+anything), so these tests stay small: few rows, large blocks. On a CUDA machine the same tests run the real kernel.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from raystack.sampling import SamplingParams, sample  # noqa: E402
+from raystack.sampling.reference import filter_logits, filtered_probs  # noqa: E402
+from raystack.sampling.triton_kernel import sample_triton  # noqa: E402
+from tests.unit.sampling_cases import g_test_p_value, grid_params, tie_logits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel_support(logits: torch.Tensor, params: SamplingParams, cut: torch.Tensor) -> torch.Tensor:
+    """The kernel's survivors, rebuilt from its per-row key cut with the kernel's own float32 arithmetic."""
+    from raystack.sampling.reference import apply_penalties
+
+    x = apply_penalties(logits.float(), params)
+    z = (x - x.max(-1, keepdim=True).values) / torch.where(params.temperature > 0, params.temperature, 1)[:, None]
+    keys = (0.0 - z).view(torch.int32)
+    support = keys <= cut[:, None].cpu()
+    greedy = params.temperature == 0
+    support[greedy] = False
+    support[greedy, x[greedy].argmax(-1)] = True
+    return support
+
+
+def test_kernel_support_equals_reference_over_the_grid_and_ties():
+    params, B = grid_params()
+    rows = torch.arange(0, B, 3)  # a third of the grid keeps the interpreter quick
+    sub = params.select(rows)
+    for logits in (torch.randn(B, 700) * 3, tie_logits(B, 700, seed=5)):
+        logits = logits[rows]
+        out, cut = sample_triton(logits.to(DEVICE), sub, return_cut=True, block=256)
+        expected = filter_logits(logits.double(), sub)
+        got = kernel_support(logits, sub, cut)
+        bad = [int(r) for r in range(len(rows)) if not torch.equal(got[r], expected[r])]
+        assert not bad, f"support differs for rows {bad}"
+        assert expected.gather(1, out.tokens.cpu()[:, None]).all()
+
+
+def test_kernel_tokens_and_logprobs_equal_the_cpu_path_at_any_block_size():
+    torch.manual_seed(6)
+    B, V = 8, 3000  # several blocks per row
+    logits = torch.randn(B, V) * 2.5
+    counts = torch.zeros(B, V, dtype=torch.int32)
+    counts[:, ::97] = 2
+    params = SamplingParams.build(B, temperature=[0, 0.6, 1.0, 1.4] * 2, top_k=[0, 40, 0, 5, 300, 0, 0, 1],
+                                  top_p=[1, 0.9, 0.8, 1, 1, 0.95, 1, 1], min_p=[0, 0, 0.05, 0, 0, 0, 0.2, 0],
+                                  repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.1,
+                                  counts=counts, seed=list(range(100, 108)), step=9)
+    cpu = sample(logits, params, return_logprobs=True, backend="cpu")
+    for block in (512, 4096):
+        out = sample_triton(logits.to(DEVICE), params, return_logprobs=True, block=block)
+        assert torch.equal(out.tokens.cpu(), cpu.tokens), f"block {block}"
+        torch.testing.assert_close(out.logprobs.cpu(), cpu.logprobs, rtol=0, atol=1e-5)
+
+
+def test_kernel_row_result_does_not_depend_on_batch_or_position():
+    torch.manual_seed(7)
+    logits = torch.randn(6, 1024) * 2
+    params = SamplingParams.build(6, temperature=0.9, top_k=50, top_p=0.9, seed=[3, 1, 4, 1, 5, 9], step=2)
+    batched = sample_triton(logits.to(DEVICE), params).tokens.cpu()
+    order = torch.tensor([5, 2, 0])
+    subset = sample_triton(logits[order].to(DEVICE), params.select(order)).tokens.cpu()
+    assert torch.equal(subset, batched[order])
+    other_seeds = sample_triton(logits.to(DEVICE), SamplingParams.build(6, temperature=0.9, top_k=50, top_p=0.9,
+                                                                          seed=[30, 10, 40, 10, 50, 90], step=2))
+    assert not torch.equal(other_seeds.tokens.cpu(), batched)
+
+
+@pytest.mark.parametrize("V, dtype", [(256, torch.float32), (32_000, torch.bfloat16), (262_144, torch.float16)])
+def test_kernel_vocabularies_and_dtypes(V, dtype):
+    torch.manual_seed(8)
+    logits = (torch.randn(2, V) * 3).to(dtype)
+    params = SamplingParams.build(2, temperature=[0.8, 1.0], top_k=[20, 0], top_p=[0.9, 1.0], min_p=[0, 0.3],
+                                  seed=[1, 2], step=1)
+    out = sample_triton(logits.to(DEVICE), params, return_logprobs=True, block=min(triton.next_power_of_2(V), 65536))
+    cpu = sample(logits, params, return_logprobs=True, backend="cpu")
+    assert torch.equal(out.tokens.cpu(), cpu.tokens)
+
+
+def test_kernel_draws_follow_the_filtered_distribution():
+    """G-test at alpha = 1e-3 over 1 500 draws (min-p keeps the interpreter's work per draw small)."""
+    torch.manual_seed(9)
+    V, N = 256, 1500
+    row = torch.randn(1, V) * 2
+    case = dict(temperature=1.0, min_p=0.15)
+    params = SamplingParams.build(N, seed=5, step=torch.arange(N), **case)
+    tokens = sample_triton(row.expand(N, V).contiguous().to(DEVICE), params, block=256).tokens.cpu()
+    expected = filtered_probs(row.double(), SamplingParams.build(1, **case))[0]
+    assert 5 <= int((expected > 0).sum()) <= 40
+    assert g_test_p_value(torch.bincount(tokens, minlength=V), expected) > 1e-3
+
+
+@pytest.mark.gpu
+def test_auto_dispatch_uses_the_kernel_for_cuda_logits():
+    logits = torch.randn(4, 5000, device="cuda")
+    params = SamplingParams.build(4, temperature=0.8, top_k=10, seed=[1, 2, 3, 4])
+    assert torch.equal(sample(logits, params).tokens.cpu(), sample(logits.cpu(), params, backend="cpu").tokens)
