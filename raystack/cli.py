@@ -43,6 +43,52 @@ def cmd_train(args) -> int:
     return 0
 
 
+def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -> tuple[dict, dict]:
+    """``(args, http_options)`` from a Serve config file's first application, ``--model`` and ``--set``."""
+    from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml
+    from raystack.serving import ServeConfig
+
+    data = read_yaml(path) if path else {}
+    apps = data.get("applications") or [{}]
+    if not isinstance(apps, list) or not isinstance(apps[0], dict):
+        raise ConfigError(f"{path}: 'applications' must be a list of applications")
+    args = deep_merge(apps[0].get("args") or {}, parse_overrides(overrides))
+    if model:
+        args["model"] = model
+    from_dict(ServeConfig, args)  # validate before any Ray work
+    http = {"host": "127.0.0.1", "port": 8000, **(data.get("http_options") or {})}
+    return args, http
+
+
+def cmd_deploy(args) -> int:
+    import os
+    import time
+
+    from raystack.cluster import init_ray
+    from raystack.serving import build_app
+
+    serve_args, http = load_serve_args(args.config, args.model, args.overrides)
+    if args.port is not None:
+        http["port"] = args.port
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    init_ray()
+    from ray import serve
+
+    serve.start(http_options=http)
+    serve.run(build_app(serve_args), name=args.name, route_prefix="/")
+    print(f"[raystack] serving {serve_args['model']} at http://{http['host']}:{http['port']}/v1 "
+          f"(model id {serve_args.get('model_name', 'raystack')!r})", flush=True)
+    wait = args.wait if args.wait is not None else not on_cluster
+    if wait:
+        print("[raystack] Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=cmd_train)
+
+    deploy = sub.add_parser("deploy", help="serve a model artifact with the OpenAI-compatible API on Ray Serve")
+    deploy.add_argument("--model", help="model artifact path or URI (overrides the config's args.model)")
+    deploy.add_argument("--config", metavar="FILE", default=None,
+                        help="a Serve config file; its first application's args and http_options are used")
+    deploy.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one ServeConfig field, e.g. --set max_replicas=4")
+    deploy.add_argument("--name", default="llm", help="Serve application name")
+    deploy.add_argument("--port", type=int, default=None, help="HTTP port (default: config or 8000)")
+    deploy.add_argument("--wait", dest="wait", action="store_true", default=None,
+                        help="keep serving until Ctrl-C (default when Ray was started locally)")
+    deploy.add_argument("--no-wait", dest="wait", action="store_false", help="deploy and exit")
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 

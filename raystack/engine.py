@@ -1,0 +1,356 @@
+"""Continuous-batching generation over a fixed-slot KV cache (plain PyTorch + asyncio; no Ray).
+
+Contract:
+- ``Engine(model, tokenizer, EngineConfig)`` preallocates a KV cache of ``max_batch_size`` slots x ``max_model_len``
+  positions: memory is fixed and known up front (``Engine.kv_cache_bytes``).
+- ``engine.generate(prompt_tokens, GenerationParams)`` is an async iterator of ``TokenEvent``s, one per generated
+  token, the last carrying ``finish_reason`` (``stop``: end-of-text or a stop string; ``length``: ``max_tokens`` or
+  the context). Text is streamed in whole UTF-8 characters, and text that could still become a stop string is held
+  back until it cannot; a stop string itself is never emitted.
+- One scheduler task per engine admits waiting requests into free slots at every step, prefills them, runs one
+  batched decode forward over all active slots, and samples every row with its own parameters through
+  ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
+  do not depend on what else is in the batch. The forward passes run in a worker thread, never on the event loop.
+- Closing the iterator (client gone, timeout: ``asyncio`` cancellation) frees the request's slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import concurrent.futures
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import torch
+
+from raystack.model import GPT, KVCache
+from raystack.sampling import SamplingParams, sample
+from raystack.tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16
+    """Sequences decoded together (KV-cache slots)."""
+    max_model_len: int = 0
+    """Longest prompt + completion in tokens; 0 = the model's max_seq_len (cannot exceed it)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    dtype: str = "auto"
+    """``auto`` (bf16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``."""
+    threads: int = 0
+    """torch intra-op threads for the forward passes; 0 = leave torch's default."""
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_model_len < 0:
+            raise ValueError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    """None: a fresh random seed per request."""
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    text: str
+    """Text released by this token (may be empty while a stop string or a UTF-8 character is pending)."""
+    logprob: Optional[float]
+    finish_reason: Optional[str] = None
+    completion_tokens: int = 0
+
+
+class _Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: GenerationParams, seed: int):
+        self.id = next(self._ids)
+        self.prompt = prompt
+        self.params = params
+        self.seed = seed
+        self.generated: list[int] = []
+        self.slot: Optional[int] = None
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.finished = False
+        self.counts: Optional[torch.Tensor] = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # decoded completion so far
+        self.emitted = 0  # characters of self.text already released
+        self.enqueued_at = time.monotonic()
+
+    @property
+    def position(self) -> int:
+        """Cache position of the next token to feed."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: ByteTokenizer, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        if self.config.device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = self.config.device
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            self.config.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+        self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        limit = model.config.max_seq_len
+        self.max_model_len = self.config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {limit}")
+        self.cache = KVCache(model.config, self.config.max_batch_size, device=self.device, dtype=dtype)
+        self._free_slots = list(range(self.config.max_batch_size - 1, -1, -1))
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: dict[int, _Sequence] = {}
+        self._wakeup: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self.error: Optional[BaseException] = None
+        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0}
+
+    @classmethod
+    def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
+        from raystack.checkpoint import load_artifact
+
+        model, tokenizer = load_artifact(uri)
+        return cls(model, tokenizer, config)
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"engine loop failed: {self.error!r}")
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return tokens or [self.tokenizer.eot_id]  # an empty prompt starts a new document
+
+    async def generate(self, prompt_tokens: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]:
+        """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``)."""
+        self.check_request(len(prompt_tokens), params.max_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = _Sequence(list(prompt_tokens), params, seed)
+        self._ensure_loop()
+        self._waiting.append(seq)
+        self.stats["requests"] += 1
+        self._wakeup.set()
+        try:
+            while True:
+                event = await seq.queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancelled = True  # the scheduler frees its slot at the next step
+                if self._wakeup is not None:
+                    self._wakeup.set()
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
+                f"{self.max_model_len} tokens")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=False)
+
+    # -- scheduler -------------------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._drop_cancelled()
+                if not self._running and not self._waiting:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                prefills = []
+                while self._waiting and self._free_slots:
+                    seq = self._waiting.popleft()
+                    if seq.cancelled:
+                        continue
+                    seq.slot = self._free_slots.pop()
+                    self._running[seq.id] = seq
+                    prefills.append(seq)
+                decodes = [s for s in self._running.values() if s not in prefills]
+                results = await loop.run_in_executor(self._executor, self._step, prefills, decodes)
+                self.stats["steps"] += 1
+                for seq, token, logprob in results:
+                    self._advance(seq, token, logprob)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a failed forward must not leave clients hanging
+            logger.exception("engine loop failed")
+            self.error = e
+            for seq in [*self._running.values(), *self._waiting]:
+                seq.queue.put_nowait(RuntimeError(f"generation failed: {e!r}"))
+            raise
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._running.values() if s.cancelled]:
+            self._release(seq)
+        if any(s.cancelled for s in self._waiting):
+            self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.finished = True
+        if seq.slot is not None:
+            self._running.pop(seq.id, None)
+            self._free_slots.append(seq.slot)
+            seq.slot = None
+
+    @torch.inference_mode()
+    def _step(self, prefills: list[_Sequence], decodes: list[_Sequence]):
+        """One scheduler step on the worker thread: prefill new sequences, decode the rest, sample every row."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        rows, logits = [], []
+        for seq in prefills:
+            tokens = torch.tensor([seq.prompt], device=self.device)
+            positions = torch.arange(len(seq.prompt), device=self.device)[None]
+            out = self.model(tokens, positions=positions, cache=self.cache,
+                             slots=torch.tensor([seq.slot], device=self.device))
+            rows.append(seq)
+            logits.append(out[:, -1])
+        if decodes:
+            tokens = torch.tensor([[s.generated[-1]] for s in decodes], device=self.device)
+            positions = torch.tensor([[s.position] for s in decodes], device=self.device)
+            slots = torch.tensor([s.slot for s in decodes], device=self.device)
+            out = self.model(tokens, positions=positions, cache=self.cache, slots=slots)
+            rows.extend(decodes)
+            logits.append(out[:, -1])
+        batch = torch.cat(logits).float()
+        params = self._sampling_params(rows, batch.shape[1])
+        output = sample(batch, params, return_logprobs=any(s.params.logprobs for s in rows))
+        tokens = output.tokens.tolist()
+        logprobs = output.logprobs.tolist() if output.logprobs is not None else [None] * len(rows)
+        return list(zip(rows, tokens, logprobs))
+
+    def _sampling_params(self, rows: list[_Sequence], vocab: int) -> SamplingParams:
+        p = [s.params for s in rows]
+        counts = None
+        if any(x.presence_penalty or x.frequency_penalty or x.repetition_penalty != 1.0 for x in p):
+            counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
+                                  for s in rows]).to(self.device)
+        return SamplingParams.build(
+            len(rows), temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
+            top_p=[x.top_p for x in p], min_p=[min(x.min_p, 0.99999994) for x in p],  # API min_p=1: only the max
+            seed=[s.seed for s in rows], step=[len(s.generated) for s in rows],
+            repetition_penalty=[x.repetition_penalty for x in p], presence_penalty=[x.presence_penalty for x in p],
+            frequency_penalty=[x.frequency_penalty for x in p], counts=counts, device=self.device)
+
+    def _advance(self, seq: _Sequence, token: int, logprob: Optional[float]) -> None:
+        if seq.cancelled:
+            self._release(seq)
+            return
+        seq.generated.append(token)
+        self.stats["generated_tokens"] += 1
+        if seq.counts is None and (seq.params.presence_penalty or seq.params.frequency_penalty
+                                   or seq.params.repetition_penalty != 1.0):
+            seq.counts = torch.zeros(self.tokenizer.vocab_size, dtype=torch.int32)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        finish = None
+        if token == self.tokenizer.eot_id:
+            finish = "stop"
+        else:
+            seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]))
+        stop_at = _find_stop(seq.text, seq.params.stop)
+        if stop_at is not None:
+            seq.text = seq.text[:stop_at]
+            finish = "stop"
+        elif finish is None and (len(seq.generated) >= seq.params.max_tokens
+                                 or len(seq.prompt) + len(seq.generated) >= self.max_model_len):
+            finish = "length"
+        if finish is not None:
+            if token != self.tokenizer.eot_id and stop_at is None:
+                seq.text += seq.decoder.decode(b"", final=True)
+            release_to = len(seq.text)
+        else:
+            # hold back what could still grow into a stop string
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            release_to = max(seq.emitted, len(seq.text) - hold)
+        delta = seq.text[seq.emitted:release_to]
+        seq.emitted = max(seq.emitted, release_to)
+        seq.queue.put_nowait(TokenEvent(token, delta, logprob, finish, len(seq.generated)))
+        if finish is not None:
+            self._release(seq)
+
+
+def _find_stop(text: str, stops: list[str]) -> Optional[int]:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+async def generate_text(engine: Engine, prompt: str | list[int], params: GenerationParams) -> dict:
+    """Whole completion: ``{"text", "tokens", "logprobs", "finish_reason", "prompt_tokens"}``."""
+    tokens = engine.encode_prompt(prompt)
+    text, out_tokens, logprobs, finish = [], [], [], None
+    async for event in engine.generate(tokens, params):
+        text.append(event.text)
+        out_tokens.append(event.token)
+        logprobs.append(event.logprob)
+        finish = event.finish_reason
+    return {"text": "".join(text), "tokens": out_tokens, "logprobs": logprobs, "finish_reason": finish,
+            "prompt_tokens": len(tokens)}
+
+
+__all__ = ["Engine", "EngineConfig", "GenerationParams", "TokenEvent", "generate_text"]

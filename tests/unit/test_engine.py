@@ -1,0 +1,127 @@
+"""The continuous-batching engine, driven directly (no Ray) with a randomly initialised tiny model."""
+
+import asyncio
+
+import pytest
+import torch
+
+from raystack.engine import Engine, EngineConfig, GenerationParams, generate_text
+from raystack.model import GPT, ModelConfig
+from raystack.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(ModelConfig.from_preset("tiny", max_seq_len=96))
+
+
+def make_engine(model, slots=8):
+    return Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=slots))
+
+
+REQUESTS = [
+    ("def main():", GenerationParams(max_tokens=24, temperature=0.0)),
+    ("import os\n", GenerationParams(max_tokens=30, temperature=0.8, top_k=20, seed=1)),
+    ("class A:", GenerationParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=2, logprobs=True)),
+    ("x = ", GenerationParams(max_tokens=20, temperature=1.3, min_p=0.05, seed=3, presence_penalty=0.5)),
+    ("", GenerationParams(max_tokens=16, temperature=0.7, top_k=5, top_p=0.8, seed=4, repetition_penalty=1.2)),
+    ("for i in", GenerationParams(max_tokens=28, temperature=0.9, seed=5, frequency_penalty=0.4)),
+]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batched_generation_equals_one_at_a_time(model):
+    async def alone():
+        results = []
+        for prompt, params in REQUESTS:
+            engine = make_engine(model)
+            results.append(await generate_text(engine, prompt, params))
+            await engine.shutdown()
+        return results
+
+    async def together():
+        engine = make_engine(model)
+        results = await asyncio.gather(*(generate_text(engine, p, g) for p, g in REQUESTS))
+        assert engine.stats["steps"] < sum(g.max_tokens for _, g in REQUESTS)  # rows really shared steps
+        await engine.shutdown()
+        return results
+
+    single, batched = run(alone()), run(together())
+    for a, b, (_, params) in zip(single, batched, REQUESTS):
+        assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+        assert len(a["tokens"]) <= params.max_tokens
+    assert batched[2]["logprobs"][0] is not None and batched[2]["logprobs"][0] <= 0
+
+
+def test_a_request_joining_mid_batch_gets_the_tokens_it_gets_alone(model):
+    late = ("while True:", GenerationParams(max_tokens=20, temperature=0.9, top_k=30, seed=7))
+
+    async def scenario():
+        engine = make_engine(model, slots=4)
+        long_stream = engine.generate(engine.encode_prompt("print("), GenerationParams(max_tokens=60, seed=9))
+        for _ in range(10):
+            await long_stream.__anext__()
+        joined = await generate_text(engine, *late)
+        await long_stream.aclose()
+        alone_engine = make_engine(model, slots=4)
+        alone = await generate_text(alone_engine, *late)
+        await engine.shutdown()
+        await alone_engine.shutdown()
+        return joined, alone
+
+    joined, alone = run(scenario())
+    assert joined["tokens"] == alone["tokens"]
+
+
+def test_max_tokens_and_stop_strings(model):
+    async def scenario():
+        engine = make_engine(model)
+        full = await generate_text(engine, "abc", GenerationParams(max_tokens=40, temperature=0.0))
+        text = full["text"]
+        stop = text[5:7]
+        cut = await generate_text(engine, "abc", GenerationParams(max_tokens=40, temperature=0.0, stop=["zzzz", stop]))
+        pieces = [e.text async for e in engine.generate(engine.encode_prompt("abc"),
+                                                          GenerationParams(max_tokens=40, temperature=0.0,
+                                                                           stop=[stop]))]
+        short = await generate_text(engine, "abc", GenerationParams(max_tokens=5, temperature=0.0))
+        await engine.shutdown()
+        return full, stop, cut, pieces, short
+
+    full, stop, cut, pieces, short = run(scenario())
+    assert full["finish_reason"] in ("length", "stop")
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full["text"][: full["text"].find(stop)] and stop not in cut["text"]
+    assert "".join(pieces) == cut["text"]  # streamed pieces never leak the stop string
+    assert len(short["tokens"]) == 5 and short["finish_reason"] == "length"
+    assert short["tokens"] == full["tokens"][:5]
+
+
+def test_cancelled_request_frees_its_slot(model):
+    async def scenario():
+        engine = make_engine(model, slots=1)
+        stream = engine.generate(engine.encode_prompt("x"), GenerationParams(max_tokens=80))
+        await stream.__anext__()
+        assert engine.active == 1
+        await stream.aclose()  # the client went away
+        # the only slot must come back: this request would wait forever otherwise
+        result = await asyncio.wait_for(generate_text(engine, "y", GenerationParams(max_tokens=3)), timeout=30)
+        active = engine.active
+        await engine.shutdown()
+        return result, active
+
+    result, active = run(scenario())
+    assert len(result["tokens"]) == 3 and active == 0
+
+
+def test_context_limit_and_known_memory(model):
+    engine = make_engine(model, slots=4)
+    config = model.config
+    assert engine.kv_cache_bytes == 2 * config.n_layer * 4 * config.max_seq_len * config.n_embd * 4
+    with pytest.raises(ValueError, match="exceeds the model's context of 96"):
+        engine.check_request(90, 10)
+    with pytest.raises(ValueError, match="max_model_len 200 exceeds"):
+        Engine(model, ByteTokenizer(), EngineConfig(max_model_len=200))
