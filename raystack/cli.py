@@ -75,8 +75,9 @@ def cmd_deploy(args) -> int:
     from ray import serve
 
     serve.start(http_options=http)
-    serve.run(build_app(serve_args), name=args.name, route_prefix="/")
-    print(f"[raystack] serving {serve_args['model']} at http://{http['host']}:{http['port']}/v1 "
+    serve.run(build_app(serve_args), name=args.name, route_prefix=args.route_prefix)
+    prefix = args.route_prefix.rstrip("/")
+    print(f"[raystack] serving {serve_args['model']} at http://{http['host']}:{http['port']}{prefix}/v1 "
           f"(model id {serve_args.get('model_name', 'raystack')!r})", flush=True)
     wait = args.wait if args.wait is not None else not on_cluster
     if wait:
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override one ServeConfig field, e.g. --set max_replicas=4")
     deploy.add_argument("--name", default="llm", help="Serve application name")
+    deploy.add_argument("--route-prefix", default="/", help="URL prefix of the app's routes")
     deploy.add_argument("--port", type=int, default=None, help="HTTP port (default: config or 8000)")
     deploy.add_argument("--wait", dest="wait", action="store_true", default=None,
                         help="keep serving until Ctrl-C (default when Ray was started locally)")

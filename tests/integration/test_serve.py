@@ -179,3 +179,48 @@ def test_overload_answers_503_quickly_instead_of_hanging(server):
 
     codes = [r.status_code for r in asyncio.run(run())]
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+
+
+def test_deploy_job_serves_an_artifact_next_to_the_running_apps(server, ray_session, tmp_path):
+    """``python jobs/deploy.py`` against a running cluster (as under ray job submit): deploys, exits, keeps serving."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    repo = Path(__file__).resolve().parents[2]
+    artifact = save_artifact(str(tmp_path / "model"), ModelConfig.from_preset("tiny"),
+                             GPT(ModelConfig.from_preset("tiny")).state_dict())
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    bad = subprocess.run([sys.executable, str(repo / "jobs" / "deploy.py"), "--set", "max_replicas=0"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "raystack: error:" in bad.stderr and "model" in bad.stderr
+    job = subprocess.run(
+        [sys.executable, str(repo / "jobs" / "deploy.py"), "--config", str(repo / "serve_apps" / "llm.yaml"),
+         "--model", artifact, "--name", "job", "--route-prefix", "/job", "--set", "num_cpus=0.5",
+         "--set", "model_name=from-job"], env=env, capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stderr[-2000:]
+    response = httpx.post(f"{server}/job/v1/completions", timeout=60,
+                          json={"model": "from-job", "prompt": "hi", "max_tokens": 3})
+    assert response.status_code == 200 and response.json()["model"] == "from-job"
+
+
+def test_serve_metrics_reach_rays_prometheus_endpoint(server, ray_session):
+    import time
+
+    import ray
+
+    complete(server, prompt="metrics", max_tokens=4)
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = ["raystack_requests_total", "raystack_generated_tokens_total", "raystack_time_to_first_token_seconds",
+              "raystack_queue_depth", "raystack_batch_occupancy"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not on Ray's Prometheus endpoint: {missing}"
