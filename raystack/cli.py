@@ -90,6 +90,23 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from raystack.batch import BatchConfig, run_batch
+    from raystack.cluster import init_ray
+    from raystack.config import deep_merge, from_dict, parse_overrides, read_yaml
+
+    values = read_yaml(args.config) if args.config else {}
+    flags = {k: v for k, v in {"model": args.model, "input": args.input, "output": args.output, "mode": args.mode,
+                               "prompt_column": args.prompt_column, "id_column": args.id_column}.items() if v}
+    if args.overwrite:
+        flags["overwrite"] = True
+    config = from_dict(BatchConfig, deep_merge(deep_merge(values, flags), parse_overrides(args.overrides)))
+    init_ray()
+    summary = run_batch(config)
+    print(f"[raystack] {summary['rows']} rows ({summary['errors']} with an error) -> {summary['output']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep serving until Ctrl-C (default when Ray was started locally)")
     deploy.add_argument("--no-wait", dest="wait", action="store_false", help="deploy and exit")
     deploy.set_defaults(func=cmd_deploy)
+
+    batch = sub.add_parser("batch", help="generate or score a parquet table with Ray Data")
+    batch.add_argument("--model", help="model artifact path or URI")
+    batch.add_argument("--input", help="parquet file, directory or glob (local or URI)")
+    batch.add_argument("--output", help="output directory (refused if it exists, unless --overwrite)")
+    batch.add_argument("--mode", choices=["generate", "score"], help="default: generate")
+    batch.add_argument("--prompt-column", help="input column with prompts (generate; default prompt)")
+    batch.add_argument("--id-column", help="input column with row ids (default id; generated when absent)")
+    batch.add_argument("--overwrite", action="store_true", help="replace an existing output whole")
+    _add_config_args(batch)
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

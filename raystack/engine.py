@@ -235,9 +235,9 @@ class Engine:
                 self.stats["steps"] += 1
                 for seq, token, logprob in results:
                     self._advance(seq, token, logprob)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # shutdown, or the event loop closing under us
             raise
-        except BaseException as e:  # a failed forward must not leave clients hanging
+        except Exception as e:  # a failed forward must not leave clients hanging
             logger.exception("engine loop failed")
             self.error = e
             for seq in [*self._running.values(), *self._waiting]:

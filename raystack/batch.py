@@ -1,0 +1,316 @@
+"""Batch inference over parquet tables with Ray Data: generate completions or score texts, row by row.
+
+Contract:
+- Input: parquet (a file, directory or glob; local or object-store URI) with a prompt column (``generate``) or a
+  text column (``score``) and optionally an id column. Without an id column each row gets ``"<file>:<row>"`` (the
+  file's index in sorted order and the row's index in that file), the same on every run.
+- Ray Data streams the files (row group by row group) into ``map_batches`` with a callable class that loads the
+  model artifact once per actor, on an autoscaling actor pool (``ActorPoolStrategy(min_size, max_size)``), with
+  ``num_gpus``/``num_cpus`` per actor and ``batch_size`` rows per call; results stream into parquet. Tables larger
+  than memory work: nothing is materialised.
+- ``generate`` rows get ``completion``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` (and
+  ``logprobs``, on request) through the continuous-batching engine and the sampling op. Sampling parameters are
+  job-wide, or per row from columns named ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+  ``seed`` when the input has them; a row without a seed gets one derived from the job seed and its id, so a re-run
+  gives identical output.
+- ``score`` rows get ``log_likelihood`` (natural log, of the text's tokens after an end-of-text token) and
+  ``perplexity`` (``exp(-log_likelihood / tokens)``), and ``tokens``.
+- A row that cannot be processed (null or empty input, too long for the model) gets its reason in ``error`` and
+  nulls elsewhere; the job goes on. A missing column or unreadable input ends the job with one ``DataError``.
+- Output: a directory of parquet files plus ``_SUCCESS``. An existing output is refused unless ``overwrite``;
+  then the new output is written beside it and replaces it whole, never a mix of old and new rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raystack.data import DataError, resolve_source
+
+logger = logging.getLogger(__name__)
+
+PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+OUTPUT_TYPES = {
+    "completion": pa.string(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
+    "finish_reason": pa.string(), "logprobs": pa.list_(pa.float64()), "error": pa.string(),
+    "log_likelihood": pa.float64(), "perplexity": pa.float64(), "tokens": pa.int64(),
+}
+
+
+@dataclass
+class BatchConfig:
+    model: str = ""
+    """Model artifact path or URI."""
+    input: str = ""
+    """Parquet file, directory or glob (local or URI)."""
+    output: str = ""
+    """Output directory (local or URI)."""
+    mode: str = "generate"
+    """``generate`` completions or ``score`` texts."""
+    prompt_column: str = "prompt"
+    text_column: str = "text"
+    id_column: str = "id"
+    """Used when the input has it; otherwise ids are generated as ``<file>:<row>``."""
+    overwrite: bool = False
+    max_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    """Job seed: rows without a ``seed`` column draw with a seed derived from it and their id."""
+    stop: Optional[list[str]] = None
+    logprobs: bool = False
+    batch_size: int = 32
+    """Rows per map_batches call (and KV-cache slots per actor)."""
+    min_actors: int = 1
+    max_actors: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    threads: int = 0
+    """torch threads per actor; 0 = num_cpus."""
+
+    def __post_init__(self):
+        for name in ("model", "input", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (--{name} ...)")
+        if self.mode not in ("generate", "score"):
+            raise ValueError(f"mode must be generate or score, got {self.mode!r}")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        if self.batch_size < 1 or self.max_tokens < 1:
+            raise ValueError("batch_size and max_tokens must be >= 1")
+        from raystack.sampling import SamplingParams, validate
+
+        try:  # the job-wide sampling parameters obey the op's rules
+            import torch
+
+            validate(torch.zeros(1, 257), SamplingParams.build(
+                1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p))
+        except ValueError as e:
+            raise ValueError(str(e).replace("; row 0 has", ", got")) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: one task per file, row groups streamed, ids stable across runs
+
+
+def _read_file(batch: dict, columns: list[str], id_column: Optional[str]):
+    """``map_batches`` generator: the rows of each file in ``batch["path"]``, with ids."""
+    uri = batch["uri"][0]
+    fs = pafs.FileSystem.from_uri(uri)[0] if uri else pafs.LocalFileSystem()
+    for path, file_index in zip(batch["path"], batch["file_index"]):
+        with fs.open_input_file(path) as f:
+            reader = pq.ParquetFile(f)
+            offset = 0
+            for record_batch in reader.iter_batches(columns=columns, batch_size=1024):
+                table = pa.Table.from_batches([record_batch])
+                if id_column is None:
+                    ids = [f"{file_index}:{offset + i}" for i in range(table.num_rows)]
+                    table = table.append_column("id", pa.array(ids, pa.string()))
+                offset += table.num_rows
+                yield table
+
+
+def _plan_input(config: BatchConfig) -> tuple[list[str], list[str], Optional[str], str]:
+    """Files, columns to read, the id column (None = generate) and the input column; clear errors up front."""
+    fs, paths = resolve_source(config.input)
+    paths = [p for p in paths if p.endswith(".parquet")] or paths
+    column = config.prompt_column if config.mode == "generate" else config.text_column
+    id_column: Optional[str] = config.id_column
+    names: Optional[list[str]] = None
+    for path in paths:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except Exception as e:
+            raise DataError(f"cannot read parquet file {path!r}: {e}") from None
+        if column not in schema.names:
+            raise DataError(f"input file {path!r} has no column {column!r} (it has {schema.names}); set "
+                            f"{'prompt_column' if config.mode == 'generate' else 'text_column'}")
+        names = schema.names if names is None else [n for n in names if n in schema.names]
+    if id_column not in names:
+        id_column = None
+    columns = [column] + ([id_column] if id_column else [])
+    if config.mode == "generate":
+        columns += [c for c in PARAM_COLUMNS if c in names]
+    return paths, columns, id_column, column
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-actor callable
+
+
+def row_seed(job_seed: int, row_id) -> int:
+    digest = hashlib.blake2b(f"{job_seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Predictor:
+    """Loads the artifact once per actor; each call generates or scores a batch of rows."""
+
+    def __init__(self, config: BatchConfig, input_column: str):
+        import torch
+
+        from raystack.engine import Engine, EngineConfig
+
+        self.config = config
+        self.column = input_column
+        torch.set_num_threads(config.threads or max(1, int(config.num_cpus)))
+        self.engine = Engine.from_artifact(config.model, EngineConfig(max_batch_size=config.batch_size))
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, batch: dict) -> pa.Table:
+        rows = len(batch[self.column])
+        if self.config.mode == "score":
+            outputs = self._score(batch[self.column])
+        else:
+            outputs = self.loop.run_until_complete(self._generate(batch, rows))
+        # Explicit types: every block must write the same schema, even one whose errors are all null.
+        columns = {"id": pa.array(list(batch["id"])),
+                   self.column: pa.array([None if v is None else str(v) for v in batch[self.column]], pa.string())}
+        for name, values in outputs.items():
+            columns[name] = pa.array(list(values), OUTPUT_TYPES[name])
+        return pa.table(columns)
+
+    async def _generate(self, batch: dict, rows: int) -> dict:
+        from raystack.engine import GenerationParams, generate_text
+
+        cfg = self.config
+        out = {"completion": [None] * rows, "prompt_tokens": [None] * rows, "completion_tokens": [None] * rows,
+               "finish_reason": [None] * rows, "error": [None] * rows}
+        if cfg.logprobs:
+            out["logprobs"] = [None] * rows
+        jobs = []
+        for i in range(rows):
+            prompt = batch[self.column][i]
+            if prompt is None or (isinstance(prompt, str) and not prompt):
+                out["error"][i] = f"{self.column} is null or empty"
+                continue
+            try:
+                params = GenerationParams(
+                    max_tokens=int(self._value(batch, "max_tokens", i, cfg.max_tokens)),
+                    temperature=float(self._value(batch, "temperature", i, cfg.temperature)),
+                    top_p=float(self._value(batch, "top_p", i, cfg.top_p)),
+                    top_k=int(self._value(batch, "top_k", i, cfg.top_k)),
+                    min_p=float(self._value(batch, "min_p", i, cfg.min_p)),
+                    seed=int(self._value(batch, "seed", i, row_seed(cfg.seed, batch["id"][i]))),
+                    stop=list(cfg.stop or []), logprobs=cfg.logprobs)
+                self._check_params(params)
+                tokens = self.engine.encode_prompt(str(prompt))
+                self.engine.check_request(len(tokens), params.max_tokens)
+            except (ValueError, TypeError) as e:
+                out["error"][i] = str(e)
+                continue
+            jobs.append((i, tokens, params))
+        results = await asyncio.gather(*(generate_text(self.engine, tokens, params) for _, tokens, params in jobs))
+        for (i, tokens, _), result in zip(jobs, results):
+            out["completion"][i] = result["text"]
+            out["prompt_tokens"][i] = len(tokens)
+            out["completion_tokens"][i] = len(result["tokens"])
+            out["finish_reason"][i] = result["finish_reason"]
+            if cfg.logprobs:
+                out["logprobs"][i] = result["logprobs"]
+        return out
+
+    @staticmethod
+    def _value(batch: dict, name: str, i: int, default):
+        if name in batch and batch[name][i] is not None and not (isinstance(batch[name][i], float)
+                                                                  and np.isnan(batch[name][i])):
+            return batch[name][i]
+        return default
+
+    @staticmethod
+    def _check_params(params) -> None:
+        import torch
+
+        from raystack.sampling import SamplingParams, validate
+
+        validate(torch.zeros(1, 257), SamplingParams.build(1, temperature=params.temperature, top_p=params.top_p,
+                                                           top_k=params.top_k, min_p=min(params.min_p, 0.99)))
+
+    def _score(self, texts) -> dict:
+        import torch
+
+        from raystack.model import causal_lm_loss
+
+        engine, eot = self.engine, self.engine.tokenizer.eot_id
+        limit = engine.model.config.max_seq_len
+        out = {"log_likelihood": [None] * len(texts), "perplexity": [None] * len(texts),
+               "tokens": [None] * len(texts), "error": [None] * len(texts)}
+        for i, text in enumerate(texts):
+            if text is None or not text:
+                out["error"][i] = f"{self.column} is null or empty"
+                continue
+            tokens = [eot] + engine.tokenizer.encode(str(text))
+            if len(tokens) > limit:
+                out["error"][i] = (f"text has {len(tokens) - 1} tokens; the model scores at most {limit - 1} "
+                                   "(its context less the leading end-of-text token)")
+                continue
+            with torch.inference_mode():
+                batch = torch.tensor([tokens], device=engine.device)
+                total = -causal_lm_loss(engine.model, batch, reduction="sum").item()
+            n = len(tokens) - 1
+            out["log_likelihood"][i], out["perplexity"][i], out["tokens"][i] = total, float(np.exp(-total / n)), n
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def _output_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def run_batch(config: BatchConfig) -> dict:
+    """Run the job; return ``{"output", "rows", "errors"}``. Needs a connected Ray."""
+    import ray
+    import ray.data
+
+    fs, out_path = _output_fs(config.output)
+    exists = fs.get_file_info(out_path).type != pafs.FileType.NotFound
+    if exists and not config.overwrite:
+        raise DataError(f"output {config.output!r} already exists; choose another --output or pass --overwrite "
+                        "to replace it whole")
+    paths, columns, id_column, column = _plan_input(config)
+    uri = config.input if "://" in config.input else ""
+    files = ray.data.from_items([{"path": p, "file_index": i, "uri": uri} for i, p in enumerate(paths)],
+                                override_num_blocks=max(1, len(paths)))
+    rows = files.map_batches(_read_file, batch_size=1, fn_kwargs={"columns": columns, "id_column": id_column})
+    if id_column and id_column != "id":
+        rows = rows.rename_columns({id_column: "id"})
+    results = rows.map_batches(
+        Predictor, fn_constructor_args=(config, column), batch_size=config.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        num_cpus=config.num_cpus, num_gpus=config.num_gpus or None)
+
+    staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        results.write_parquet(staging if "://" not in config.output else f"{config.output}.tmp-{staging[-8:]}")
+    except Exception as e:
+        fs.delete_dir_contents(staging, missing_dir_ok=True)
+        cause = getattr(e, "cause", None) or e
+        raise DataError(f"batch inference over {config.input!r} failed: {type(cause).__name__}: {cause}") from None
+    with fs.open_output_stream(posixpath.join(staging, "_SUCCESS")) as f:
+        f.write(b"")
+    if exists:
+        fs.delete_dir(out_path)  # --overwrite: the old output goes only once the new one is complete
+    fs.move(staging, out_path)
+    table = pq.read_table(out_path, filesystem=fs, columns=["error"]) if not isinstance(fs, pafs.LocalFileSystem) \
+        else pq.read_table(out_path, columns=["error"])
+    errors = table.num_rows - table.column("error").null_count
+    return {"output": config.output, "rows": table.num_rows, "errors": errors}
