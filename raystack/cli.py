@@ -107,6 +107,42 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from raystack.cluster import init_ray
+    from raystack.sweep import load_space, run_sweep
+
+    space = load_space(args.space, args.overrides)  # validated before any trial starts
+    init_ray()
+    output = run_sweep(space)
+    print(f"[raystack] {output.trials} trials; best {space.metric} {output.best_metric:.4f} with "
+          f"{json.dumps(output.best_config)}")
+    print(f"[raystack] best model artifact: {output.artifact}")
+    print(f"[raystack] dashboard: {output.dashboard}   (TensorBoard: tensorboard --logdir {output.sweep_dir})")
+    return 0
+
+
+def cmd_sweep_report(args) -> int:
+    import os
+
+    from raystack.config import ConfigError, from_dict
+    from raystack.sweep import SweepSpace
+    from raystack.sweep_report import write_report
+
+    if args.space:
+        from raystack.sweep import load_space
+
+        space = load_space(args.space)
+    else:
+        path = os.path.join(args.sweep_dir, "space.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{args.sweep_dir!r} has no space.json; is it a raystack sweep directory? "
+                              "(or pass --space FILE)")
+        with open(path) as f:
+            space = from_dict(SweepSpace, json.load(f))
+    print(write_report(args.sweep_dir, space))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--overwrite", action="store_true", help="replace an existing output whole")
     _add_config_args(batch)
     batch.set_defaults(func=cmd_batch)
+
+    tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune + Optuna + ASHA")
+    tune.add_argument("--space", required=True, metavar="FILE", help="a search space, e.g. tune_spaces/gpt_tiny.yaml")
+    tune.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                      help="override one space field, e.g. --set num_samples=12")
+    tune.set_defaults(func=cmd_tune)
+
+    report = sub.add_parser("sweep-report", help="write a sweep's dashboard.html")
+    report.add_argument("sweep_dir", help="the sweep directory (<storage_path>/<name>)")
+    report.add_argument("--space", metavar="FILE", help="the space file (default: the sweep's space.json)")
+    report.set_defaults(func=cmd_sweep_report)
     return parser
 
 

@@ -261,16 +261,28 @@ def evaluate(model, val_blocks: np.ndarray, cfg: OptimSection, rank: int, world_
 
 
 def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function (``TorchTrainer``): DDP over the worker group."""
     import ray.train
     import ray.train.torch
 
+    ctx = ray.train.get_context()
+    run_training(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                 report=ray.train.report, checkpoint=ray.train.get_checkpoint(),
+                 checkpoint_cls=ray.train.Checkpoint,
+                 wrap=lambda m, world: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None))
+
+
+def run_training(loop_config: dict, rank: int, world_size: int, device, report, checkpoint, checkpoint_cls,
+                 wrap=lambda model, world: model) -> None:
+    """The training loop, whoever runs it: a Ray Train worker, or a Tune trial directly (one worker).
+
+    ``report(metrics, checkpoint=...)`` and ``checkpoint`` (the one to resume from, or None) are Ray Train's or
+    Ray Tune's; ``wrap`` turns the model into its data-parallel form.
+    """
     from raystack.checkpoint import load_checkpoint, save_checkpoint
 
     config = from_dict(TrainJobConfig, loop_config["config"])
     cfg = config.train
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
     threads = cfg.threads_per_worker or max(1, int(config.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -282,7 +294,6 @@ def train_loop(loop_config: dict) -> None:
     model = GPT(config.model.build()).to(device)
     optimizer = build_optimizer(model, cfg)
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             meta = load_checkpoint(directory, model, optimizer, rank=rank, device=device)
@@ -293,7 +304,7 @@ def train_loop(loop_config: dict) -> None:
             print(f"[raystack] resumed from step {start_step} ({world_size} workers)", flush=True)
     else:
         torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank dropout streams
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world_size > 1 else None)
+    model = wrap(model, world_size)
 
     train_blocks, val_blocks, _ = load_blocks(loop_config["data_uri"])
     share = rank_slice(cfg.batch_size, rank, world_size)
@@ -331,9 +342,9 @@ def train_loop(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(directory, done, _module(model), optimizer, rank=rank,
                                 extra={"world_size": world_size, "model": config.model.build().to_dict()})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                report(metrics, checkpoint=checkpoint_cls.from_directory(directory))
         else:
-            ray.train.report(metrics)
+            report(metrics)
         window_start, window_steps = time.perf_counter(), 0
         window_loss.zero_()
 

@@ -1,0 +1,313 @@
+"""Hyperparameter sweeps: Ray Tune + Optuna (TPE) + ASHA over raystack training, resumable, with a dashboard.
+
+Contract:
+- A search space is data (``tune_spaces/*.yaml``, ``SweepSpace``): per parameter a distribution (``loguniform``,
+  ``uniform``, ``int``, ``choice``) over a dotted ``TrainJobConfig`` key (``train.lr``, ``model.n_embd``), the
+  metric and mode, the trial budget, concurrency, resources per trial, ASHA's settings and the base training
+  config. Unknown keys, unknown distributions, empty bounds and parameters that are not training keys fail before
+  any trial starts, naming the field.
+- ``run_sweep(space)`` packs the corpus once, then runs a ``Tuner`` whose function trainable trains each trial
+  directly (``workers_per_trial: 1``) or through a ``TorchTrainer`` inside the trial (``> 1``), reporting at every
+  evaluation; ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
+- The Optuna study lives in an RDB beside the sweep (``<sweep>/optuna.db``, SQLite) unless ``optuna_storage`` names
+  any SQLAlchemy URL. Re-running the same sweep name restores it (``Tuner.can_restore`` / ``Tuner.restore``):
+  finished trials are not run again and the search state is kept.
+- The best trial's final weights are exported as a model artifact (``<sweep>/best_model``), and the dashboard
+  (``raystack.sweep_report``) is written to ``<sweep>/dashboard.html`` as trials report and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTIONS = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"),
+                 "choice": ("values",)}
+
+
+@dataclass
+class ParameterSpace:
+    distribution: str = ""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: Optional[list] = None
+    log: bool = False
+    """For ``int``: sample on a log scale."""
+
+
+@dataclass
+class SchedulerSettings:
+    grace_period: int = 10
+    """Steps every trial runs before ASHA may stop it."""
+    reduction_factor: int = 2
+
+
+@dataclass
+class SweepSpace:
+    name: str = "sweep"
+    metric: str = "val_loss"
+    mode: str = "min"
+    num_samples: int = 8
+    """Trial budget."""
+    max_concurrent_trials: int = 2
+    seed: int = 0
+    """Seeds TPE; trials also keep the base config's train.seed."""
+    n_startup_trials: int = 3
+    """Random trials before TPE models the space."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1
+    """1: the trial trains in its own process; >1: a TorchTrainer with this many workers inside the trial."""
+    early_stopping: bool = True
+    """ASHA on the metric; false runs every trial to the end (a baseline)."""
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    storage_path: str = "~/raystack_runs"
+    optuna_storage: Optional[str] = None
+    """SQLAlchemy URL of the Optuna study; default ``sqlite:///<sweep>/optuna.db``."""
+    search: str = "tpe"
+    """``tpe`` (Optuna) or ``random`` (Optuna's RandomSampler: the baseline of benchmarks/sweep_efficiency.py)."""
+    base: dict = field(default_factory=dict)
+    """The training config every trial starts from (a TrainJobConfig as nested keys)."""
+    space: dict = field(default_factory=dict)
+    """Dotted TrainJobConfig key -> ParameterSpace."""
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be min or max, got {self.mode!r}")
+        if self.metric not in ("val_loss", "loss"):
+            raise ValueError(f"metric must be val_loss or loss, got {self.metric!r}")
+        if self.search not in ("tpe", "random"):
+            raise ValueError(f"search must be tpe or random, got {self.search!r}")
+        for name in ("num_samples", "max_concurrent_trials", "workers_per_trial"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.space:
+            raise ValueError("space: name at least one parameter to search")
+        self.parameters = {key: self._parameter(key, value) for key, value in self.space.items()}
+        self.base_config()  # base + a sample of every parameter must be a valid training config
+
+    @staticmethod
+    def _parameter(key: str, value: Any) -> ParameterSpace:
+        where = f"space.{key}"
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping with a 'distribution', got {value!r}")
+        p = from_dict(ParameterSpace, value, prefix=where)
+        if p.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"{where}.distribution: unknown distribution {p.distribution!r}; "
+                             f"use one of {sorted(DISTRIBUTIONS)}")
+        if p.distribution == "choice":
+            if not p.values:
+                raise ValueError(f"{where}.values: a choice needs a non-empty list of values")
+        else:
+            if p.low is None or p.high is None:
+                raise ValueError(f"{where}: {p.distribution} needs low and high")
+            if not p.low < p.high:
+                raise ValueError(f"{where}: empty bounds, low ({p.low}) must be below high ({p.high})")
+            if p.distribution == "loguniform" and p.low <= 0:
+                raise ValueError(f"{where}.low: loguniform needs low > 0, got {p.low}")
+            if p.distribution == "int" and (p.low != int(p.low) or p.high != int(p.high)):
+                raise ValueError(f"{where}: int bounds must be integers, got {p.low}, {p.high}")
+        if key.startswith("data.") or key in ("name", "storage_path", "export_path"):
+            raise ValueError(f"{where}: only model.*, train.* and scaling.* keys can be searched "
+                             "(every trial shares one packed corpus)")
+        return p
+
+    def base_config(self, sample: Optional[dict] = None):
+        from raystack.train import TrainJobConfig
+
+        sample = sample or {k: (p.values[0] if p.distribution == "choice" else
+                                int(p.low) if p.distribution == "int" else p.low)
+                            for k, p in self.parameters.items()}
+        values = deep_merge(self.base, parse_overrides(f"{k}={v}" for k, v in sample.items()))
+        values = deep_merge(values, {"name": "trial", "storage_path": self.storage_path,
+                                     "scaling": {"num_workers": self.workers_per_trial,
+                                                 "cpus_per_worker": self.cpus_per_trial / self.workers_per_trial}})
+        try:
+            return from_dict(TrainJobConfig, values)
+        except ConfigError as e:
+            raise ValueError(f"base + space do not make a valid training config: {e}") from None
+
+    def optuna_space(self) -> dict:
+        import optuna.distributions as d
+
+        out = {}
+        for key, p in self.parameters.items():
+            if p.distribution == "choice":
+                out[key] = d.CategoricalDistribution(p.values)
+            elif p.distribution == "int":
+                out[key] = d.IntDistribution(int(p.low), int(p.high), log=p.log)
+            else:
+                out[key] = d.FloatDistribution(p.low, p.high, log=p.distribution == "loguniform")
+        return out
+
+    @property
+    def steps(self) -> int:
+        return self.base_config().train.steps
+
+
+def load_space(path: str, overrides=()) -> SweepSpace:
+    data = read_yaml(path)
+    return from_dict(SweepSpace, deep_merge(data, parse_overrides(overrides)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trial
+
+
+def run_trial(trial_config: dict, space_dict: dict, data_uri: str) -> None:
+    """Ray Tune function trainable: one training run with the trial's parameters, reporting every evaluation."""
+    import ray.tune
+    import torch
+
+    space = from_dict(SweepSpace, space_dict)
+    config = space.base_config({k: trial_config[k] for k in space.parameters})
+    loop_config = {"config": to_dict(config), "data_uri": data_uri}
+    if space.workers_per_trial == 1:
+        from raystack.train import run_training
+
+        device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
+        run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
+                     checkpoint_cls=ray.tune.Checkpoint)
+        return
+    # Several workers: a TorchTrainer inside the trial, its reports forwarded to Tune.
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raystack.train import train_loop
+
+    context = ray.tune.get_context()
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=space.workers_per_trial,
+                                               use_gpu=space.gpus_per_trial > 0,
+                                               resources_per_worker={"CPU": space.cpus_per_trial
+                                                                     / space.workers_per_trial}),
+        run_config=ray.train.RunConfig(name=context.get_trial_id(), storage_path=context.get_trial_dir(),
+                                       callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class SweepOutput:
+    sweep_dir: str
+    best_config: dict
+    best_metric: float
+    artifact: str
+    dashboard: str
+    trials: int
+
+
+def _dashboard_callback(sweep_dir: str, space: SweepSpace):
+    import ray.tune
+
+    class DashboardCallback(ray.tune.Callback):
+        """Rewrites the sweep dashboard as results arrive (at most every 5 s) and when trials end."""
+
+        def __init__(self):
+            self.last = 0.0
+
+        def _write(self, force: bool, trials):
+            if force or time.monotonic() - self.last > 5:
+                self.last = time.monotonic()
+                try:
+                    from raystack.sweep_report import write_report
+
+                    statuses = {os.path.basename(str(t.path).rstrip("/")): t.status for t in trials}
+                    write_report(sweep_dir, space, statuses=statuses)
+                except Exception:  # a dashboard must never fail the sweep
+                    logger.exception("could not write the sweep dashboard")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._write(False, trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._write(True, trials)
+
+    return DashboardCallback()
+
+
+def sweep_dir_of(space: SweepSpace) -> str:
+    return os.path.join(os.path.abspath(os.path.expanduser(space.storage_path)), space.name)
+
+
+def run_sweep(space: SweepSpace) -> SweepOutput:
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raystack.checkpoint import export_checkpoint
+    from raystack.data import prepare_blocks
+    from raystack.sweep_report import write_report
+
+    sweep_dir = sweep_dir_of(space)
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, "space.json"), "w") as f:  # for `raystack sweep-report SWEEP_DIR`
+        json.dump(space_to_dict(space), f, indent=2)
+    base = space.base_config()
+    data_uri = prepare_blocks(base.data, os.path.join(sweep_dir, "data"))
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, space_dict=space_to_dict(space), data_uri=data_uri),
+        {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
+
+    if ray.tune.Tuner.can_restore(sweep_dir):
+        logger.info("resuming sweep %s", sweep_dir)
+        tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
+    else:
+        storage = optuna.storages.RDBStorage(space.optuna_storage or f"sqlite:///{sweep_dir}/optuna.db")
+        sampler = (optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
+                   if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
+        searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode, sampler=sampler,
+                                study_name=space.name, storage=storage)
+        scheduler = (ASHAScheduler(time_attr="step", max_t=base.train.steps,
+                                   grace_period=space.scheduler.grace_period,
+                                   reduction_factor=space.scheduler.reduction_factor)
+                     if space.early_stopping else FIFOScheduler())
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
+                                            scheduler=scheduler, num_samples=space.num_samples,
+                                            max_concurrent_trials=space.max_concurrent_trials),
+            run_config=ray.tune.RunConfig(name=space.name,
+                                          storage_path=os.path.dirname(sweep_dir),
+                                          callbacks=[_dashboard_callback(sweep_dir, space)],
+                                          checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2)),
+        )
+    results = tuner.fit()
+    best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+    artifact = os.path.join(sweep_dir, "best_model")
+    best_config = {k: best.config[k] for k in space.parameters}
+    with best.checkpoint.as_directory() as directory:
+        export_checkpoint(directory, space.base_config(best_config).model.build(), artifact)
+    statuses = {r.path.rstrip("/").rsplit("/", 1)[-1]: ("ERROR" if r.error else "TERMINATED") for r in results}
+    dashboard = write_report(sweep_dir, space, statuses=statuses)
+    return SweepOutput(sweep_dir, best_config, _best_metric(best, space), artifact, dashboard, len(results))
+
+
+def _best_metric(result, space: SweepSpace) -> float:
+    history = result.metrics_dataframe
+    values = history[space.metric].dropna() if history is not None and space.metric in history else []
+    if len(values) == 0:
+        return float(result.metrics.get(space.metric, math.nan))
+    return float(values.min() if space.mode == "min" else values.max())
+
+
+def space_to_dict(space: SweepSpace) -> dict:
+    return {k: v for k, v in to_dict(space).items()}
+
+
+__all__ = ["SweepSpace", "load_space", "run_sweep", "run_trial", "SweepOutput"]

@@ -1,0 +1,146 @@
+"""Sweeps on the shared local Ray: ASHA stops trials, the best model serves, the dashboard draws, resume works."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from raystack.engine import Engine, GenerationParams, generate_text
+from raystack.sweep import load_space, run_sweep
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+SPACE = REPO / "tune_spaces" / "gpt_tiny.yaml"
+FAST = ["base.data.max_documents=30", "base.train.steps=30", "base.train.eval_every=5",
+        "base.train.checkpoint_every=5", "base.train.log_every=5", "scheduler.grace_period=5",
+        "scheduler.reduction_factor=3", "num_samples=6"]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render(page: Path) -> tuple[str, str]:
+    """DOM after the page's scripts ran, and Chromium's log (console messages included)."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    result = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    return result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    space = load_space(SPACE, [*FAST, f"storage_path={tmp_path_factory.mktemp('sweeps')}", "name=tiny"])
+    return space, run_sweep(space)
+
+
+def test_tiny_sweep_runs_its_budget_and_asha_stops_some(sweep):
+    space, output = sweep
+    status = json.loads((Path(output.sweep_dir) / "trial_status.json").read_text())
+    assert output.trials == 6 and len(status) == 6 and set(status.values()) == {"TERMINATED"}
+    from raystack.sweep_report import collect
+
+    trials = collect(output.sweep_dir, space)["trials"]
+    early = [t for t in trials if t["status"] == "STOPPED EARLY"]
+    assert early, "ASHA stopped no trial"
+    assert all(t["steps"] < 30 for t in early) and any(t["steps"] == 30 for t in trials)
+    assert output.best_metric == min(t["best"] for t in trials)
+    assert (Path(output.sweep_dir) / "optuna.db").exists()
+
+
+def test_best_artifact_loads_and_generates(sweep):
+    _, output = sweep
+
+    async def go():
+        engine = Engine.from_artifact(output.artifact)
+        result = await generate_text(engine, "def ", GenerationParams(max_tokens=8, seed=1))
+        await engine.shutdown()
+        return result
+
+    result = asyncio.run(go())
+    assert len(result["tokens"]) >= 1 and result["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (make test installs it)")
+def test_dashboard_draws_in_a_real_browser_without_errors(sweep):
+    space, output = sweep
+    page = Path(output.dashboard)
+    dom, log = render(page)
+    assert 'data-rendered="true"' in dom, log[-2000:]
+    errors = [line for line in log.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+    assert not errors, errors
+    assert dom.count('class="trial-point"') == 6
+    assert dom.count('class="curve') == 6 and 'class="curve early"' in dom and 'class="stop-mark"' in dom
+    assert dom.count('class="pc-line"') == 6
+    assert dom.count('class="importance-bar"') == len(space.parameters)
+    assert dom.count("<tr") == 7  # header + one row per trial
+
+
+def test_sweep_report_cli_rewrites_the_page(sweep):
+    _, output = sweep
+    os.remove(output.dashboard)
+    result = subprocess.run([sys.executable, "-m", "raystack.cli", "sweep-report", output.sweep_dir],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(output.dashboard).exists() and result.stdout.strip() == output.dashboard
+    bad = subprocess.run([sys.executable, "-m", "raystack.cli", "sweep-report", str(REPO)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no space.json" in bad.stderr
+
+
+def test_a_sweep_whose_driver_died_resumes_without_rerunning_trials(ray_session, tmp_path):
+    import ray
+
+    from raystack.sweep_report import _trial_dirs
+
+    args = [*FAST, "num_samples=5", f"storage_path={tmp_path}", "name=resumed"]
+    cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(SPACE)]
+    cmd += [a for o in args for a in ("--set", o)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    sweep_dir = tmp_path / "resumed"
+
+    def finished() -> dict[str, str]:
+        """Trial dir -> result.json of trials that reported their last step or were stopped (so far)."""
+        out = {}
+        for d in _trial_dirs(str(sweep_dir)) if sweep_dir.exists() else []:
+            result = Path(d) / "result.json"
+            if result.exists() and any(json.loads(line).get("done") for line in result.read_text().splitlines()
+                                       if line.strip()):
+                out[d] = result.read_text()
+        return out
+
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(finished()) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+    finally:
+        driver.kill()
+        driver.wait()
+    before = finished()
+    assert 2 <= len(before) < 5, "the driver should die mid-sweep"
+    time.sleep(3)  # the dead driver's trial actors go with it
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = _trial_dirs(str(sweep_dir))
+    assert len(trials) == 5, [os.path.basename(t) for t in trials]
+    for d, text in before.items():  # finished trials were not run again
+        assert (Path(d) / "result.json").read_text() == text
+    for d in trials:
+        steps = [json.loads(line)["step"] for line in (Path(d) / "result.json").read_text().splitlines()
+                 if line.strip()]
+        assert len(steps) == len(set(steps)), f"a step reported twice in {os.path.basename(d)}"
+    assert "best model artifact:" in rerun.stdout
