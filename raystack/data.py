@@ -4,9 +4,10 @@ Contract:
 - ``DataConfig.sources`` are text files, directories, globs or parquet files (``.parquet``), local paths or object-store
   URIs (anything ``pyarrow.fs`` opens: ``s3://``, ``gs://``, ``file://``). Empty means the default corpus: the
   source code of the running Python's standard library (a real corpus on every machine, no download).
-- ``prepare_blocks(config, out_dir)`` runs Ray Data over the sources: each document is tokenized (byte tokenizer,
-  ``<|endoftext|>`` after each), assigned to train or validation by a hash of its content (never by order), and
-  documents are packed into fixed blocks of ``block_size + 1`` tokens. The blocks are written to ``out_dir`` as
+- ``prepare_blocks(config, out_dir)`` runs Ray Data over the sources: in parallel, each document is read,
+  tokenized (byte tokenizer) and assigned to train or validation by a hash of its content (never by order). The
+  documents are then joined with ``<|endoftext|>`` in key order (path, or content hash for parquet rows) and cut
+  into fixed blocks of ``block_size + 1`` tokens, so the blocks do not depend on how Ray Data batched the work. The blocks are written to ``out_dir`` as
   ``train.npy`` / ``val.npy`` (uint16 ``[N, block_size + 1]``) plus ``meta.json``, written last as the commit
   marker; a directory without ``meta.json`` is never read. A re-run with the same inputs reuses the blocks.
 - ``batch_indices(step, batch_size, n_blocks, seed)`` says which blocks make up optimizer step ``step``: a
@@ -35,7 +36,7 @@ from raystack.tokenizer import EOT, ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents joined in key order, independent of Ray Data's batching
 
 
 class DataError(ValueError):
@@ -167,43 +168,38 @@ def is_validation(document: bytes, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def pack_documents(documents: list[bytes], block_size: int, val_fraction: float) -> dict[str, np.ndarray]:
-    """Tokenize and pack a group of documents into ``[n, block_size + 1]`` uint16 blocks per split.
-
-    Documents are joined with ``<|endoftext|>``; the tail shorter than one block is dropped (at most
-    ``block_size`` tokens per group of documents).
-    """
-    tokenizer = ByteTokenizer()
-    streams: dict[str, list[int]] = {"train": [], "val": []}
-    for doc in documents:
-        split = "val" if is_validation(doc, val_fraction) else "train"
-        streams[split].extend(tokenizer.encode(doc))
-        streams[split].append(EOT)
+def pack_tokens(documents: list[np.ndarray], block_size: int) -> np.ndarray:
+    """Join token arrays with ``<|endoftext|>`` after each and cut ``[n, block_size + 1]`` uint16 blocks; the tail
+    shorter than one block is dropped (at most ``block_size`` tokens per split)."""
     width = block_size + 1
-    out = {}
-    for split, tokens in streams.items():
-        n = len(tokens) // width
-        out[split] = np.asarray(tokens[: n * width], dtype=np.uint16).reshape(n, width)
-    return out
+    if not documents:
+        return np.zeros((0, width), np.uint16)
+    eot = np.array([EOT], dtype=np.uint16)
+    stream = np.concatenate([piece for doc in documents for piece in (np.asarray(doc, np.uint16), eot)])
+    n = len(stream) // width
+    return stream[: n * width].reshape(n, width)
 
 
-def _pack_batch(batch: dict, block_size: int, val_fraction: float) -> dict:
-    """Ray Data ``map_batches`` body: documents (sorted by key) -> rows of packed blocks tagged with their origin."""
-    order = np.argsort(batch["key"], kind="stable")
-    keys = [batch["key"][i] for i in order]
-    docs = [batch["doc"][i] for i in order]
-    packed = pack_documents(docs, block_size, val_fraction)
-    rows_split, rows_key, rows_index, rows_tokens = [], [], [], []
-    group = keys[0] if keys else ""
-    for split, blocks in packed.items():
-        for i, block in enumerate(blocks):
-            rows_split.append(split)
-            rows_key.append(group)
-            rows_index.append(i)
-            rows_tokens.append(block)
-    tokens = np.stack(rows_tokens) if rows_tokens else np.zeros((0, block_size + 1), np.uint16)
-    return {"split": np.array(rows_split, dtype=object), "key": np.array(rows_key, dtype=object),
-            "index": np.array(rows_index, dtype=np.int64), "tokens": tokens}
+def pack_documents(documents: list[bytes], block_size: int, val_fraction: float) -> dict[str, np.ndarray]:
+    """Tokenize, split by content hash and pack ``documents`` in the given order (the pure form of the pipeline)."""
+    tokenizer = ByteTokenizer()
+    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for doc in documents:
+        splits["val" if is_validation(doc, val_fraction) else "train"].append(tokenizer.encode_array(doc))
+    return {split: pack_tokens(docs, block_size) for split, docs in splits.items()}
+
+
+def _tokenize_batch(batch: dict, val_fraction: float) -> dict:
+    """Ray Data ``map_batches`` body: each document -> its key, its split and its tokens."""
+    tokenizer = ByteTokenizer()
+    tokens = np.empty(len(batch["doc"]), dtype=object)
+    splits = []
+    for i, doc in enumerate(batch["doc"]):
+        doc = bytes(doc)
+        tokens[i] = tokenizer.encode_array(doc)
+        splits.append("val" if is_validation(doc, val_fraction) else "train")
+    return {"key": np.array(list(batch["key"]), dtype=object), "split": np.array(splits, dtype=object),
+            "tokens": tokens}
 
 
 def _text_documents(batch: dict) -> dict:
@@ -285,22 +281,22 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
     if config.max_documents:
         ds = ds.limit(config.max_documents)
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # fixed document groups -> the same blocks on every run
-    packed = ds.map_batches(_pack_batch, batch_size=64, batch_format="numpy",
-                            fn_kwargs={"block_size": config.block_size, "val_fraction": config.val_fraction})
+    ctx.execution_options.preserve_order = True  # `limit` keeps the first documents in path order
+    tokenized = ds.map_batches(_tokenize_batch, batch_format="numpy", fn_kwargs={"val_fraction": config.val_fraction})
 
-    rows = {"train": [], "val": []}
+    documents: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "val": []}
     try:
-        for batch in packed.iter_batches(batch_format="numpy", batch_size=4096):
-            for split, key, index, tokens in zip(batch["split"], batch["key"], batch["index"], batch["tokens"]):
-                rows[split].append((key, int(index), tokens))
+        for batch in tokenized.iter_batches(batch_format="numpy", batch_size=1024):
+            for key, split, tokens in zip(batch["key"], batch["split"], batch["tokens"]):
+                documents[split].append((key, np.asarray(tokens, np.uint16)))
     except Exception as e:  # a read failure surfaces here, wrapped in Ray's task errors
         cause = getattr(e, "cause", None) or e
         raise DataError(f"cannot read the corpus {resolved.description}: {type(cause).__name__}: {cause}") from None
 
-    # Order blocks by origin, not by arrival: identical inputs give identical block indices on every run.
-    blocks = {s: np.stack([t for _, _, t in sorted(r, key=lambda x: x[:2])]) if r else
-              np.zeros((0, config.block_size + 1), np.uint16) for s, r in rows.items()}
+    # Join documents in key order (path, or content hash for parquet rows), not in the order Ray Data produced
+    # them: the same inputs give the same blocks on every run, whatever the cluster's parallelism was.
+    blocks = {split: pack_tokens([t for _, t in sorted(docs, key=lambda d: d[0])], config.block_size)
+              for split, docs in documents.items()}
     if len(blocks["train"]) == 0:
         raise DataError(
             f"the corpus {resolved.description} yields no training block of {config.block_size + 1} tokens; "

@@ -23,6 +23,12 @@ class ByteTokenizer:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return list(data)
 
+    def encode_array(self, data: bytes):
+        """``encode`` as a uint16 NumPy array (the hot path of corpus packing)."""
+        import numpy as np
+
+        return np.frombuffer(bytes(data), dtype=np.uint8).astype(np.uint16)
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Bytes of the non-special ids (special tokens carry no bytes)."""
         return bytes(i for i in ids if 0 <= i < 256)

@@ -149,3 +149,23 @@ def test_corpus_errors_name_the_source(ray_session, tmp_path):
     broken.write_bytes(b"PAR1 definitely not parquet")
     with pytest.raises(DataError, match="broken.parquet"):
         prepare_blocks(DataConfig(sources=[str(broken)]), str(tmp_path / "out2"))
+
+
+def test_packed_blocks_do_not_depend_on_ray_data_parallelism(ray_session, tmp_path):
+    import numpy as np
+    import ray.data
+
+    from raystack.data import load_blocks
+
+    context = ray.data.DataContext.get_current()
+    saved = context.read_op_min_num_blocks
+    config = DataConfig(max_documents=25, block_size=64)
+    try:
+        arrays = []
+        for i, min_blocks in enumerate((1, 64)):
+            context.read_op_min_num_blocks = min_blocks
+            train, val, _ = load_blocks(prepare_blocks(config, str(tmp_path / f"out{i}")))
+            arrays.append((train, val))
+    finally:
+        context.read_op_min_num_blocks = saved
+    assert np.array_equal(arrays[0][0], arrays[1][0]) and np.array_equal(arrays[0][1], arrays[1][1])
