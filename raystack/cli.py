@@ -1,4 +1,7 @@
-"""The ``raystack`` command line: ``raystack train [--config FILE] [--set key=value ...]``.
+"""The raystack command line: train, tune, deploy and batch-infer on a local Ray, or submit them to a cluster.
+
+``raystack train|tune|batch|deploy ...`` run a job here (a local Ray starts by itself); ``raystack submit KIND
+[--address URL] -- ARGS`` sends the same job to a cluster's Jobs API, and ``raystack status|logs|stop JOB`` follow it.
 
 ``jobs/*.py`` are thin wrappers over these subcommands so that ``python jobs/train.py`` and ``ray job submit ... --
 python jobs/train.py`` run the same code. Bad configs or inputs end with one ``raystack: error: ...`` line and exit
@@ -143,6 +146,103 @@ def cmd_sweep_report(args) -> int:
     return 0
 
 
+JOB_SCRIPTS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "batch": "jobs/batch_infer.py",
+               "deploy": "jobs/deploy.py"}
+# Left out of the job's working_dir upload (Ray also honours .gitignore): history, environments, outputs, caches.
+RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", ".gl",
+                    "benchmarks"]
+
+
+def project_root() -> str:
+    """The directory holding jobs/: the working directory if it has one, else the checkout raystack came from."""
+    import os
+    from pathlib import Path
+
+    for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (candidate / "jobs" / "train.py").is_file():
+            return str(candidate)
+    raise ConfigError("cannot find the project's jobs/ directory; run raystack submit from the raystack checkout")
+
+
+def submission(kind: str, job_args: list[str], root: str) -> dict:
+    """The ``JobSubmissionClient.submit_job`` arguments for ``raystack submit KIND -- ARGS``."""
+    import shlex
+
+    if job_args and job_args[0] == "--":
+        job_args = job_args[1:]
+    return {"entrypoint": shlex.join(["python", JOB_SCRIPTS[kind], *job_args]),
+            "runtime_env": {"working_dir": root, "excludes": list(RUNTIME_EXCLUDES)}}
+
+
+def _job_client(address: str | None):
+    import os
+
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # connection refused, bad address, authentication refused
+        raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {e}. Is the cluster up and tunnelled "
+                          "(ray dashboard cluster.yaml), and RAY_AUTH_MODE=token set with the cluster's token?") from None
+
+
+def cmd_submit(args) -> int:
+    import time
+
+    spec = submission(args.kind, args.job_args, project_root())
+    client = _job_client(args.address)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = client.submit_job(**spec)
+            break
+        except RuntimeError as e:  # a cluster that just started: its job agent is not registered yet
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    print(f"[raystack] submitted {job_id}: {spec['entrypoint']}", flush=True)
+    if args.wait:
+        return _follow(client, job_id)
+    print(f"[raystack] follow with: raystack logs {job_id} --follow   (status: raystack status {job_id})")
+    return 0
+
+
+def _follow(client, job_id: str) -> int:
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    print(f"[raystack] {job_id}: {status}")
+    return 0 if str(status) in ("SUCCEEDED", "JobStatus.SUCCEEDED") else 1
+
+
+def cmd_status(args) -> int:
+    client = _job_client(args.address)
+    info = client.get_job_info(args.job_id)
+    print(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
+    return 0
+
+
+def cmd_logs(args) -> int:
+    client = _job_client(args.address)
+    if args.follow:
+        return _follow(client, args.job_id)
+    print(client.get_job_logs(args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    client = _job_client(args.address)
+    stopped = client.stop_job(args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'was not running'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,18 +286,53 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("sweep_dir", help="the sweep directory (<storage_path>/<name>)")
     report.add_argument("--space", metavar="FILE", help="the space file (default: the sweep's space.json)")
     report.set_defaults(func=cmd_sweep_report)
+
+    submit = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API")
+    submit.add_argument("kind", choices=sorted(JOB_SCRIPTS), help="which job")
+    submit.add_argument("--address", help="Jobs API address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--wait", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("job_args", nargs="*", help="after --, the job's own arguments", metavar="-- ARGS")
+    submit.set_defaults(func=cmd_submit)
+    for name, func, help_text in (("status", cmd_status, "a submitted job's status"),
+                                  ("logs", cmd_logs, "a submitted job's logs"),
+                                  ("stop", cmd_stop, "stop a submitted job")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("job_id")
+        command.add_argument("--address", help="Jobs API address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="stream until the job ends")
+        command.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_args: list[str] = []
+    if argv and argv[0] == "submit" and "--" in argv:  # everything after `--` belongs to the job
+        cut = argv.index("--")
+        argv, job_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if job_args:
+        args.job_args = [*args.job_args, *job_args]
     try:
         return args.func(args)
     except USER_ERRORS as e:
         print(f"raystack: error: {e}", file=sys.stderr)
         return 2
+    except _job_errors() as e:
+        print(f"raystack: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _job_errors() -> tuple:
+    """Errors of the Jobs API a user causes (unknown job id, refused token) — reported, not traced."""
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return (RuntimeError,)
+    return (AuthenticationError, RuntimeError)
 
 
 if __name__ == "__main__":

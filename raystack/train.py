@@ -121,6 +121,8 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     max_failures: int = 3
     """Worker-group restarts (from the latest checkpoint) before the run fails; -1 = unlimited."""
+    placement_strategy: str = "PACK"
+    """How workers spread over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node)."""
 
     def __post_init__(self):
         workers = self.num_workers
@@ -135,6 +137,9 @@ class ScalingSection:
             raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise ValueError(f"scaling.max_failures must be >= -1, got {self.max_failures}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError("scaling.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
 
     @property
     def max_workers(self) -> int:
@@ -265,7 +270,11 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    import ray
+
     ctx = ray.train.get_context()
+    print(f"[raystack] worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} on node "
+          f"{ray.get_runtime_context().get_node_id()}", flush=True)
     run_training(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                  report=ray.train.report, checkpoint=ray.train.get_checkpoint(),
                  checkpoint_cls=ray.train.Checkpoint,
@@ -403,6 +412,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
         num_workers=tuple(workers) if isinstance(workers, list) else workers,
         use_gpu=_use_gpu(config.scaling.use_gpu),
         resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        placement_strategy=config.scaling.placement_strategy,
     )
     run_config = ray.train.RunConfig(
         name=config.name,

@@ -1,0 +1,183 @@
+"""Jobs on a real two-node Ray cluster started on this machine, with token authentication on.
+
+Two `ray start` nodes (a head with the Jobs API, a worker with its own resources and temp dir) form the cluster;
+`raystack submit` sends the training job with its 2 workers forced onto different nodes, and the artifact lands in
+storage both nodes share. A client without the token is refused. Only the processes started here are stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raystack(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "raystack.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="rs2n-", dir="/tmp"))
+    gcs, dashboard = free_port(), free_port()
+    # The session's token file (conftest) is this cluster's token; the venv comes first on PATH, as on a node whose
+    # setup commands installed raystack, so a job's `python` is the one with raystack's dependencies.
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    common = ["--num-cpus=2", "--object-store-memory=120000000", "--disable-usage-stats"]
+    head = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=true",
+                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                           f"--temp-dir={root / 'head'}", "--resources={\"head_node\": 1}", *common],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert head.returncode == 0, head.stderr[-3000:]
+    worker = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={root / 'worker'}",
+                             "--resources={\"worker_node\": 1}", *common],
+                            capture_output=True, text=True, env=env, timeout=180)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/version", timeout=5).status_code in (200, 401):
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    # A cluster that just started accepts jobs once its job agent registered: wait for that with a trivial job.
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    client = JobSubmissionClient(url)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            warm = client.submit_job(entrypoint="python -c pass")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    while client.get_job_status(warm) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(1)
+    yield {"url": url, "root": root, "env": {**env, "RAY_ADDRESS": url}}
+    # Stop what this fixture started, found by its temp dirs: never `ray stop`, which would stop every Ray here.
+    ours = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if str(root) in " ".join(process.info["cmdline"] or []):
+                ours.append(process)
+        except psutil.Error:
+            pass
+    for process in ours:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    gone, alive = psutil.wait_procs(ours, timeout=15)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the head runs no training
+    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    assert all(t["max_workers"] > t["min_workers"] for t in workers)
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in workers)
+    start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert start.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in start
+    assert "~/.ray/auth_token" in config["file_mounts"].values()
+    with pytest.raises(Exception):
+        validate_config(prepare_config({**config, "max_workers": "many"}))
+
+
+def test_submit_builds_a_lean_runtime_environment():
+    from raystack.cli import submission
+
+    spec = submission("batch", ["--", "--model", "m", "--input", "a b.parquet"], str(REPO))
+    assert spec["entrypoint"] == "python jobs/batch_infer.py --model m --input 'a b.parquet'"
+    assert spec["runtime_env"]["working_dir"] == str(REPO)
+    assert {".git", ".venv", "runs", "**/__pycache__"} <= set(spec["runtime_env"]["excludes"])
+
+
+def test_cli_argument_errors_are_clear():
+    result = raystack("submit", "fly")
+    assert result.returncode == 2 and "invalid choice: 'fly'" in result.stderr
+    result = raystack("status", "raysubmit_x", "--address", "http://127.0.0.1:1")
+    assert result.returncode == 2 and "cannot reach the Ray Jobs API at http://127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_training_job_spreads_over_two_nodes_and_exports_to_shared_storage(cluster):
+    shared = cluster["root"] / "shared"
+    submitted = raystack("submit", "train", "--address", cluster["url"], "--",
+                         "--set", "name=two-nodes", "--set", f"storage_path={shared}",
+                         "--set", "scaling.num_workers=2", "--set", "scaling.placement_strategy=STRICT_SPREAD",
+                         "--set", "train.steps=8", "--set", "train.checkpoint_every=4", "--set", "train.log_every=4",
+                         "--set", "data.max_documents=20", "--set", "data.block_size=64",
+                         "--set", "train.batch_size=8", env=cluster["env"])
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    followed = raystack("logs", job_id, "--follow", env=cluster["env"])
+    assert followed.returncode == 0, followed.stdout[-4000:]
+    import re
+
+    nodes = dict(re.findall(r"\[raystack\] worker rank (\d)/2 on node ([0-9a-f]+)", followed.stdout))
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], followed.stdout[-3000:]  # one worker per node
+    status = raystack("status", job_id, env=cluster["env"])
+    assert "SUCCEEDED" in status.stdout
+    artifact = shared / "two-nodes" / "model"
+    assert sorted(os.listdir(artifact)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert json.loads((artifact / "config.json").read_text())["format"] == "raystack-gpt"
+
+
+def test_plain_ray_job_submit_runs_the_jobs_unchanged(cluster):
+    result = subprocess.run([RAY, "job", "submit", "--address", cluster["url"], "--working-dir", str(REPO),
+                             "--", "python", "jobs/train.py", "--print-config", "--set", "name=plain"],
+                            capture_output=True, text=True, timeout=300, env=cluster["env"], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"name": "plain"' in result.stdout and "succeeded" in result.stdout.lower()
+
+
+def test_a_client_without_the_token_is_refused(cluster):
+    assert httpx.get(f"{cluster['url']}/api/jobs/", timeout=10).status_code in (401, 403)
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    authorized = httpx.get(f"{cluster['url']}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert authorized.status_code == 200
+    home = cluster["root"] / "no-token-home"
+    home.mkdir()
+    env = {k: v for k, v in cluster["env"].items() if not k.startswith("RAY_AUTH")}
+    refused = raystack("submit", "train", "--address", cluster["url"], "--", "--print-config",
+                       env={**env, "HOME": str(home), "RAY_AUTH_MODE": "token"})
+    assert refused.returncode != 0 and "submitted" not in refused.stdout
