@@ -281,6 +281,26 @@ def train_loop(loop_config: dict) -> None:
                  wrap=lambda m, world: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None))
 
 
+class _TrainMetrics:
+    """Rank 0's gauges on Ray's Prometheus endpoint (``ray_raystack_train_*``), tagged with the run name."""
+
+    NAMES = {"step": "Optimizer steps done.", "loss": "Training loss (mean over the last report window).",
+             "val_loss": "Validation loss at the last evaluation.", "tokens_per_s": "Training throughput, tokens/s.",
+             "world_size": "Workers in the group."}
+
+    def __init__(self, run: str):
+        from ray.util import metrics
+
+        self.run = run
+        self.gauges = {key: metrics.Gauge(f"raystack_train_{key}", text, tag_keys=("run",))
+                       for key, text in self.NAMES.items()}
+
+    def record(self, values: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in values:
+                gauge.set(float(values[key]), tags={"run": self.run})
+
+
 def run_training(loop_config: dict, rank: int, world_size: int, device, report, checkpoint, checkpoint_cls,
                  wrap=lambda model, world: model) -> None:
     """The training loop, whoever runs it: a Ray Train worker, or a Tune trial directly (one worker).
@@ -320,6 +340,7 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     tokens_per_step = cfg.batch_size * (train_blocks.shape[1] - 1)
     flops_per_token = _module(model).flops_per_token(train_blocks.shape[1] - 1)
 
+    gauges = _TrainMetrics(config.name) if rank == 0 else None
     window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), device=device)
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
@@ -344,6 +365,8 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
                    "model_flops_per_s": tokens_per_s * flops_per_token, "resumed_from_step": start_step}
         if do_eval:
             metrics["val_loss"] = evaluate(model, val_blocks, cfg, rank, world_size, device, autocast)
+        if gauges is not None:
+            gauges.record(metrics)
         if rank == 0:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "val_loss", "lr"))
             print(f"[raystack] step {done}/{cfg.steps} {shown} tokens/s {tokens_per_s:,.0f}", flush=True)

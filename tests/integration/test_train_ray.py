@@ -130,12 +130,29 @@ def test_rerunning_a_job_whose_driver_died_resumes_it(reference_run, ray_session
     assert "model artifact:" in rerun.stdout
 
 
-def test_elastic_one_to_two_workers_trains(ray_session, tiny_overrides):
-    config = load_train_config(None, [*tiny_overrides, "train.steps=12", "train.log_every=4",
-                                      "train.checkpoint_every=6", "scaling.num_workers=[1,2]", "name=elastic"])
-    output = fit(config)
+def test_elastic_one_to_two_workers_trains_and_exports_metrics(ray_session, tiny_overrides):
+    import httpx
+    import ray
+
+    config = load_train_config(None, [*tiny_overrides, "train.steps=40", "train.log_every=4",
+                                      "train.checkpoint_every=20", "scaling.num_workers=[1,2]", "name=elastic"])
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("output", fit(config)), daemon=True)
+    runner.start()
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = ["ray_raystack_train_step", "ray_raystack_train_loss", "ray_raystack_train_tokens_per_s"]
+    seen = ""
+    deadline = time.monotonic() + 180
+    while runner.is_alive() and time.monotonic() < deadline:
+        seen = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(f'{name}{{' in seen and 'run="elastic"' in seen for name in wanted):
+            break
+        time.sleep(1)
+    runner.join(timeout=300)
+    assert all(name in seen for name in wanted), "training metrics never reached Ray's Prometheus endpoint"
+    output = outcome["output"]
     metrics = read_metrics(output.run_dir)
-    assert metrics[-1]["step"] == 12 and "val_loss" in metrics[-1]
+    assert metrics[-1]["step"] == 40 and "val_loss" in metrics[-1]
     assert {m["world_size"] for m in metrics} <= {1, 2}
 
 

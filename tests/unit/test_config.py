@@ -58,3 +58,23 @@ def test_job_refuses_a_bad_key_before_starting_ray(tmp_path):
     assert result.returncode == 2
     assert "raystack: error: unknown config key 'train.nope'" in result.stderr
     assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr + result.stdout
+
+
+def test_grafana_dashboard_queries_only_metrics_raystack_exports():
+    import json
+    import re
+
+    from raystack.observability import GRAFANA_DASHBOARD
+
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = set(re.findall(r"ray_raystack_[a-z_]+", " ".join(exprs)))
+    exported = {"ray_raystack_requests_total", "ray_raystack_generated_tokens_total", "ray_raystack_queue_depth",
+                "ray_raystack_batch_occupancy", "ray_raystack_time_to_first_token_seconds_bucket",
+                "ray_raystack_train_loss", "ray_raystack_train_val_loss", "ray_raystack_train_tokens_per_s",
+                "ray_raystack_train_step", "ray_raystack_train_world_size"}
+    assert names and names <= exported, names - exported
+    source = (REPO / "raystack" / "serving.py").read_text() + (REPO / "raystack" / "train.py").read_text()
+    for name in names:  # every queried metric is created in the code (Ray adds the ray_ prefix)
+        base = name.removeprefix("ray_").removesuffix("_bucket")
+        assert f'"{base}"' in source or base.removeprefix("raystack_train_") in source, name
