@@ -1,5 +1,5 @@
 # The README's two commands. Both create .venv and install pinned dependencies on first use.
-#   make demo   train the tiny model on the default corpus on a local Ray; prints where the artifact went
+#   make demo   train -> sweep -> serve -> batch inference on a local Ray; prints where everything went
 #   make test   the test suite (what .ci/run runs)
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser
 
 install: $(STAMP)
 
@@ -19,9 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/train.py $(ARGS)
+	$(BIN)/python jobs/demo.py $(ARGS)
 
-test: $(STAMP)
+# The dashboard test drives Debian's chromium; install it when missing and we may (root, apt-get present).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: the browser test of the sweep dashboard will be skipped"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -132,9 +132,15 @@ class SweepSpace:
                                      "scaling": {"num_workers": self.workers_per_trial,
                                                  "cpus_per_worker": self.cpus_per_trial / self.workers_per_trial}})
         try:
-            return from_dict(TrainJobConfig, values)
+            config = from_dict(TrainJobConfig, values)
         except ConfigError as e:
             raise ValueError(f"base + space do not make a valid training config: {e}") from None
+        # A trial reports exactly at its evaluations, each with the metric and a checkpoint: Tune (and ASHA) need the
+        # metric in every report, and a restored trial resumes from its last report.
+        if config.train.eval_every < 1:
+            raise ValueError("base.train.eval_every must be >= 1: trials report (and ASHA decides) at evaluations")
+        config.train.log_every = config.train.checkpoint_every = config.train.eval_every
+        return config
 
     def optuna_space(self) -> dict:
         import optuna.distributions as d

@@ -35,3 +35,13 @@ def test_bad_space_files_name_the_field(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_space(path)
+
+
+def test_trials_report_exactly_at_evaluations(tmp_path):
+    """Every report must carry the metric (Tune's strict check, ASHA) and a checkpoint (resume)."""
+    space = load_space(SPACES / "gpt_tiny.yaml", ["base.train.log_every=3", "base.train.checkpoint_every=7",
+                                                  "base.train.eval_every=5"])
+    train = space.base_config().train
+    assert train.log_every == train.checkpoint_every == train.eval_every == 5
+    with pytest.raises(ConfigError, match="eval_every must be >= 1"):
+        load_space(SPACES / "gpt_tiny.yaml", ["base.train.eval_every=0"])
