@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raystack.data import DataError, resolve_source
+from raystack.data import DataError, check_parquet_column, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +130,8 @@ def _plan_input(config: BatchConfig) -> tuple[list[str], list[str], Optional[str
     paths = [p for p in paths if p.endswith(".parquet")] or paths
     column = config.prompt_column if config.mode == "generate" else config.text_column
     id_column: Optional[str] = config.id_column
-    names: Optional[list[str]] = None
-    for path in paths:
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except Exception as e:
-            raise DataError(f"cannot read parquet file {path!r}: {e}") from None
-        if column not in schema.names:
-            raise DataError(f"input file {path!r} has no column {column!r} (it has {schema.names}); set "
-                            f"{'prompt_column' if config.mode == 'generate' else 'text_column'}")
-        names = schema.names if names is None else [n for n in names if n in schema.names]
+    names = check_parquet_column(config.input, fs, paths, column,
+                                 "prompt_column" if config.mode == "generate" else "text_column")
     if id_column not in names:
         id_column = None
     columns = [column] + ([id_column] if id_column else [])
@@ -300,7 +292,7 @@ def run_batch(config: BatchConfig) -> dict:
 
     staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        results.write_parquet(staging if "://" not in config.output else f"{config.output}.tmp-{staging[-8:]}")
+        results.write_parquet(staging, filesystem=fs)
     except Exception as e:
         fs.delete_dir_contents(staging, missing_dir_ok=True)
         cause = getattr(e, "cause", None) or e
@@ -310,7 +302,6 @@ def run_batch(config: BatchConfig) -> dict:
     if exists:
         fs.delete_dir(out_path)  # --overwrite: the old output goes only once the new one is complete
     fs.move(staging, out_path)
-    table = pq.read_table(out_path, filesystem=fs, columns=["error"]) if not isinstance(fs, pafs.LocalFileSystem) \
-        else pq.read_table(out_path, columns=["error"])
+    table = pq.read_table(out_path, filesystem=fs, columns=["error"])
     errors = table.num_rows - table.column("error").null_count
     return {"output": config.output, "rows": table.num_rows, "errors": errors}

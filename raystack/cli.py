@@ -155,7 +155,6 @@ RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest
 
 def project_root() -> str:
     """The directory holding jobs/: the working directory if it has one, else the checkout raystack came from."""
-    import os
     from pathlib import Path
 
     for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):

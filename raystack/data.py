@@ -28,6 +28,7 @@ import os
 import posixpath
 import sysconfig
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -133,7 +134,7 @@ def resolve_sources(config: DataConfig) -> ResolvedSources:
         pq_paths = [p for p in paths if p.endswith(".parquet")]
         txt_paths = [p for p in paths if not p.endswith(".parquet")]
         if pq_paths:
-            _check_parquet_column(source, fs, pq_paths, config.text_column)
+            check_parquet_column(source, fs, pq_paths, config.text_column, "data.text_column")
             parquet.append((fs, pq_paths))
         if txt_paths:
             text.append((fs, txt_paths))
@@ -143,19 +144,22 @@ def resolve_sources(config: DataConfig) -> ResolvedSources:
     return ResolvedSources(text, parquet, digest.hexdigest()[:16], description)
 
 
-def _check_parquet_column(source: str, fs, paths: list[str], column: str) -> None:
+def check_parquet_column(source: str, fs, paths: list[str], column: str, setting: str) -> list[str]:
+    """The column names all ``paths`` share (read from footers only); ``DataError`` naming the file when one is
+    unreadable or lacks ``column``, and ``setting``, the option that picks another column."""
     import pyarrow.parquet as pq
 
+    common: Optional[list[str]] = None
     for path in paths:
         try:
             schema = pq.read_schema(path, filesystem=fs)
         except Exception as e:
             raise DataError(f"cannot read parquet file {path!r} (from source {source!r}): {e}") from None
         if column not in schema.names:
-            raise DataError(
-                f"parquet file {path!r} has no column {column!r} (it has {schema.names}); "
-                f"set data.text_column to the column that holds the text"
-            )
+            raise DataError(f"parquet file {path!r} has no column {column!r} (it has {schema.names}); "
+                            f"set {setting} to the column that holds the text")
+        common = schema.names if common is None else [n for n in common if n in schema.names]
+    return common or []
 
 
 # ----------------------------------------------------------------------------------------------------------------

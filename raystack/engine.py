@@ -23,7 +23,6 @@ import concurrent.futures
 import itertools
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -103,7 +102,6 @@ class _Sequence:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # decoded completion so far
         self.emitted = 0  # characters of self.text already released
-        self.enqueued_at = time.monotonic()
 
     @property
     def position(self) -> int:

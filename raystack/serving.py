@@ -16,6 +16,7 @@ Every bad request gets a 4xx with an OpenAI-shaped error naming the parameter; n
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -218,9 +219,7 @@ class LLMServer:
         params = parsed.params
         if params.seed is None or j == 0:
             return params
-        from dataclasses import replace
-
-        return replace(params, seed=params.seed + j)  # n samples of one prompt: distinct, still reproducible
+        return dataclasses.replace(params, seed=params.seed + j)  # n samples of one prompt: distinct, still reproducible
 
     async def _complete(self, job, parsed: CompletionRequest):
         index, prompt, tokens, params = job

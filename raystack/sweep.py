@@ -6,9 +6,8 @@ Contract:
   metric and mode, the trial budget, concurrency, resources per trial, ASHA's settings and the base training
   config. Unknown keys, unknown distributions, empty bounds and parameters that are not training keys fail before
   any trial starts, naming the field.
-- ``run_sweep(space)`` packs the corpus once, then runs a ``Tuner`` whose function trainable trains each trial
-  directly (``workers_per_trial: 1``) or through a ``TorchTrainer`` inside the trial (``> 1``), reporting at every
-  evaluation; ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
+- ``run_sweep(space)`` packs the corpus once, then runs a ``Tuner`` whose function trainable runs raystack's
+  training loop directly in the trial (one worker per trial), reporting at every evaluation; ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
 - The Optuna study lives in an RDB beside the sweep (``<sweep>/optuna.db``, SQLite) unless ``optuna_storage`` names
   any SQLAlchemy URL. Re-running the same sweep name restores it (``Tuner.can_restore`` / ``Tuner.restore``):
   finished trials are not run again and the search state is kept.
@@ -66,7 +65,7 @@ class SweepSpace:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     workers_per_trial: int = 1
-    """1: the trial trains in its own process; >1: a TorchTrainer with this many workers inside the trial."""
+    """Workers per trial. Only 1 for now: the trial trains in its own process (see the README's open points)."""
     early_stopping: bool = True
     """ASHA on the metric; false runs every trial to the end (a baseline)."""
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -87,9 +86,12 @@ class SweepSpace:
             raise ValueError(f"metric must be val_loss or loss, got {self.metric!r}")
         if self.search not in ("tpe", "random"):
             raise ValueError(f"search must be tpe or random, got {self.search!r}")
-        for name in ("num_samples", "max_concurrent_trials", "workers_per_trial"):
+        for name in ("num_samples", "max_concurrent_trials"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers_per_trial != 1:
+            raise ValueError(f"workers_per_trial must be 1 (got {self.workers_per_trial}): data-parallel trials are "
+                             "not supported yet; give each trial one GPU with gpus_per_trial instead")
         if not self.space:
             raise ValueError("space: name at least one parameter to search")
         self.parameters = {key: self._parameter(key, value) for key, value in self.space.items()}
@@ -170,37 +172,19 @@ def load_space(path: str, overrides=()) -> SweepSpace:
 
 
 def run_trial(trial_config: dict, space_dict: dict, data_uri: str) -> None:
-    """Ray Tune function trainable: one training run with the trial's parameters, reporting every evaluation."""
+    """Ray Tune function trainable: one training run (one worker) with the trial's parameters, reporting every
+    evaluation with a checkpoint."""
     import ray.tune
     import torch
 
     space = from_dict(SweepSpace, space_dict)
     config = space.base_config({k: trial_config[k] for k in space.parameters})
     loop_config = {"config": to_dict(config), "data_uri": data_uri}
-    if space.workers_per_trial == 1:
-        from raystack.train import run_training
+    from raystack.train import run_training
 
-        device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
-        run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
-                     checkpoint_cls=ray.tune.Checkpoint)
-        return
-    # Several workers: a TorchTrainer inside the trial, its reports forwarded to Tune.
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raystack.train import train_loop
-
-    context = ray.tune.get_context()
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=space.workers_per_trial,
-                                               use_gpu=space.gpus_per_trial > 0,
-                                               resources_per_worker={"CPU": space.cpus_per_trial
-                                                                     / space.workers_per_trial}),
-        run_config=ray.train.RunConfig(name=context.get_trial_id(), storage_path=context.get_trial_dir(),
-                                       callbacks=[TuneReportCallback()]))
-    trainer.fit()
+    device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
+    run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
+                 checkpoint_cls=ray.tune.Checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,11 +247,11 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     sweep_dir = sweep_dir_of(space)
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "space.json"), "w") as f:  # for `raystack sweep-report SWEEP_DIR`
-        json.dump(space_to_dict(space), f, indent=2)
+        json.dump(to_dict(space), f, indent=2)
     base = space.base_config()
     data_uri = prepare_blocks(base.data, os.path.join(sweep_dir, "data"))
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, space_dict=space_to_dict(space), data_uri=data_uri),
+        ray.tune.with_parameters(run_trial, space_dict=to_dict(space), data_uri=data_uri),
         {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
 
     if ray.tune.Tuner.can_restore(sweep_dir):
@@ -310,10 +294,6 @@ def _best_metric(result, space: SweepSpace) -> float:
     if len(values) == 0:
         return float(result.metrics.get(space.metric, math.nan))
     return float(values.min() if space.mode == "min" else values.max())
-
-
-def space_to_dict(space: SweepSpace) -> dict:
-    return {k: v for k, v in to_dict(space).items()}
 
 
 __all__ = ["SweepSpace", "load_space", "run_sweep", "run_trial", "SweepOutput"]

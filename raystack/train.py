@@ -33,7 +33,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from raystack.config import ConfigError, from_dict, load_config, to_dict
+from raystack.config import from_dict, load_config, to_dict
 from raystack.data import DataConfig, batch_indices, load_blocks
 from raystack.model import GPT, PRESETS, ModelConfig, causal_lm_loss
 
@@ -460,4 +460,4 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
                        checkpoint_path=result.checkpoint.path, run_dir=config.run_dir)
 
 
-__all__ = ["TrainJobConfig", "load_train_config", "fit", "train_loop", "lr_at", "batch_indices", "ConfigError"]
+__all__ = ["TrainJobConfig", "load_train_config", "fit", "train_loop", "run_training", "lr_at"]

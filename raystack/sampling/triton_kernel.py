@@ -50,6 +50,15 @@ def _scaled(logits_ptr, counts_ptr, mask_ptr, row, offs, V, stride, cstride, row
 
 
 @triton.jit
+def _z_key(logits_ptr, counts_ptr, mask_ptr, row, offs, V, stride, cstride, row_max, temperature, rep, freq, pres,
+           HAS_PENALTIES: tl.constexpr, HAS_PROMPT: tl.constexpr):
+    """``z`` of one block and its order key ``bits(0 - z)`` (an int32; smaller = more likely)."""
+    z = _scaled(logits_ptr, counts_ptr, mask_ptr, row, offs, V, stride, cstride, row_max, temperature, rep, freq, pres,
+                HAS_PENALTIES, HAS_PROMPT, True)
+    return z, (0.0 - z).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, counts_ptr, mask_ptr, temperature_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_ptr,
                    step_ptr, rep_ptr, pres_ptr, freq_ptr, tokens_ptr, logprobs_ptr, cut_ptr, V, stride, cstride,
                    HAS_PENALTIES: tl.constexpr, HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr):
@@ -98,9 +107,8 @@ def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_
             mid = lo + (hi - lo) // 2
             count = 0
             for start in range(0, V, BLOCK):
-                z = _scaled(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep,
-                            freq, pres, HAS_PENALTIES, HAS_PROMPT, True)
-                key = (0.0 - z).to(tl.int32, bitcast=True)
+                z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t,
+                                rep, freq, pres, HAS_PENALTIES, HAS_PROMPT)
                 count += tl.sum((key <= mid).to(tl.int32), 0)
             enough = count >= k
             hi = tl.where(enough, mid, hi)
@@ -110,9 +118,8 @@ def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_
     # Mass of the top-k set (the whole row when top-k is off).
     total_k = tl.zeros((), dtype=tl.float64)
     for start in range(0, V, BLOCK):
-        z = _scaled(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
-                    pres, HAS_PENALTIES, HAS_PROMPT, True)
-        key = (0.0 - z).to(tl.int32, bitcast=True)
+        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
+                        pres, HAS_PENALTIES, HAS_PROMPT)
         total_k += tl.sum(tl.where(key <= k_key, tl.exp(z), 0.0).to(tl.float64), 0)
 
     # top-p: largest key P (<= K) with mass(key < P) < p * Z_k; the survivors are key <= P.
@@ -125,9 +132,8 @@ def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_
             mid = hi - (hi - lo) // 2
             mass = tl.zeros((), dtype=tl.float64)
             for start in range(0, V, BLOCK):
-                z = _scaled(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep,
-                            freq, pres, HAS_PENALTIES, HAS_PROMPT, True)
-                key = (0.0 - z).to(tl.int32, bitcast=True)
+                z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t,
+                                rep, freq, pres, HAS_PENALTIES, HAS_PROMPT)
                 mass += tl.sum(tl.where(key < mid, tl.exp(z), 0.0).to(tl.float64), 0)
             fits = mass < budget
             lo = tl.where(fits, mid, lo)
@@ -139,9 +145,8 @@ def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_
     # Surviving mass, then the inverse CDF in token-index order.
     total = tl.zeros((), dtype=tl.float64)
     for start in range(0, V, BLOCK):
-        z = _scaled(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
-                    pres, HAS_PENALTIES, HAS_PROMPT, True)
-        key = (0.0 - z).to(tl.int32, bitcast=True)
+        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
+                        pres, HAS_PENALTIES, HAS_PROMPT)
         total += tl.sum(tl.where(key <= cut, tl.exp(z), 0.0).to(tl.float64), 0)
     seed = tl.load(seed_ptr + row)
     step = tl.load(step_ptr + row).to(tl.uint32)
@@ -156,9 +161,8 @@ def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_
     last_z = 0.0
     for start in range(0, V, BLOCK):
         offs = start + lane
-        z = _scaled(logits_ptr, counts_ptr, mask_ptr, row, offs, V, stride, cstride, best, t, rep, freq, pres,
-                    HAS_PENALTIES, HAS_PROMPT, True)
-        key = (0.0 - z).to(tl.int32, bitcast=True)
+        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, offs, V, stride, cstride, best, t, rep, freq, pres,
+                        HAS_PENALTIES, HAS_PROMPT)
         w = tl.where((key <= cut) & (offs < V), tl.exp(z), 0.0).to(tl.float64)
         cdf = running + tl.cumsum(w, 0)
         crossing = tl.min(tl.where((cdf > target) & (w > 0), offs, 2147483647), 0)

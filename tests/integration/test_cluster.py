@@ -39,51 +39,8 @@ def raystack(*args, env=None, timeout=600):
                           timeout=timeout, env=env or os.environ, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    # Short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="rs2n-", dir="/tmp"))
-    gcs, dashboard = free_port(), free_port()
-    # The session's token file (conftest) is this cluster's token; the venv comes first on PATH, as on a node whose
-    # setup commands installed raystack, so a job's `python` is the one with raystack's dependencies.
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    common = ["--num-cpus=2", "--object-store-memory=120000000", "--disable-usage-stats"]
-    head = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=true",
-                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                           f"--temp-dir={root / 'head'}", "--resources={\"head_node\": 1}", *common],
-                          capture_output=True, text=True, env=env, timeout=180)
-    assert head.returncode == 0, head.stderr[-3000:]
-    worker = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={root / 'worker'}",
-                             "--resources={\"worker_node\": 1}", *common],
-                            capture_output=True, text=True, env=env, timeout=180)
-    assert worker.returncode == 0, worker.stderr[-3000:]
-    url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/api/version", timeout=5).status_code in (200, 401):
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    # A cluster that just started accepts jobs once its job agent registered: wait for that with a trivial job.
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    client = JobSubmissionClient(url)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            warm = client.submit_job(entrypoint="python -c pass")
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-    while client.get_job_status(warm) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        time.sleep(1)
-    yield {"url": url, "root": root, "env": {**env, "RAY_ADDRESS": url}}
-    # Stop what this fixture started, found by its temp dirs: never `ray stop`, which would stop every Ray here.
+def stop_processes_under(root: Path) -> None:
+    """Stop the Ray processes started with temp dirs under ``root`` — never `ray stop`, which stops every Ray here."""
     ours = []
     for process in psutil.process_iter(["cmdline"]):
         try:
@@ -96,13 +53,65 @@ def cluster():
             process.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    gone, alive = psutil.wait_procs(ours, timeout=15)
+    _, alive = psutil.wait_procs(ours, timeout=15)
     for process in alive:
         try:
             process.kill()
         except psutil.Error:
             pass
-    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="rs2n-", dir="/tmp"))
+    try:
+        yield start_cluster(root)
+    finally:  # also when start-up failed half-way
+        stop_processes_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_cluster(root: Path) -> dict:
+    gcs, dashboard = free_port(), free_port()
+    # The session's token file (conftest) is this cluster's token; the venv comes first on PATH, as on a node whose
+    # setup commands installed raystack, so a job's `python` is the one with raystack's dependencies.
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    common = ["--num-cpus=2", "--object-store-memory=120000000", "--disable-usage-stats"]
+
+    def own_ports():
+        # Every node's agents default to fixed ports (52365, ...), which another Ray on this machine may hold.
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+    head = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=true",
+                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                           f"--temp-dir={root / 'head'}", "--resources={\"head_node\": 1}", *common, *own_ports()],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert head.returncode == 0, head.stderr[-3000:]
+    worker = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={root / 'worker'}",
+                             "--resources={\"worker_node\": 1}", *common, *own_ports()],
+                            capture_output=True, text=True, env=env, timeout=180)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    url = f"http://127.0.0.1:{dashboard}"
+    # A cluster that just started accepts jobs once its job agent registered: wait for that with a trivial job.
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            client = JobSubmissionClient(url)
+            warm = client.submit_job(entrypoint="python -c pass")
+            break
+        except (RuntimeError, ConnectionError) as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the two-node cluster's Jobs API never accepted a job: {e}") from None
+            time.sleep(2)
+    while client.get_job_status(warm) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(1)
+    return {"url": url, "root": root, "env": {**env, "RAY_ADDRESS": url}}
 
 
 def test_cluster_yaml_passes_rays_own_validation():

@@ -144,3 +144,4 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_trials(ray_session,
                  if line.strip()]
         assert len(steps) == len(set(steps)), f"a step reported twice in {os.path.basename(d)}"
     assert "best model artifact:" in rerun.stdout
+

@@ -29,6 +29,8 @@ def test_shipped_spaces_load(name):
     ("space: {data.block_size: {distribution: int, low: 8, high: 16}}", "only model.\\*, train.\\* and scaling"),
     ("space: {}", "name at least one parameter"),
     ("mode: up\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "mode must be min or max"),
+    ("workers_per_trial: 2\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}",
+     "workers_per_trial must be 1 \\(got 2\\)"),
 ])
 def test_bad_space_files_name_the_field(tmp_path, text, message):
     path = tmp_path / "space.yaml"
