@@ -37,7 +37,7 @@ from raystack.tokenizer import EOT, ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: documents joined in key order, independent of Ray Data's batching
+FORMAT_VERSION = 3  # 3: max_documents keeps the first documents in path order, in every process
 
 
 class DataError(ValueError):
@@ -273,19 +273,25 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
         logger.info("reusing packed token blocks at %s", out_uri)
         return out_uri
 
-    datasets = []
+    # Ray Data snapshots the context when a dataset is created: order must be fixed before building it, or `limit`
+    # keeps whichever documents finish first (a fresh process's first call differed from later ones).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets, budget = [], config.max_documents or None
     for fs, paths in resolved.text:
-        ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
-        datasets.append(ds.map_batches(_text_documents, batch_format="numpy"))
+        if budget is not None:  # text files are documents: the first N in path order, without reading the rest
+            paths, budget = paths[:budget], budget - min(budget, len(paths))
+        if paths:
+            ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+            datasets.append(ds.map_batches(_text_documents, batch_format="numpy"))
     for fs, paths in resolved.parquet:
+        if budget == 0:
+            break
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=[config.text_column])
-        datasets.append(ds.map_batches(_parquet_documents, fn_kwargs={"column": config.text_column},
-                                       batch_format="numpy"))
+        ds = ds.map_batches(_parquet_documents, fn_kwargs={"column": config.text_column}, batch_format="numpy")
+        datasets.append(ds.limit(budget) if budget else ds)
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     if config.max_documents:
         ds = ds.limit(config.max_documents)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # `limit` keeps the first documents in path order
     tokenized = ds.map_batches(_tokenize_batch, batch_format="numpy", fn_kwargs={"val_fraction": config.val_fraction})
 
     documents: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "val": []}

@@ -170,6 +170,7 @@ def test_corpus_errors_name_the_source(ray_session, tmp_path):
 
 def test_packed_blocks_do_not_depend_on_ray_data_parallelism(ray_session, tmp_path):
     import numpy as np
+    import ray
     import ray.data
 
     from raystack.data import load_blocks
@@ -186,3 +187,12 @@ def test_packed_blocks_do_not_depend_on_ray_data_parallelism(ray_session, tmp_pa
     finally:
         context.read_op_min_num_blocks = saved
     assert np.array_equal(arrays[0][0], arrays[1][0]) and np.array_equal(arrays[0][1], arrays[1][1])
+    # A fresh process (a job's driver) packs the same blocks as this long-lived one.
+    script = ("import sys; from raystack.cluster import init_ray; from raystack.data import DataConfig, prepare_blocks;"
+              "init_ray(); print(prepare_blocks(DataConfig(max_documents=25, block_size=64), sys.argv[1]))")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    fresh = subprocess.run([sys.executable, "-c", script, str(tmp_path / "fresh")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    train, val, _ = load_blocks(fresh.stdout.strip().splitlines()[-1])
+    assert np.array_equal(train, arrays[0][0]) and np.array_equal(val, arrays[0][1])
