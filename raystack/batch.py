@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raystack import storage
 from raystack.data import DataError, check_parquet_column, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -92,15 +92,20 @@ class BatchConfig:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.batch_size < 1 or self.max_tokens < 1:
             raise ValueError("batch_size and max_tokens must be >= 1")
-        from raystack.sampling import SamplingParams, validate
-
         try:  # the job-wide sampling parameters obey the op's rules
-            import torch
-
-            validate(torch.zeros(1, 257), SamplingParams.build(
-                1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p))
+            check_sampling(self.temperature, self.top_p, self.top_k, self.min_p)
         except ValueError as e:
             raise ValueError(str(e).replace("; row 0 has", ", got")) from None
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, min_p: float) -> None:
+    """``ValueError`` naming the parameter when one value breaks the sampling op's rules (``raystack.sampling``)."""
+    import torch
+
+    from raystack.sampling import SamplingParams, validate
+
+    validate(torch.zeros(1, 2), SamplingParams.build(1, temperature=temperature, top_p=top_p, top_k=top_k,
+                                                     min_p=min_p))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,8 +114,7 @@ class BatchConfig:
 
 def _read_file(batch: dict, columns: list[str], id_column: Optional[str]):
     """``map_batches`` generator: the rows of each file in ``batch["path"]``, with ids."""
-    uri = batch["uri"][0]
-    fs = pafs.FileSystem.from_uri(uri)[0] if uri else pafs.LocalFileSystem()
+    fs = storage.filesystem(batch["uri"][0])[0] if batch["uri"][0] else pafs.LocalFileSystem()
     for path, file_index in zip(batch["path"], batch["file_index"]):
         with fs.open_input_file(path) as f:
             reader = pq.ParquetFile(f)
@@ -199,7 +203,7 @@ class Predictor:
                     min_p=float(self._value(batch, "min_p", i, cfg.min_p)),
                     seed=int(self._value(batch, "seed", i, row_seed(cfg.seed, batch["id"][i]))),
                     stop=list(cfg.stop or []), logprobs=cfg.logprobs)
-                self._check_params(params)
+                check_sampling(params.temperature, params.top_p, params.top_k, min(params.min_p, 0.99))
                 tokens = self.engine.encode_prompt(str(prompt))
                 self.engine.check_request(len(tokens), params.max_tokens)
             except (ValueError, TypeError) as e:
@@ -222,15 +226,6 @@ class Predictor:
                                                                   and np.isnan(batch[name][i])):
             return batch[name][i]
         return default
-
-    @staticmethod
-    def _check_params(params) -> None:
-        import torch
-
-        from raystack.sampling import SamplingParams, validate
-
-        validate(torch.zeros(1, 257), SamplingParams.build(1, temperature=params.temperature, top_p=params.top_p,
-                                                           top_k=params.top_k, min_p=min(params.min_p, 0.99)))
 
     def _score(self, texts) -> dict:
         import torch
@@ -262,24 +257,18 @@ class Predictor:
 # The job
 
 
-def _output_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
 def run_batch(config: BatchConfig) -> dict:
     """Run the job; return ``{"output", "rows", "errors"}``. Needs a connected Ray."""
     import ray
     import ray.data
 
-    fs, out_path = _output_fs(config.output)
+    fs, out_path = storage.filesystem(config.output)
     exists = fs.get_file_info(out_path).type != pafs.FileType.NotFound
     if exists and not config.overwrite:
         raise DataError(f"output {config.output!r} already exists; choose another --output or pass --overwrite "
                         "to replace it whole")
     paths, columns, id_column, column = _plan_input(config)
-    uri = config.input if "://" in config.input else ""
+    uri = config.input if storage.is_uri(config.input) else ""
     files = ray.data.from_items([{"path": p, "file_index": i, "uri": uri} for i, p in enumerate(paths)],
                                 override_num_blocks=max(1, len(paths)))
     rows = files.map_batches(_read_file, batch_size=1, fn_kwargs={"columns": columns, "id_column": id_column})

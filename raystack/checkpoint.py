@@ -22,10 +22,10 @@ import os
 import posixpath
 import tempfile
 
-import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
+from raystack import storage
 from raystack.model import GPT, ModelConfig
 from raystack.tokenizer import ByteTokenizer
 
@@ -97,15 +97,9 @@ def load_checkpoint(directory: str, model, optimizer=None, rank: int = 0, device
 # Model artifact
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
 def save_artifact(uri: str, model_config: ModelConfig, weights: dict[str, torch.Tensor]) -> str:
     """Write a model artifact to ``uri`` (local path or object-store URI); return the resolved location."""
-    fs, path = _fs(uri)
+    fs, path = storage.filesystem(uri)
     fs.create_dir(path, recursive=True)
     config = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **model_config.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +111,7 @@ def save_artifact(uri: str, model_config: ModelConfig, weights: dict[str, torch.
         f.write(json.dumps(ByteTokenizer().to_dict(), indent=2).encode())
     with fs.open_output_stream(posixpath.join(path, "config.json")) as f:  # written last: a complete artifact
         f.write(json.dumps(config, indent=2).encode())
-    return uri if "://" in uri else path
+    return uri if storage.is_uri(uri) else path
 
 
 def export_checkpoint(checkpoint_dir: str, model_config: ModelConfig, uri: str) -> str:
@@ -127,7 +121,7 @@ def export_checkpoint(checkpoint_dir: str, model_config: ModelConfig, uri: str) 
 
 def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, ByteTokenizer]:
     """The model (in eval mode) and tokenizer of the artifact at ``uri``; ``CheckpointError`` naming what is wrong."""
-    fs, path = _fs(uri)
+    fs, path = storage.filesystem(uri)
 
     def read(name: str) -> bytes:
         try:

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import pyarrow.fs as pafs
 
+from raystack import storage
 from raystack.tokenizer import EOT, ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,12 +77,10 @@ def default_corpus_dir() -> str:
 
 
 def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in source:
-        try:
-            return pafs.FileSystem.from_uri(source)
-        except Exception as e:  # pyarrow raises several types for bad URIs and missing credentials
-            raise DataError(f"cannot open data source {source!r}: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
+    try:
+        return storage.filesystem(source)
+    except Exception as e:  # pyarrow raises several types for bad URIs and missing credentials
+        raise DataError(f"cannot open data source {source!r}: {e}") from None
 
 
 def _is_glob(path: str) -> bool:
@@ -225,12 +224,6 @@ def _parquet_documents(batch: dict, column: str) -> dict:
 # Storage of packed blocks
 
 
-def _open_dir(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
 def _write_npy(fs, path: str, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -244,7 +237,7 @@ def _read_npy(fs, path: str) -> np.ndarray:
 
 
 def read_meta(uri: str) -> dict | None:
-    fs, path = _open_dir(uri)
+    fs, path = storage.filesystem(uri)
     meta_path = posixpath.join(path, "meta.json")
     if fs.get_file_info(meta_path).type != pafs.FileType.File:
         return None
@@ -257,7 +250,7 @@ def load_blocks(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
     meta = read_meta(uri)
     if meta is None:
         raise DataError(f"{uri!r} holds no committed token blocks (meta.json missing)")
-    fs, path = _open_dir(uri)
+    fs, path = storage.filesystem(uri)
     return _read_npy(fs, posixpath.join(path, "train.npy")), _read_npy(fs, posixpath.join(path, "val.npy")), meta
 
 
@@ -267,8 +260,7 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
     import ray.data
 
     resolved = resolve_sources(config)
-    out_uri = posixpath.join(out_root, resolved.fingerprint) if "://" in out_root else os.path.join(
-        os.path.abspath(os.path.expanduser(out_root)), resolved.fingerprint)
+    out_uri = storage.join(out_root, resolved.fingerprint)
     if read_meta(out_uri) is not None:
         logger.info("reusing packed token blocks at %s", out_uri)
         return out_uri
@@ -320,7 +312,7 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
         blocks["val"], blocks["train"] = blocks["train"][-n_val:], blocks["train"][:-n_val]
         logger.warning("no document hashed into validation; held out the last %d training blocks", n_val)
 
-    fs, path = _open_dir(out_uri)
+    fs, path = storage.filesystem(out_uri)
     fs.create_dir(path, recursive=True)
     _write_npy(fs, posixpath.join(path, "train.npy"), blocks["train"])
     _write_npy(fs, posixpath.join(path, "val.npy"), blocks["val"])

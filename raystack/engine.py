@@ -74,6 +74,11 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling needs the counts of generated tokens."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
 
 @dataclass
 class TokenEvent:
@@ -119,6 +124,8 @@ class Engine:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
             self.config.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
         self.device = torch.device(device)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)  # process-wide: once, not on every decode step
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         limit = model.config.max_seq_len
@@ -258,8 +265,6 @@ class Engine:
     @torch.inference_mode()
     def _step(self, prefills: list[_Sequence], decodes: list[_Sequence]):
         """One scheduler step on the worker thread: prefill new sequences, decode the rest, sample every row."""
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         rows, logits = [], []
         for seq in prefills:
             tokens = torch.tensor([seq.prompt], device=self.device)
@@ -285,7 +290,7 @@ class Engine:
     def _sampling_params(self, rows: list[_Sequence], vocab: int) -> SamplingParams:
         p = [s.params for s in rows]
         counts = None
-        if any(x.presence_penalty or x.frequency_penalty or x.repetition_penalty != 1.0 for x in p):
+        if any(x.uses_penalties for x in p):
             counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
                                   for s in rows]).to(self.device)
         return SamplingParams.build(
@@ -301,8 +306,7 @@ class Engine:
             return
         seq.generated.append(token)
         self.stats["generated_tokens"] += 1
-        if seq.counts is None and (seq.params.presence_penalty or seq.params.frequency_penalty
-                                   or seq.params.repetition_penalty != 1.0):
+        if seq.counts is None and seq.params.uses_penalties:
             seq.counts = torch.zeros(self.tokenizer.vocab_size, dtype=torch.int32)
         if seq.counts is not None:
             seq.counts[token] += 1

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from raystack import storage
 from raystack.config import from_dict, load_config, to_dict
 from raystack.data import DataConfig, batch_indices, load_blocks
 from raystack.model import GPT, PRESETS, ModelConfig, causal_lm_loss
@@ -171,14 +171,11 @@ class TrainJobConfig:
 
     @property
     def run_dir(self) -> str:
-        if "://" in self.storage_path:
-            return posixpath.join(self.storage_path, self.name)
-        return os.path.join(os.path.abspath(os.path.expanduser(self.storage_path)), self.name)
+        return storage.join(self.storage_path, self.name)
 
     @property
     def artifact_path(self) -> str:
-        return self.export_path or (posixpath.join(self.run_dir, "model") if "://" in self.run_dir
-                                    else os.path.join(self.run_dir, "model"))
+        return self.export_path or storage.join(self.run_dir, "model")
 
 
 def load_train_config(path=None, overrides=()) -> TrainJobConfig:
@@ -395,7 +392,7 @@ def _metrics_log_callback(run_dir: str):
             self.path = path
 
         def after_report(self, run_context, metrics, checkpoint):
-            if "://" in self.path or not metrics:
+            if storage.is_uri(self.path) or not metrics:
                 return  # object stores have no append; Ray Train keeps checkpointed metrics there
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a") as f:
@@ -428,8 +425,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
     from raystack.checkpoint import export_checkpoint
     from raystack.data import prepare_blocks
 
-    data_uri = prepare_blocks(config.data, posixpath.join(config.run_dir, "data") if "://" in config.run_dir
-                              else os.path.join(config.run_dir, "data"))
+    data_uri = prepare_blocks(config.data, storage.join(config.run_dir, "data"))
     workers = config.scaling.num_workers
     scaling = ray.train.ScalingConfig(
         num_workers=tuple(workers) if isinstance(workers, list) else workers,
@@ -439,8 +435,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
     )
     run_config = ray.train.RunConfig(
         name=config.name,
-        storage_path=config.storage_path if "://" in config.storage_path
-        else os.path.abspath(os.path.expanduser(config.storage_path)),
+        storage_path=storage.join(config.storage_path),  # absolute local path, or the URI itself
         failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         callbacks=[_metrics_log_callback(config.run_dir), *callbacks],
