@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,21 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file, override or value is wrong; the message names the key and how to fix it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: ``3e-4`` is a float (YAML 1.2), not the string PyYAML's 1.1 rules make it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
 
 
 def _describe(tp) -> str:
@@ -121,18 +137,23 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=3e-4)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem})") from None
-        node = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(result, key, value, what=f"override {item!r}")
     return result
+
+
+def set_dotted(tree: dict, key: str, value: Any, what: str = "") -> None:
+    """``set_dotted(t, "train.lr", 0.1)`` sets ``t["train"]["lr"]``, creating the mappings on the way."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what or key!s} conflicts with an earlier value of {part!r}")
+        node = child
+    node[parts[-1]] = value
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -150,7 +171,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if data is None:

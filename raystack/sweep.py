@@ -6,8 +6,11 @@ Contract:
   metric and mode, the trial budget, concurrency, resources per trial, ASHA's settings and the base training
   config. Unknown keys, unknown distributions, empty bounds and parameters that are not training keys fail before
   any trial starts, naming the field.
-- ``run_sweep(space)`` packs the corpus once, then runs a ``Tuner`` whose function trainable runs raystack's
-  training loop directly in the trial (one worker per trial), reporting at every evaluation; ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
+- ``run_sweep(space)`` packs the corpus once, then runs a ``Tuner`` over a function trainable (Train v2's pattern):
+  with ``workers_per_trial: 1`` the trial runs raystack's training loop itself; with more, the trial is the driver of
+  a ``TorchTrainer`` over that many workers (DDP, the same loop as ``raystack.train``) whose reports reach Tune
+  through ``TuneReportCallback``. Either way a trial reports at every evaluation with a checkpoint;
+  ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
 - The Optuna study lives in an RDB beside the sweep (``<sweep>/optuna.db``, SQLite) unless ``optuna_storage`` names
   any SQLAlchemy URL. Re-running the same sweep name restores it (``Tuner.can_restore`` / ``Tuner.restore``):
   finished trials are not run again and the search state is kept.
@@ -25,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, set_dotted, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ class SweepSpace:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     workers_per_trial: int = 1
-    """Workers per trial. Only 1 for now: the trial trains in its own process (see the README's open points)."""
+    """1: the trial trains in its own process. More: a data-parallel ``TorchTrainer`` per trial, its workers
+    sharing ``cpus_per_trial`` and ``gpus_per_trial`` (whole GPUs per worker)."""
     early_stopping: bool = True
     """ASHA on the metric; false runs every trial to the end (a baseline)."""
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -80,6 +84,8 @@ class SweepSpace:
     """Dotted TrainJobConfig key -> ParameterSpace."""
 
     def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty sweep name without '/', got {self.name!r}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be min or max, got {self.mode!r}")
         if self.metric not in ("val_loss", "loss"):
@@ -89,9 +95,14 @@ class SweepSpace:
         for name in ("num_samples", "max_concurrent_trials"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers_per_trial != 1:
-            raise ValueError(f"workers_per_trial must be 1 (got {self.workers_per_trial}): data-parallel trials are "
-                             "not supported yet; give each trial one GPU with gpus_per_trial instead")
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} and "
+                             f"{self.gpus_per_trial}")
+        if self.workers_per_trial > 1 and self.gpus_per_trial % self.workers_per_trial:
+            raise ValueError(f"gpus_per_trial ({self.gpus_per_trial:g}) must be a multiple of workers_per_trial "
+                             f"({self.workers_per_trial}): each data-parallel worker takes whole GPUs")
         if not self.space:
             raise ValueError("space: name at least one parameter to search")
         self.parameters = {key: self._parameter(key, value) for key, value in self.space.items()}
@@ -129,7 +140,10 @@ class SweepSpace:
         sample = sample or {k: (p.values[0] if p.distribution == "choice" else
                                 int(p.low) if p.distribution == "int" else p.low)
                             for k, p in self.parameters.items()}
-        values = deep_merge(self.base, parse_overrides(f"{k}={v}" for k, v in sample.items()))
+        values: dict = {}
+        for key, value in sample.items():  # the values as sampled: no round trip through text
+            set_dotted(values, key, value)
+        values = deep_merge(self.base, values)
         values = deep_merge(values, {"name": "trial", "storage_path": self.storage_path,
                                      "scaling": {"num_workers": self.workers_per_trial,
                                                  "cpus_per_worker": self.cpus_per_trial / self.workers_per_trial}})
@@ -171,20 +185,75 @@ def load_space(path: str, overrides=()) -> SweepSpace:
 # The trial
 
 
-def run_trial(trial_config: dict, space_dict: dict, data_uri: str) -> None:
-    """Ray Tune function trainable: one training run (one worker) with the trial's parameters, reporting every
-    evaluation with a checkpoint."""
+def run_trial(trial_config: dict, space_dict: dict, data_uri: str, runs_dir: str) -> None:
+    """Ray Tune function trainable: one training run with the trial's parameters, reporting every evaluation with a
+    checkpoint. One worker trains here; several train in a ``TorchTrainer`` this trial drives (its run lives in
+    ``runs_dir/<trial id>``, so a restored trial resumes it from its last checkpoint)."""
     import ray.tune
-    import torch
 
     space = from_dict(SweepSpace, space_dict)
     config = space.base_config({k: trial_config[k] for k in space.parameters})
+    trial_id = ray.tune.get_context().get_trial_id()
+    config.name = f"{space.name}-{trial_id}"  # tags the trial's training gauges
     loop_config = {"config": to_dict(config), "data_uri": data_uri}
+    if space.workers_per_trial > 1:
+        _fit_data_parallel(space, config, loop_config, storage_path=runs_dir, name=trial_id)
+        return
+    import torch
+
     from raystack.train import run_training
 
     device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
     run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
                  checkpoint_cls=ray.tune.Checkpoint)
+
+
+def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_path: str, name: str) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raystack.train import train_loop
+
+    workers = space.workers_per_trial
+    per_worker = {"CPU": space.cpus_per_trial / workers}
+    if space.gpus_per_trial:
+        per_worker["GPU"] = space.gpus_per_trial / workers
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=space.gpus_per_trial > 0,
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=config.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],  # rank 0's reports (with their checkpoint's path) become Tune's
+        ),
+    )
+    trainer.fit()
+
+
+def _require_state_api(timeout_s: float = 30.0) -> None:
+    """Data-parallel trials need Ray's State API: when ASHA stops a trial, its Ray Train controller dies with it and
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard) before it frees the workers'
+    resources. Without it every stopped trial would hold its workers' CPUs/GPUs until the sweep ends."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            list_actors(limit=1, timeout=5, raise_on_missing_output=False)
+            return
+        except Exception as e:  # the dashboard may still be starting
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    "workers_per_trial > 1: data-parallel trials need Ray's State API (the dashboard) so that Ray "
+                    "Train can free the workers of trials ASHA stops early, and it is not reachable "
+                    f"({type(e).__name__}: {str(e)[:160]}); start Ray with its dashboard (the default: `ray start "
+                    "--head` without --include-dashboard=false) or set workers_per_trial: 1") from None
+            time.sleep(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +307,7 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     import optuna
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
     from ray.tune.search.optuna import OptunaSearch
 
     from raystack.checkpoint import export_checkpoint
@@ -249,10 +319,17 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     with open(os.path.join(sweep_dir, "space.json"), "w") as f:  # for `raystack sweep-report SWEEP_DIR`
         json.dump(to_dict(space), f, indent=2)
     base = space.base_config()
+    if space.workers_per_trial > 1:
+        _require_state_api()
     data_uri = prepare_blocks(base.data, os.path.join(sweep_dir, "data"))
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, space_dict=to_dict(space), data_uri=data_uri),
-        {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
+    trainable = ray.tune.with_parameters(run_trial, space_dict=to_dict(space), data_uri=data_uri,
+                                         runs_dir=os.path.join(sweep_dir, "train_runs"))
+    # One worker trains inside the trial, which holds its resources. Several train in the TorchTrainer's own
+    # placement group, so the trial itself (the Train driver) takes a sliver of a CPU; max_concurrent_trials then
+    # bounds how many worker groups run at once, and a group that does not fit yet waits for resources.
+    resources = ({"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial} if space.workers_per_trial == 1
+                 else {"cpu": 0.01})
+    trainable = ray.tune.with_resources(trainable, resources)
 
     if ray.tune.Tuner.can_restore(sweep_dir):
         logger.info("resuming sweep %s", sweep_dir)
@@ -281,7 +358,12 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
     artifact = os.path.join(sweep_dir, "best_model")
     best_config = {k: best.config[k] for k in space.parameters}
-    with best.checkpoint.as_directory() as directory:
+    checkpoint = best.checkpoint  # a data-parallel trial's checkpoints live in its Train run; Tune has their path
+    if checkpoint is None and best.metrics.get(CHECKPOINT_PATH_KEY):
+        checkpoint = ray.tune.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
+    if checkpoint is None:
+        raise RuntimeError(f"the best trial ({best.path}) reported no checkpoint")
+    with checkpoint.as_directory() as directory:
         export_checkpoint(directory, space.base_config(best_config).model.build(), artifact)
     statuses = {r.path.rstrip("/").rsplit("/", 1)[-1]: ("ERROR" if r.error else "TERMINATED") for r in results}
     dashboard = write_report(sweep_dir, space, statuses=statuses)

@@ -33,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster shared by every integration test; stopped (only it) at the end."""
@@ -40,7 +48,10 @@ def ray_session():
 
     ray.init(
         num_cpus=4,  # 2 cores here; training tests use 2 workers x 1 CPU plus Ray Data and the controller
-        include_dashboard=False,
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the workers
+        # of a data-parallel sweep trial that ASHA stops (as on every real cluster); on a free port.
+        include_dashboard=True,
+        dashboard_port=_free_port(),
         object_store_memory=150 * 1024**2,
         _temp_dir=str(_SESSION_TMP / "ray"),
         log_to_driver=True,

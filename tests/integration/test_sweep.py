@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ SPACE = REPO / "tune_spaces" / "gpt_tiny.yaml"
 FAST = ["base.data.max_documents=30", "base.train.steps=30", "base.train.eval_every=5",
         "base.train.checkpoint_every=5", "base.train.log_every=5", "scheduler.grace_period=5",
         "scheduler.reduction_factor=3", "num_samples=6"]
+
+
+SWEEP_DEADLINE_S = 360
 
 
 def chromium() -> str | None:
@@ -145,3 +149,56 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_trials(ray_session,
         assert len(steps) == len(set(steps)), f"a step reported twice in {os.path.basename(d)}"
     assert "best model artifact:" in rerun.stdout
 
+
+
+def test_data_parallel_trials_train_on_two_workers_and_free_them_when_stopped(ray_session, tmp_path):
+    """workers_per_trial: 2 -> each trial drives a 2-worker TorchTrainer. ASHA stops the bad trials; their worker
+    groups' placement groups must all be gone afterwards (a stopped trial must not keep its workers' CPUs)."""
+    import ray
+    import yaml
+
+    base = yaml.safe_load(SPACE.read_text())["base"]
+    base["data"]["max_documents"] = 30
+    base["train"].update(steps=10, eval_every=5)
+    # Trials run one at a time, so the search (random, seed 0: lr 1e-5, 0.01, 1e-5, 1e-5) and ASHA's decisions
+    # are deterministic: at step 5 trials 3 and 4 are below the 2/3 quantile of those before them and are stopped.
+    space_file = tmp_path / "dp.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "name": "dp", "num_samples": 4, "max_concurrent_trials": 1, "search": "random", "seed": 0,
+        "workers_per_trial": 2, "cpus_per_trial": 1, "storage_path": str(tmp_path),
+        "scheduler": {"grace_period": 5, "reduction_factor": 3}, "base": base,
+        "space": {"train.lr": {"distribution": "choice", "values": [0.01, 0.00001]}}}))
+    space = load_space(space_file)
+    placement_groups_before = set(ray.util.placement_group_table())
+
+    def held() -> list[dict]:
+        return [pg for key, pg in ray.util.placement_group_table().items()
+                if key not in placement_groups_before and pg["state"] != "REMOVED"]
+
+    # Leaked worker groups would starve later trials forever, so the sweep gets a deadline instead of hanging CI.
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(output=run_sweep(space)), daemon=True)
+    thread.start()
+    thread.join(timeout=SWEEP_DEADLINE_S)
+    assert not thread.is_alive(), f"the sweep did not finish in {SWEEP_DEADLINE_S} s; placement groups: {held()}"
+    assert "output" in box, "the sweep failed (see the log above)"
+    output = box["output"]
+
+    from raystack.sweep_report import collect
+
+    trials = collect(output.sweep_dir, space)["trials"]
+    assert output.trials == 4 and len(trials) == 4
+    for d in Path(output.sweep_dir).glob("run_trial_*"):
+        reports = [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
+        assert reports and all(r["world_size"] == 2 for r in reports), (d.name, trials)
+    early = [t for t in trials if t["status"] == "STOPPED EARLY"]
+    assert len(early) == 2 and all(t["steps"] == 5 and t["params"]["train.lr"] == 0.00001 for t in early), trials
+    assert output.best_config == {"train.lr": 0.01}
+    # Each trial's Train run holds its checkpoints; the best one became the artifact.
+    assert sorted(p.name for p in (Path(output.sweep_dir) / "train_runs").iterdir()) == sorted(t["id"] for t in trials)
+    assert (Path(output.artifact) / "model.safetensors").exists()
+
+    deadline = time.monotonic() + 60
+    while held() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not held(), f"placement groups still held after the sweep: {held()}"

@@ -22,6 +22,17 @@ def test_defaults_are_valid_and_overrides_apply(tmp_path):
     assert config.model.build().n_layer == 3
 
 
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """``3e-4`` is a float as people (and YAML 1.2) write it, in files and in --set, not PyYAML 1.1's string."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  lr: 3e-4\n  weight_decay: 1E-2\n")
+    config = load_train_config(cfg_file, ["train.beta2=9.9e-1", "train.grad_clip=2e0"])
+    assert (config.train.lr, config.train.weight_decay, config.train.beta2, config.train.grad_clip) == (
+        3e-4, 1e-2, 0.99, 2.0)
+    assert parse_overrides(["a=1e5", "b=-2.5e-3", "c=1e", "d=e5", "e=[1e-3, 2]", "f=3"]) == {
+        "a": 1e5, "b": -2.5e-3, "c": "1e", "d": "e5", "e": [1e-3, 2], "f": 3}
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=1", r"unknown config key 'train.lrr' \(did you mean 'lr'\?\)"),
     ("bogus=1", "unknown config key 'bogus'"),

@@ -29,8 +29,12 @@ def test_shipped_spaces_load(name):
     ("space: {data.block_size: {distribution: int, low: 8, high: 16}}", "only model.\\*, train.\\* and scaling"),
     ("space: {}", "name at least one parameter"),
     ("mode: up\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "mode must be min or max"),
-    ("workers_per_trial: 2\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}",
-     "workers_per_trial must be 1 \\(got 2\\)"),
+    ("workers_per_trial: 0\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}",
+     "workers_per_trial must be >= 1, got 0"),
+    ("workers_per_trial: 2\ngpus_per_trial: 1\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}",
+     "gpus_per_trial \\(1\\) must be a multiple of workers_per_trial \\(2\\)"),
+    ("cpus_per_trial: 0\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "cpus_per_trial must be > 0"),
+    ("name: a/b\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "name must be a non-empty sweep name"),
 ])
 def test_bad_space_files_name_the_field(tmp_path, text, message):
     path = tmp_path / "space.yaml"
@@ -47,3 +51,33 @@ def test_trials_report_exactly_at_evaluations(tmp_path):
     assert train.log_every == train.checkpoint_every == train.eval_every == 5
     with pytest.raises(ConfigError, match="eval_every must be >= 1"):
         load_space(SPACES / "gpt_tiny.yaml", ["base.train.eval_every=0"])
+
+
+def test_data_parallel_trials_split_the_trial_resources_between_workers():
+    space = load_space(SPACES / "gpt_gpu.yaml", ["workers_per_trial=2", "gpus_per_trial=2", "cpus_per_trial=8"])
+    scaling = space.base_config().scaling
+    assert scaling.num_workers == 2 and scaling.cpus_per_worker == 4
+
+
+def test_sampled_values_reach_the_training_config_as_sampled():
+    """Values go into the config as Python values (1e-05 stays a float, a string choice stays a string)."""
+    space = load_space(SPACES / "gpt_tiny.yaml")
+    sample = {key: p.values[0] if p.distribution == "choice" else int(p.low) if p.distribution == "int" else p.low
+              for key, p in space.parameters.items()}
+    config = space.base_config({**sample, "train.lr": 1e-05})
+    assert config.train.lr == 1e-05 and config.model.n_embd == space.parameters["model.n_embd"].values[0]
+
+
+def test_data_parallel_sweeps_refuse_a_ray_without_the_state_api(monkeypatch):
+    """Without the State API Ray Train cannot free a stopped trial's workers: say so up front, never hang."""
+    import ray.util.state
+
+    from raystack import sweep
+
+    def unreachable(**kwargs):
+        raise ConnectionError("Failed to connect to API server")
+
+    monkeypatch.setattr(ray.util.state, "list_actors", unreachable)
+    with pytest.raises(ConfigError, match="workers_per_trial > 1: data-parallel trials need Ray's State API .*"
+                                          "Failed to connect.*set workers_per_trial: 1"):
+        sweep._require_state_api(timeout_s=0)
