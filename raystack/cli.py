@@ -120,7 +120,9 @@ def cmd_tune(args) -> int:
     print(f"[raystack] {output.trials} trials; best {space.metric} {output.best_metric:.4f} with "
           f"{json.dumps(output.best_config)}")
     print(f"[raystack] best model artifact: {output.artifact}")
-    print(f"[raystack] dashboard: {output.dashboard}   (TensorBoard: tensorboard --logdir {output.sweep_dir})")
+    print(f"[raystack] dashboard: {output.dashboard}   (TensorBoard: tensorboard --logdir {output.storage})")
+    if output.storage != output.sweep_dir:
+        print(f"[raystack] trials and Train runs: {output.storage}")
     return 0
 
 

@@ -11,11 +11,16 @@ Contract:
   a ``TorchTrainer`` over that many workers (DDP, the same loop as ``raystack.train``) whose reports reach Tune
   through ``TuneReportCallback``. Either way a trial reports at every evaluation with a checkpoint;
   ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
-- The Optuna study lives in an RDB beside the sweep (``<sweep>/optuna.db``, SQLite) unless ``optuna_storage`` names
-  any SQLAlchemy URL. Re-running the same sweep name restores it (``Tuner.can_restore`` / ``Tuner.restore``):
+- Where things live: ``<storage_path>/<name>`` (a path, or a URI such as ``s3://`` that every node reaches) holds
+  Tune's experiment, the packed corpus, data-parallel trials' Train runs and the best model. The driver's sweep
+  directory holds ``space.json``, the Optuna study and ``dashboard.html``: the same directory for a local
+  storage_path, ``<local_dir>/<name>`` (with a copy of every trial's results) for a URI.
+- The Optuna study lives in an RDB in the driver's sweep directory (``optuna.db``, SQLite) unless ``optuna_storage``
+  names any SQLAlchemy URL. Re-running the same sweep name restores it (``Tuner.can_restore`` / ``Tuner.restore``):
   finished trials are not run again and the search state is kept.
-- The best trial's final weights are exported as a model artifact (``<sweep>/best_model``), and the dashboard
-  (``raystack.sweep_report``) is written to ``<sweep>/dashboard.html`` as trials report and at the end.
+- The best trial's final weights are exported as a model artifact (``<storage_path>/<name>/best_model``), and the
+  dashboard (``raystack.sweep_report``) is written to the driver's sweep directory as trials report and at the end
+  (and copied beside the sweep when that is a URI).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from raystack import storage
 from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, set_dotted, to_dict
 
 logger = logging.getLogger(__name__)
@@ -74,6 +80,10 @@ class SweepSpace:
     """ASHA on the metric; false runs every trial to the end (a baseline)."""
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     storage_path: str = "~/raystack_runs"
+    """The sweep goes to ``<storage_path>/<name>``: a local path, or a URI (``s3://``...) for a multi-node cluster."""
+    local_dir: str = "~/raystack_runs/sweeps"
+    """With a URI storage_path: where the driver keeps ``<name>/``: the SQLite study, the dashboard and a copy of the
+    trials' results (``raystack sweep-report`` reads it)."""
     optuna_storage: Optional[str] = None
     """SQLAlchemy URL of the Optuna study; default ``sqlite:///<sweep>/optuna.db``."""
     search: str = "tpe"
@@ -268,13 +278,16 @@ class SweepOutput:
     artifact: str
     dashboard: str
     trials: int
+    storage: str = ""
+    """Where the sweep's trials, Train runs and best model are (== sweep_dir unless storage_path is a URI)."""
 
 
-def _dashboard_callback(sweep_dir: str, space: SweepSpace):
+def _dashboard_callback(home: str, space: SweepSpace, mirror: bool):
     import ray.tune
 
     class DashboardCallback(ray.tune.Callback):
-        """Rewrites the sweep dashboard as results arrive (at most every 5 s) and when trials end."""
+        """Rewrites the sweep dashboard as results arrive (at most every 5 s) and when trials end. With the sweep
+        on a URI it first copies each trial's results from Tune's staging directory on this driver into ``home``."""
 
         def __init__(self):
             self.last = 0.0
@@ -285,8 +298,10 @@ def _dashboard_callback(sweep_dir: str, space: SweepSpace):
                 try:
                     from raystack.sweep_report import write_report
 
+                    if mirror:
+                        _mirror_trial_results(trials, home)
                     statuses = {os.path.basename(str(t.path).rstrip("/")): t.status for t in trials}
-                    write_report(sweep_dir, space, statuses=statuses)
+                    write_report(home, space, statuses=statuses)
                 except Exception:  # a dashboard must never fail the sweep
                     logger.exception("could not write the sweep dashboard")
 
@@ -296,11 +311,52 @@ def _dashboard_callback(sweep_dir: str, space: SweepSpace):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._write(True, trials)
 
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._write(True, trials)
+
+        def on_experiment_end(self, trials, **info):
+            if mirror:
+                _mirror_trial_results(trials, home)
+
     return DashboardCallback()
 
 
+def _mirror_trial_results(trials, home: str) -> None:
+    """Copy each trial's ``params.json``, ``result.json`` and ``error.txt`` from Tune's staging directory on the
+    driver (``trial.local_path``, which Tune syncs to the URI) into ``home/<trial dir>``."""
+    import shutil
+
+    for trial in trials:
+        source = trial.local_path
+        if not source or not os.path.isdir(source):
+            continue
+        target = os.path.join(home, os.path.basename(source.rstrip("/")))
+        os.makedirs(target, exist_ok=True)
+        for name in ("params.json", "result.json", "error.txt"):
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(target, name + ".tmp"))
+                os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))
+
+
+def sweep_locations(space: SweepSpace) -> tuple[str, str]:
+    """``(root, home)``: the sweep's storage (a path or URI) and the driver's sweep directory (a local path; the
+    same as root unless root is a URI)."""
+    root = storage.join(space.storage_path, space.name)
+    if not storage.is_uri(root):
+        return root, root
+    return root, os.path.join(os.path.abspath(os.path.expanduser(space.local_dir)), space.name)
+
+
 def sweep_dir_of(space: SweepSpace) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(space.storage_path)), space.name)
+    """The driver's sweep directory: ``space.json``, the study, ``dashboard.html``, the trials' results."""
+    return sweep_locations(space)[1]
+
+
+def _upload(home: str, root: str, names) -> None:
+    fs, path = storage.filesystem(root)
+    for name in names:
+        with open(os.path.join(home, name), "rb") as f, fs.open_output_stream(f"{path}/{name}") as out:
+            out.write(f.read())
 
 
 def run_sweep(space: SweepSpace) -> SweepOutput:
@@ -314,16 +370,17 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     from raystack.data import prepare_blocks
     from raystack.sweep_report import write_report
 
-    sweep_dir = sweep_dir_of(space)
+    root, sweep_dir = sweep_locations(space)
+    remote = root != sweep_dir
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "space.json"), "w") as f:  # for `raystack sweep-report SWEEP_DIR`
         json.dump(to_dict(space), f, indent=2)
     base = space.base_config()
     if space.workers_per_trial > 1:
         _require_state_api()
-    data_uri = prepare_blocks(base.data, os.path.join(sweep_dir, "data"))
+    data_uri = prepare_blocks(base.data, storage.join(root, "data"))
     trainable = ray.tune.with_parameters(run_trial, space_dict=to_dict(space), data_uri=data_uri,
-                                         runs_dir=os.path.join(sweep_dir, "train_runs"))
+                                         runs_dir=storage.join(root, "train_runs"))
     # One worker trains inside the trial, which holds its resources. Several train in the TorchTrainer's own
     # placement group, so the trial itself (the Train driver) takes a sliver of a CPU; max_concurrent_trials then
     # bounds how many worker groups run at once, and a group that does not fit yet waits for resources.
@@ -331,15 +388,15 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
                  else {"cpu": 0.01})
     trainable = ray.tune.with_resources(trainable, resources)
 
-    if ray.tune.Tuner.can_restore(sweep_dir):
-        logger.info("resuming sweep %s", sweep_dir)
-        tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
+    if ray.tune.Tuner.can_restore(root):
+        logger.info("resuming sweep %s", root)
+        tuner = ray.tune.Tuner.restore(root, trainable, resume_errored=True)
     else:
-        storage = optuna.storages.RDBStorage(space.optuna_storage or f"sqlite:///{sweep_dir}/optuna.db")
+        study_storage = optuna.storages.RDBStorage(space.optuna_storage or f"sqlite:///{sweep_dir}/optuna.db")
         sampler = (optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
                    if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
         searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode, sampler=sampler,
-                                study_name=space.name, storage=storage)
+                                study_name=space.name, storage=study_storage)
         scheduler = (ASHAScheduler(time_attr="step", max_t=base.train.steps,
                                    grace_period=space.scheduler.grace_period,
                                    reduction_factor=space.scheduler.reduction_factor)
@@ -350,24 +407,26 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
                                             scheduler=scheduler, num_samples=space.num_samples,
                                             max_concurrent_trials=space.max_concurrent_trials),
             run_config=ray.tune.RunConfig(name=space.name,
-                                          storage_path=os.path.dirname(sweep_dir),
-                                          callbacks=[_dashboard_callback(sweep_dir, space)],
+                                          storage_path=storage.join(space.storage_path),
+                                          callbacks=[_dashboard_callback(sweep_dir, space, mirror=remote)],
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2)),
         )
     results = tuner.fit()
     best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
-    artifact = os.path.join(sweep_dir, "best_model")
+    artifact = storage.join(root, "best_model")
     best_config = {k: best.config[k] for k in space.parameters}
     checkpoint = best.checkpoint  # a data-parallel trial's checkpoints live in its Train run; Tune has their path
     if checkpoint is None and best.metrics.get(CHECKPOINT_PATH_KEY):
-        checkpoint = ray.tune.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
+        checkpoint = ray.tune.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=storage.filesystem(root)[0])
     if checkpoint is None:
         raise RuntimeError(f"the best trial ({best.path}) reported no checkpoint")
     with checkpoint.as_directory() as directory:
         export_checkpoint(directory, space.base_config(best_config).model.build(), artifact)
     statuses = {r.path.rstrip("/").rsplit("/", 1)[-1]: ("ERROR" if r.error else "TERMINATED") for r in results}
     dashboard = write_report(sweep_dir, space, statuses=statuses)
-    return SweepOutput(sweep_dir, best_config, _best_metric(best, space), artifact, dashboard, len(results))
+    if remote:  # beside the sweep too, for whoever fetches it from the bucket
+        _upload(sweep_dir, root, ["space.json", "dashboard.html"])
+    return SweepOutput(sweep_dir, best_config, _best_metric(best, space), artifact, dashboard, len(results), root)
 
 
 def _best_metric(result, space: SweepSpace) -> float:

@@ -65,7 +65,8 @@ def collect(sweep_dir: str, space, statuses: Optional[dict] = None) -> dict:
         with open(os.path.join(path, "params.json")) as f:
             params = {k: v for k, v in json.load(f).items() if k in space.parameters}
         results = _read_results(path)
-        curve = [[r["step"], r[metric]] for r in results if metric in r and "step" in r]
+        # A trial restored after its driver died re-reports the steps since its last saved checkpoint: keep the last.
+        curve = sorted({r["step"]: [r["step"], r[metric]] for r in results if metric in r and "step" in r}.values())
         last_step = max((r.get("step", 0) for r in results), default=0)
         status = known.get(name, "RUNNING")
         if os.path.isfile(os.path.join(path, "error.txt")):

@@ -81,3 +81,21 @@ def test_data_parallel_sweeps_refuse_a_ray_without_the_state_api(monkeypatch):
     with pytest.raises(ConfigError, match="workers_per_trial > 1: data-parallel trials need Ray's State API .*"
                                           "Failed to connect.*set workers_per_trial: 1"):
         sweep._require_state_api(timeout_s=0)
+
+
+def test_dashboard_curves_keep_the_last_report_of_a_re_reported_step(tmp_path):
+    """A trial restored after its driver died re-reports the steps after its last checkpoint; the curve shows each
+    step once, with the value of the run that continued."""
+    import json
+
+    from raystack.sweep_report import collect
+
+    space = load_space(SPACES / "gpt_tiny.yaml")
+    trial = tmp_path / "run_trial_a_1"
+    trial.mkdir()
+    (trial / "params.json").write_text(json.dumps({"train.lr": 0.01}))
+    rows = [(10, 3.0), (20, 2.5), (20, 2.4), (30, 2.2)]
+    (trial / "result.json").write_text("".join(json.dumps({"step": s, "val_loss": v, "trial_id": "a"}) + "\n"
+                                               for s, v in rows))
+    [t] = collect(str(tmp_path), space)["trials"]
+    assert t["curve"] == [[10, 3.0], [20, 2.4], [30, 2.2]] and t["best"] == 2.2
