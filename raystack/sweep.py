@@ -85,7 +85,7 @@ class SweepSpace:
     """With a URI storage_path: where the driver keeps ``<name>/``: the SQLite study, the dashboard and a copy of the
     trials' results (``raystack sweep-report`` reads it)."""
     optuna_storage: Optional[str] = None
-    """SQLAlchemy URL of the Optuna study; default ``sqlite:///<sweep>/optuna.db``."""
+    """SQLAlchemy URL of the Optuna study; default ``sqlite:///<driver sweep dir>/optuna.db``."""
     search: str = "tpe"
     """``tpe`` (Optuna) or ``random`` (Optuna's RandomSampler: the baseline of benchmarks/sweep_efficiency.py)."""
     base: dict = field(default_factory=dict)
@@ -347,11 +347,6 @@ def sweep_locations(space: SweepSpace) -> tuple[str, str]:
     return root, os.path.join(os.path.abspath(os.path.expanduser(space.local_dir)), space.name)
 
 
-def sweep_dir_of(space: SweepSpace) -> str:
-    """The driver's sweep directory: ``space.json``, the study, ``dashboard.html``, the trials' results."""
-    return sweep_locations(space)[1]
-
-
 def _upload(home: str, root: str, names) -> None:
     fs, path = storage.filesystem(root)
     for name in names:
@@ -437,4 +432,4 @@ def _best_metric(result, space: SweepSpace) -> float:
     return float(values.min() if space.mode == "min" else values.max())
 
 
-__all__ = ["SweepSpace", "load_space", "run_sweep", "run_trial", "SweepOutput"]
+__all__ = ["SweepSpace", "load_space", "run_sweep", "run_trial", "SweepOutput", "sweep_locations"]
