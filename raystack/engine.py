@@ -12,6 +12,11 @@ Contract:
   ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
   do not depend on what else is in the batch. The forward passes run in a worker thread, never on the event loop.
 - Closing the iterator (client gone, timeout: ``asyncio`` cancellation) frees the request's slot at the next step.
+- One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
+  rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
+  (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
+  ``check_health`` raises while the engine is really broken (its loop died, or every row of the last step failed)
+  and passes again after the next step that succeeds; a dead loop restarts on the next request.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import AsyncIterator, Optional
 import torch
 
 from raystack.model import GPT, KVCache
-from raystack.sampling import SamplingParams, sample
+from raystack.sampling import SamplingParamError, SamplingParams, sample
 from raystack.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -78,6 +83,15 @@ class GenerationParams:
     def uses_penalties(self) -> bool:
         """Whether sampling needs the counts of generated tokens."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+class SequenceFailed(RuntimeError):
+    """One sequence could not be generated; the engine and every other sequence carry on."""
+
+    def __init__(self, message: str, client_error: bool = False):
+        super().__init__(message)
+        self.client_error = client_error
+        """True when the sequence's own parameters were refused (a 4xx, not a server fault)."""
 
 
 @dataclass
@@ -140,7 +154,8 @@ class Engine:
         self._loop_task: Optional[asyncio.Task] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self.error: Optional[BaseException] = None
-        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0}
+        """Set while the engine is broken (loop died, or a whole step failed); cleared by a step that succeeds."""
+        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0}
 
     @classmethod
     def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
@@ -165,7 +180,9 @@ class Engine:
 
     def check_health(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"engine loop failed: {self.error!r}")
+            raise RuntimeError(f"engine unhealthy: {self.error!r}")
+        if self._loop_task is not None and self._loop_task.done() and not self._loop_task.cancelled():
+            raise RuntimeError(f"engine loop died: {self._loop_task.exception()!r}")
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -220,34 +237,52 @@ class Engine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                self._drop_cancelled()
-                if not self._running and not self._waiting:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                prefills = []
-                while self._waiting and self._free_slots:
-                    seq = self._waiting.popleft()
-                    if seq.cancelled:
-                        continue
-                    seq.slot = self._free_slots.pop()
-                    self._running[seq.id] = seq
-                    prefills.append(seq)
-                decodes = [s for s in self._running.values() if s not in prefills]
-                results = await loop.run_in_executor(self._executor, self._step, prefills, decodes)
-                self.stats["steps"] += 1
-                for seq, token, logprob in results:
-                    self._advance(seq, token, logprob)
-        except (asyncio.CancelledError, GeneratorExit):  # shutdown, or the event loop closing under us
-            raise
-        except Exception as e:  # a failed forward must not leave clients hanging
-            logger.exception("engine loop failed")
-            self.error = e
-            for seq in [*self._running.values(), *self._waiting]:
-                seq.queue.put_nowait(RuntimeError(f"generation failed: {e!r}"))
-            raise
+        while True:
+            try:
+                await self._schedule_once(loop)
+            except (asyncio.CancelledError, GeneratorExit):  # shutdown, or the event loop closing under us
+                raise
+            except Exception as e:  # a bug in the bookkeeping: fail what is in flight, keep the loop alive
+                logger.exception("engine step failed; failing the sequences in flight")
+                self.error = e
+                for seq in [*self._running.values(), *self._waiting]:
+                    self._fail(seq, SequenceFailed(f"generation failed: {e!r}"))
+                self._waiting.clear()
+
+    async def _schedule_once(self, loop) -> None:
+        self._drop_cancelled()
+        if not self._running and not self._waiting:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return
+        prefills = []
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                continue
+            seq.slot = self._free_slots.pop()
+            self._running[seq.id] = seq
+            prefills.append(seq)
+        decodes = [s for s in self._running.values() if s not in prefills]
+        results, failures = await loop.run_in_executor(self._executor, self._step, prefills, decodes)
+        self.stats["steps"] += 1
+        for seq, error in failures:
+            self._fail(seq, error)
+        for seq, token, logprob in results:
+            try:
+                self._advance(seq, token, logprob)
+            except Exception as e:
+                logger.exception("sequence %d failed after sampling", seq.id)
+                self._fail(seq, SequenceFailed(f"generation failed: {e!r}"))
+        if results:
+            self.error = None
+        elif failures and not any(error.client_error for _, error in failures):
+            self.error = failures[0][1]  # nothing ran: the engine itself is broken until a step succeeds
+
+    def _fail(self, seq: _Sequence, error: "SequenceFailed") -> None:
+        self.stats["failed_sequences"] += 1
+        seq.queue.put_nowait(error)
+        self._release(seq)
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._running.values() if s.cancelled]:
@@ -264,28 +299,72 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, prefills: list[_Sequence], decodes: list[_Sequence]):
-        """One scheduler step on the worker thread: prefill new sequences, decode the rest, sample every row."""
-        rows, logits = [], []
+        """One scheduler step on the worker thread: prefill new sequences, decode the rest, sample every row.
+
+        Returns ``(results, failures)``: ``(seq, token, logprob)`` for the rows that ran and ``(seq,
+        SequenceFailed)`` for those that failed on their own (a failing batch is retried one row at a time)."""
+        rows, logits, failures = [], [], []
         for seq in prefills:
-            tokens = torch.tensor([seq.prompt], device=self.device)
-            positions = torch.arange(len(seq.prompt), device=self.device)[None]
-            out = self.model(tokens, positions=positions, cache=self.cache,
-                             slots=torch.tensor([seq.slot], device=self.device))
-            rows.append(seq)
-            logits.append(out[:, -1])
+            out = self._isolated(self._prefill, seq, failures)
+            if out is not None:
+                rows.append(seq)
+                logits.append(out)
         if decodes:
-            tokens = torch.tensor([[s.generated[-1]] for s in decodes], device=self.device)
-            positions = torch.tensor([[s.position] for s in decodes], device=self.device)
-            slots = torch.tensor([s.slot for s in decodes], device=self.device)
-            out = self.model(tokens, positions=positions, cache=self.cache, slots=slots)
-            rows.extend(decodes)
-            logits.append(out[:, -1])
+            try:
+                logits.append(self._decode(decodes))
+                rows.extend(decodes)
+            except Exception:
+                logger.exception("batched decode of %d rows failed; retrying them one at a time", len(decodes))
+                for seq in decodes:
+                    out = self._isolated(self._decode, [seq], failures)
+                    if out is not None:
+                        rows.append(seq)
+                        logits.append(out)
+        if not rows:
+            return [], failures
         batch = torch.cat(logits).float()
-        params = self._sampling_params(rows, batch.shape[1])
-        output = sample(batch, params, return_logprobs=any(s.params.logprobs for s in rows))
-        tokens = output.tokens.tolist()
+        try:
+            tokens, logprobs = self._sample(rows, batch)
+        except Exception:
+            logger.exception("sampling a batch of %d rows failed; sampling them one at a time", len(rows))
+            results = []
+            for i, seq in enumerate(rows):
+                out = self._isolated(self._sample, [seq], failures, batch[i:i + 1])
+                if out is not None:
+                    results.append((seq, out[0][0], out[1][0]))
+            return results, failures
+        return list(zip(rows, tokens, logprobs)), failures
+
+    def _isolated(self, fn, seq_or_rows, failures, *args):
+        """``fn(seq_or_rows, *args)``, or None after recording the row's failure."""
+        try:
+            return fn(seq_or_rows, *args)
+        except Exception as e:
+            seq = seq_or_rows[0] if isinstance(seq_or_rows, list) else seq_or_rows
+            logger.warning("sequence %d failed: %r", seq.id, e)
+            # The sampling op refusing a row's parameters is the request's own input, not a server fault.
+            client = isinstance(e, SamplingParamError)
+            failures.append((seq, SequenceFailed(f"generation failed: {e}", client_error=client)))
+            return None
+
+    def _prefill(self, seq: _Sequence) -> torch.Tensor:
+        tokens = torch.tensor([seq.prompt], device=self.device)
+        positions = torch.arange(len(seq.prompt), device=self.device)[None]
+        out = self.model(tokens, positions=positions, cache=self.cache,
+                         slots=torch.tensor([seq.slot], device=self.device))
+        return out[:, -1]
+
+    def _decode(self, decodes: list[_Sequence]) -> torch.Tensor:
+        tokens = torch.tensor([[s.generated[-1]] for s in decodes], device=self.device)
+        positions = torch.tensor([[s.position] for s in decodes], device=self.device)
+        slots = torch.tensor([s.slot for s in decodes], device=self.device)
+        return self.model(tokens, positions=positions, cache=self.cache, slots=slots)[:, -1]
+
+    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[Optional[float]]]:
+        params = self._sampling_params(rows, logits.shape[1])
+        output = sample(logits, params, return_logprobs=any(s.params.logprobs for s in rows))
         logprobs = output.logprobs.tolist() if output.logprobs is not None else [None] * len(rows)
-        return list(zip(rows, tokens, logprobs))
+        return output.tokens.tolist(), logprobs
 
     def _sampling_params(self, rows: list[_Sequence], vocab: int) -> SamplingParams:
         p = [s.params for s in rows]
@@ -355,4 +434,4 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
             "prompt_tokens": len(tokens)}
 
 
-__all__ = ["Engine", "EngineConfig", "GenerationParams", "TokenEvent", "generate_text"]
+__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "generate_text"]

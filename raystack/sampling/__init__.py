@@ -39,6 +39,10 @@ import torch
 Number = Union[int, float]
 
 
+class SamplingParamError(ValueError):
+    """A row's sampling parameters are outside the op's contract (the caller's input, not the model's output)."""
+
+
 @dataclass
 class SamplingParams:
     """Per-row sampling parameters as ``[B]`` tensors (``counts`` / ``prompt_mask`` are ``[B, V]``)."""
@@ -131,7 +135,7 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
     for name, bad, rule in checks:
         row = _first_bad_row(bad)
         if row is not None:
-            raise ValueError(f"{name} must be {rule}; row {row} has {getattr(params, name)[row].item()!r}")
+            raise SamplingParamError(f"{name} must be {rule}; row {row} has {getattr(params, name)[row].item()!r}")
     if params.counts is not None and _first_bad_row((params.counts < 0).any(-1)) is not None:
         raise ValueError(f"counts must be >= 0; row {_first_bad_row((params.counts < 0).any(-1))} has a negative count")
     if check_nan:
@@ -179,4 +183,4 @@ def neg_log_min_p(min_p: torch.Tensor) -> torch.Tensor:
     return torch.where(min_p > 0, -torch.log(safe), math.inf).to(torch.float32)
 
 
-__all__ = ["SamplingParams", "SampleOutput", "sample", "validate", "neg_log_min_p"]
+__all__ = ["SamplingParams", "SampleOutput", "SamplingParamError", "sample", "validate", "neg_log_min_p"]

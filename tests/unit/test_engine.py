@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 
-from raystack.engine import Engine, EngineConfig, GenerationParams, generate_text
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
 from raystack.model import GPT, ModelConfig
 from raystack.tokenizer import ByteTokenizer
 
@@ -125,3 +125,85 @@ def test_context_limit_and_known_memory(model):
         engine.check_request(90, 10)
     with pytest.raises(ValueError, match="max_model_len 200 exceeds"):
         Engine(model, ByteTokenizer(), EngineConfig(max_model_len=200))
+
+
+async def _outcome(engine, prompt, params):
+    """``generate_text``'s result, or the ``SequenceFailed`` the request ended with."""
+    try:
+        return await generate_text(engine, prompt, params)
+    except SequenceFailed as error:
+        return error
+
+
+def test_a_row_whose_parameters_the_sampler_refuses_fails_alone(model):
+    """A bad parameter that slipped past the API (top_p = 0 reaches the op as an invalid row) ends that request
+    with a client error; the rows batched beside it get exactly the tokens they get alone, and the engine stays up."""
+    bad = GenerationParams(max_tokens=8, temperature=1.0, top_p=0.0, seed=1)
+
+    async def go():
+        engine = make_engine(model)
+        alone = [await generate_text(engine, p, g) for p, g in REQUESTS[:3]]
+        together = await asyncio.gather(*(_outcome(engine, p, g) for p, g in [*REQUESTS[:3], ("oops", bad)]))
+        engine.check_health()
+        after = await generate_text(engine, *REQUESTS[0])
+        await engine.shutdown()
+        return alone, together, after
+
+    alone, together, after = run(go())
+    assert isinstance(together[3], SequenceFailed) and together[3].client_error and "top_p" in str(together[3])
+    assert [r["tokens"] for r in together[:3]] == [r["tokens"] for r in alone]
+    assert after["tokens"] == alone[0]["tokens"]
+
+
+def test_a_forward_failure_of_one_row_fails_that_request_alone(model, monkeypatch):
+    async def go():
+        engine = make_engine(model)
+        prefill, decode = engine._prefill, engine._decode
+
+        def poisoned_prefill(seq):
+            if seq.prompt == list(b"poison"):
+                raise RuntimeError("simulated kernel fault in one row")
+            return prefill(seq)
+
+        def poisoned_decode(seqs):
+            if any(s.prompt == list(b"late poison") and len(s.generated) == 3 for s in seqs):
+                raise RuntimeError("simulated fault mid-generation")
+            return decode(seqs)
+
+        monkeypatch.setattr(engine, "_prefill", poisoned_prefill)
+        monkeypatch.setattr(engine, "_decode", poisoned_decode)
+        results = await asyncio.gather(
+            *(_outcome(engine, p, g) for p, g in REQUESTS[:3]),
+            _outcome(engine, "poison", GenerationParams(max_tokens=8, seed=1)),
+            _outcome(engine, "late poison", GenerationParams(max_tokens=8, seed=1)))
+        engine.check_health()
+        await engine.shutdown()
+        return results
+
+    results = run(go())
+    for failed in results[3:]:
+        assert isinstance(failed, SequenceFailed) and not failed.client_error
+    expected = [run(generate_text(make_engine(model), p, g))["tokens"] for p, g in REQUESTS[:3]]
+    assert [r["tokens"] for r in results[:3]] == expected
+
+
+def test_health_reflects_a_broken_engine_and_recovers(model, monkeypatch):
+    async def go():
+        engine = make_engine(model)
+        working = engine._prefill
+
+        def broken(seq):
+            raise RuntimeError("device lost")
+
+        monkeypatch.setattr(engine, "_prefill", broken)
+        failed = await _outcome(engine, "x", GenerationParams(max_tokens=4))
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.check_health()
+        monkeypatch.setattr(engine, "_prefill", working)
+        healed = await generate_text(engine, "x", GenerationParams(max_tokens=4, seed=0))
+        engine.check_health()
+        await engine.shutdown()
+        return failed, healed
+
+    failed, healed = run(go())
+    assert isinstance(failed, SequenceFailed) and len(healed["tokens"]) == 4
