@@ -1,0 +1,120 @@
+"""Request parsing at the door: every hostile body is a 400 naming the field, checked in the engine's precision."""
+
+import json
+import time
+
+import pytest
+
+from raystack.openai_api import (INT64_MAX, INT64_MIN, APIError, RequestLimits, as_float32, choice_seed, decode_body,
+                                 parse_completion)
+from raystack.api_keys import load_api_keys, parse_key_file
+
+LIMITS = RequestLimits(vocab_size=257, max_model_len=256, max_sequences=64)
+
+
+def parse(**fields):
+    return parse_completion({"model": "raystack", "prompt": "def f(", **fields}, "raystack", LIMITS)
+
+
+def refused(raw: bytes) -> APIError:
+    with pytest.raises(APIError) as error:
+        parse_completion(decode_body(raw), "raystack", LIMITS)
+    assert error.value.status == 400, error.value.message
+    return error.value
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"top_k": 2**63}, "top_k"),                      # beyond int64: took the engine down before
+    ({"top_p": 1e-50}, "top_p"),                      # 0 in float32
+    ({"top_p": 1e-45}, "top_p"),                      # a float32 subnormal
+    ({"repetition_penalty": 1e-40}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-50}, "repetition_penalty"),
+    ({"min_p": 1e-300}, "min_p"),
+    ({"presence_penalty": 5e-324}, "presence_penalty"),
+    ({"temperature": 10**400}, "temperature"),        # OverflowError in float() before
+    ({"max_tokens": 2**64}, "max_tokens"),
+    ({"seed": 2**63}, "seed"),
+    ({"n": 10**30}, "n"),
+])
+def test_numbers_outside_the_engines_precision_are_refused(fields, param):
+    with pytest.raises(APIError) as error:
+        parse(**fields)
+    assert error.value.status == 400 and error.value.param == param
+
+
+def test_values_that_fit_the_engine_are_kept_in_range():
+    assert parse(top_k=10**6).params.top_k == 0  # beyond the vocabulary: the filter is off
+    assert parse(top_k=256).params.top_k == 256
+    assert parse(top_p=1e-30).params.top_p == 1e-30 and as_float32(1e-30) > 0
+    assert parse(temperature=0).params.temperature == 0.0
+    assert parse(seed=INT64_MAX, n=2).params.seed == INT64_MAX
+
+
+def test_per_choice_seeds_wrap_inside_int64():
+    assert choice_seed(INT64_MAX, 1) == INT64_MIN
+    assert choice_seed(INT64_MAX, 0) == INT64_MAX and choice_seed(None, 3) is None
+    assert choice_seed(-5, 2) == -3
+    assert all(INT64_MIN <= choice_seed(s, j) <= INT64_MAX for s in (INT64_MIN, -1, 0, INT64_MAX) for j in range(16))
+
+
+@pytest.mark.parametrize("raw, what", [
+    (b'{"model": "raystack", "prompt": "\\ud800"}', "surrogate"),
+    (b'{"model": "\\udfff", "prompt": "x"}', "surrogate"),
+    (b'{"model": "raystack", "prompt": "x", "\\ud800": 1}', "surrogate"),
+    (b"[" * 100_000, "nested"),
+    (b'{"model": "raystack", "prompt": "x", "stop": ' + b"[" * 200 + b"]" * 200 + b"}", "nested"),
+    (b'{"model": "raystack", "prompt": "x", "seed": ' + b"9" * 5000 + b"}", "JSON"),
+    (b'{"model": "raystack", "prompt": "x", "temperature": NaN}', "finite"),
+    (b'{"model": "raystack", "prompt": "x", "temperature": Infinity}', "finite"),
+    (b"\xff\xfe{}", "UTF-8"),
+])
+def test_hostile_bodies_are_400_not_a_crash(raw, what):
+    assert what in refused(raw).message
+
+
+def test_fan_out_is_refused_before_any_prompt_is_read():
+    started = time.perf_counter()
+    with pytest.raises(APIError) as error:
+        parse_completion({"model": "raystack", "prompt": ["a"] * 100_000, "n": 16}, "raystack", LIMITS)
+    assert error.value.status == 400 and error.value.param == "n" and error.value.code == "too_many_sequences"
+    assert "1600000 sequences" in error.value.message
+    assert time.perf_counter() - started < 0.5
+    assert len(parse(prompt=["a"] * 4, n=16).prompts) == 4  # exactly at the limit
+
+
+def test_a_huge_prompt_is_refused_without_tokenizing_it():
+    for prompt in ("x" * 10_000_000, [1] * 1_000_000):
+        started = time.perf_counter()
+        with pytest.raises(APIError) as error:
+            parse(prompt=prompt)
+        assert error.value.code == "context_length_exceeded"
+        assert time.perf_counter() - started < 0.5
+
+
+def test_echoed_values_are_bounded():
+    with pytest.raises(APIError) as error:
+        parse_completion(decode_body(json.dumps({"model": "m" * 100_000, "prompt": "x"}).encode()), "raystack",
+                         LIMITS)
+    assert error.value.status == 404 and len(error.value.message) < 400
+
+
+def test_key_files_keep_keys_that_start_with_a_hash(tmp_path):
+    assert parse_key_file(["# comment", "", "#", "#k3y-with-hash", "  sk-plain  "], "f") == ["#k3y-with-hash",
+                                                                                            "sk-plain"]
+    with pytest.raises(ValueError, match="line 2") as error:
+        parse_key_file(["sk-a", "sk secret"], "f")
+    assert "secret" not in str(error.value)
+
+
+def test_api_keys_fail_closed(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYSTACK_API_KEYS", raising=False)
+    assert load_api_keys("RAYSTACK_API_KEYS") == []
+    with pytest.raises(ValueError, match="require_api_key"):
+        load_api_keys("RAYSTACK_API_KEYS", required=True)
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_api_keys("RAYSTACK_API_KEYS", str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("# no keys yet\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        load_api_keys("RAYSTACK_API_KEYS", str(tmp_path / "empty"))
+    monkeypatch.setenv("RAYSTACK_API_KEYS", "sk-1, sk-2")
+    assert load_api_keys("RAYSTACK_API_KEYS", required=True) == [b"sk-1", b"sk-2"]
