@@ -7,34 +7,43 @@ and the engine's home, so a request costs one hop from Serve's proxy. It autosca
 ``max_queued_requests`` bound the work in flight, and past them Serve answers 503 at once instead of queueing
 without bound. ``check_health`` fails a replica whose engine loop died, so Serve replaces it.
 
-API keys (optional): from the environment variable named by ``api_key_env`` (comma-separated) and/or the file
+API keys: from the environment variable named by ``api_key_env`` (comma-separated) and/or the file
 ``api_key_file`` (one per line), read on each replica. When any is set, every route but ``/health`` needs
-``Authorization: Bearer <key>``; keys are compared in constant time and never logged.
+``Authorization: Bearer <key>`` — the docs routes (``/docs``, ``/redoc``, ``/openapi.json``) too; keys are compared
+in constant time and never logged. Fails closed: a named key file that is missing or holds no key stops the
+replica, and so does ``require_api_key`` with no key at all.
 
-Every bad request gets a 4xx with an OpenAI-shaped error naming the parameter; nothing a client sends yields a 500.
+Limits, enforced before any work is queued (every one a field of ``ServeConfig``): a body of at most
+``max_body_bytes`` (413), at most ``max_sequences_per_request`` sequences (``len(prompts) * n``, 400), prompts no
+longer than the context (400, checked before tokenizing), and at most ``max_queued_sequences`` sequences waiting for
+a KV slot on the replica (beyond it: 503 with ``Retry-After`` at once).
+
+Every bad request gets a 4xx with an OpenAI-shaped error naming the parameter; nothing a client sends yields a 5xx.
+A sequence that fails in the engine fails its own request alone (an error body, or an error event and ``[DONE]``
+mid-stream); everyone else's requests carry on.
 """
 
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
-from raystack.engine import Engine, EngineConfig, GenerationParams
-from raystack.openai_api import (APIError, CompletionRequest, chunk_body, completion_body, context_error,
-                                 logprobs_object, models_body, parse_completion)
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed
+from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, choice_seed, chunk_body, completion_body,
+                                 context_error, decode_body, logprobs_object, models_body, parse_completion)
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +58,20 @@ class ServeConfig:
     max_model_len: int = 0
     """0 = the model's max_seq_len."""
     request_timeout_s: float = 120.0
+    max_sequences_per_request: int = 64
+    """Sequences one request may ask for (``len(prompts) * n``); more is a 400."""
+    max_queued_sequences: int = 256
+    """Sequences waiting for a KV slot on a replica; a request that would pass it gets a 503 with Retry-After."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body in bytes (413 beyond it)."""
     api_key_env: str = "RAYSTACK_API_KEYS"
+    """Environment variable on the replicas holding comma-separated API keys."""
     api_key_file: Optional[str] = None
+    """A file on every node with one key per line (``# `` starts a comment line); missing or empty is an error."""
+    require_api_key: bool = False
+    """Refuse to start a replica that finds no API key (fail closed instead of serving openly)."""
+    docs: bool = True
+    """Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (behind the API key when keys are on)."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     """GPUs per replica (0 on CPU machines)."""
@@ -68,7 +89,8 @@ class ServeConfig:
                              "raystack-tiny/model)")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
-        for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests"):
+        for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_sequences_per_request",
+                     "max_queued_sequences", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0:
@@ -77,27 +99,25 @@ class ServeConfig:
             raise ValueError("num_cpus and num_gpus must be >= 0")
 
 
-def load_api_keys(config: ServeConfig) -> list[bytes]:
-    keys = [k.strip() for k in os.environ.get(config.api_key_env, "").split(",") if k.strip()]
-    if config.api_key_file:
-        with open(os.path.expanduser(config.api_key_file)) as f:
-            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    return [k.encode() for k in keys]
-
-
-def key_matches(presented: bytes, keys: list[bytes]) -> bool:
-    """Constant time in the presented key: every configured key is compared, with ``hmac.compare_digest``."""
-    match = False
-    for key in keys:
-        match |= hmac.compare_digest(presented, key)
-    return match
-
-
-app = FastAPI(title="raystack", description="OpenAI-compatible completions over raystack's engine")
+# FastAPI's own docs routes would answer without a key; the deployment serves them itself, behind _authorize.
+app = FastAPI(title="raystack", description="OpenAI-compatible completions over raystack's engine",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    headers = {"Retry-After": "1"} if error.status == 503 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _sequence_error(error: SequenceFailed) -> APIError:
+    if error.client_error:
+        return APIError(400, str(error))
+    return APIError(500, "the server failed while generating this completion; other requests are unaffected, "
+                         "retry it", type="server_error")
 
 
 @app.exception_handler(APIError)
@@ -113,6 +133,13 @@ async def _http_error(request: Request, error: StarletteHTTPException):
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError):
     return _error_response(APIError(400, f"invalid request: {error.errors()}"))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, error: Exception):
+    # A bug, not the client's doing: keep the traceback in the replica's log, send an OpenAI-shaped body.
+    logger.error("unhandled error serving %s %s", request.method, request.url.path, exc_info=error)
+    return _error_response(APIError(500, "internal server error", type="server_error"))
 
 
 class _Metrics:
@@ -148,12 +175,19 @@ class LLMServer:
         torch.set_num_threads(threads)
         self.engine = Engine.from_artifact(config.model, EngineConfig(
             max_batch_size=config.max_batch_size, max_model_len=config.max_model_len, threads=threads))
-        self.keys = load_api_keys(config)
+        self.keys = load_api_keys(config.api_key_env, config.api_key_file, config.require_api_key)
+        self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
+                                    max_model_len=self.engine.max_model_len,
+                                    max_sequences=config.max_sequences_per_request)
         self.metrics = _Metrics(config.model_name)
         self.created = int(time.time())
         logger.info("serving %s as %r: %d KV slots, %.1f MiB KV cache, API keys %s", config.model,
                     config.model_name, config.max_batch_size, self.engine.kv_cache_bytes / 2**20,
-                    "on" if self.keys else "off")
+                    f"on ({len(self.keys)})" if self.keys else "off")
+        if not self.keys:
+            logger.warning("no API key configured (%s unset, no api_key_file): every route is open to anyone who "
+                           "reaches this port; set keys, or require_api_key to refuse to start without them",
+                           config.api_key_env)
 
     async def check_health(self):
         self.engine.check_health()
@@ -173,27 +207,71 @@ class LLMServer:
 
     @app.get("/health")
     async def health(self):
-        self.engine.check_health()
+        try:
+            self.engine.check_health()
+        except RuntimeError as e:
+            return _error_response(APIError(503, f"engine unhealthy: {e}", type="server_error"))
         return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self._docs_allowed(request)
+        schema, root = app.openapi(), request.scope.get("root_path", "")
+        return JSONResponse({**schema, "servers": [{"url": root}]} if root else schema)  # as FastAPI's own route
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_docs(self, request: Request):
+        self._docs_allowed(request)
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                                   title="raystack - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc_docs(self, request: Request):
+        self._docs_allowed(request)
+        return get_redoc_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                              title="raystack - ReDoc")
+
+    def _docs_allowed(self, request: Request) -> None:
+        if not self.config.docs:
+            raise APIError(404, "Not Found (the docs routes are off: docs: false)")
+        self._authorize(request)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
         return models_body(self.config.model_name, self.created)
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it passes ``max_body_bytes`` (declared or streamed)."""
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"the request body exceeds this server's limit of {limit} bytes",
+                             code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         try:
             self._authorize(request)
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON: {e}") from None
-            parsed = parse_completion(body, self.config.model_name, self.engine.tokenizer.vocab_size)
+            body = decode_body(await self._read_body(request))
+            parsed = parse_completion(body, self.config.model_name, self.limits)
             prompts = [self.engine.encode_prompt(p) for p in parsed.prompts]
             for tokens in prompts:
                 if len(tokens) + parsed.params.max_tokens > self.engine.max_model_len:
                     raise context_error(len(tokens), parsed.params.max_tokens, self.engine.max_model_len)
+            sequences = len(prompts) * parsed.n
+            if self.engine.queue_depth + sequences > self.config.max_queued_sequences:
+                raise APIError(503, f"this replica has {self.engine.queue_depth} sequences waiting for a slot (limit "
+                                    f"{self.config.max_queued_sequences}); retry shortly", type="server_error",
+                               code="overloaded")
         except APIError as error:
             self.metrics.requests.inc(tags={"status": str(error.status)})
             return _error_response(error)
@@ -202,24 +280,30 @@ class LLMServer:
         if parsed.stream:
             self.metrics.requests.inc(tags={"status": "200"})
             return StreamingResponse(self._stream(parsed, jobs), media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(self._complete(job, parsed)) for job in jobs]
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
-                results = await asyncio.gather(*(self._complete(job, parsed) for job in jobs))
+                results = await asyncio.gather(*tasks)
         except TimeoutError:
-            self.metrics.requests.inc(tags={"status": "504"})
-            return _error_response(APIError(504, f"generation exceeded the request timeout of "
-                                                 f"{self.config.request_timeout_s} s", type="timeout"))
-        self.metrics.requests.inc(tags={"status": "200"})
-        choices = [r[0] for r in results]
-        prompt_tokens = sum(len(t) for t in prompts)
-        return completion_body(parsed, choices, prompt_tokens, sum(r[1] for r in results))
+            error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
+                             type="timeout")
+        except SequenceFailed as failed:
+            error = _sequence_error(failed)
+        else:
+            self.metrics.requests.inc(tags={"status": "200"})
+            choices = [r[0] for r in results]
+            prompt_tokens = sum(len(t) for t in prompts)
+            return completion_body(parsed, choices, prompt_tokens, sum(r[1] for r in results))
+        finally:
+            for task in tasks:
+                task.cancel()  # one choice failed or timed out: free the others' slots too
+        self.metrics.requests.inc(tags={"status": str(error.status)})
+        return _error_response(error)
 
     @staticmethod
     def _params_for(parsed: CompletionRequest, j: int) -> GenerationParams:
-        params = parsed.params
-        if params.seed is None or j == 0:
-            return params
-        return dataclasses.replace(params, seed=params.seed + j)  # n samples of one prompt: distinct, still reproducible
+        # n samples of one prompt: distinct, still reproducible, and never an int64 overflow
+        return dataclasses.replace(parsed.params, seed=choice_seed(parsed.params.seed, j))
 
     async def _complete(self, job, parsed: CompletionRequest):
         index, prompt, tokens, params = job
@@ -262,25 +346,39 @@ class LLMServer:
                                      "finish_reason": event.finish_reason})
 
         async def run_all():
+            pumps = [asyncio.ensure_future(pump(job)) for job in jobs]
             try:
-                await asyncio.gather(*(pump(job) for job in jobs))
+                await asyncio.gather(*pumps)
+            except SequenceFailed as failed:
+                await queue.put(failed)
+            except Exception as e:  # a bug: logged here, and the client still gets an error event, not a hang
+                logger.exception("stream %s failed", parsed.request_id)
+                await queue.put(SequenceFailed(repr(e)))
             finally:
+                for p in pumps:
+                    p.cancel()  # one choice failed: the others stop too
                 await queue.put(None)
 
         task = asyncio.create_task(run_all())
+        error = None
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
                 while (choice := await queue.get()) is not None:
-                    yield f"data: {json.dumps(chunk_body(parsed, [choice]))}\n\n"
+                    if isinstance(choice, SequenceFailed):
+                        error = _sequence_error(choice)
+                        break
+                    yield _sse(chunk_body(parsed, [choice]))
         except TimeoutError:
             error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
                              type="timeout")
-            yield f"data: {json.dumps(error.body())}\n\n"
         finally:
             task.cancel()  # a client that went away cancels its sequences; their slots free at the next step
-        if parsed.include_usage:
+        if error is not None:  # OpenAI's mid-stream shape: an error event, then [DONE]
+            self.metrics.requests.inc(tags={"status": str(error.status)})
+            yield _sse(error.body())
+        elif parsed.include_usage:
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            yield f"data: {json.dumps(chunk_body(parsed, [], usage))}\n\n"
+            yield _sse(chunk_body(parsed, [], usage))
         yield "data: [DONE]\n\n"
 
 

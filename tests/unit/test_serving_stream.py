@@ -1,0 +1,96 @@
+"""The deployment's response paths driven without Ray: a sequence that fails mid-stream or mid-request ends its own
+request with an OpenAI-shaped error (an error event, then ``data: [DONE]``), and the engine serves on."""
+
+import asyncio
+import json
+
+import torch
+from starlette.requests import Request
+
+from raystack.engine import Engine, EngineConfig
+from raystack.model import GPT, ModelConfig
+from raystack.openai_api import RequestLimits
+from raystack.serving import LLMServer, ServeConfig
+from raystack.tokenizer import ByteTokenizer
+
+
+class _NoMetrics:
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+def make_server(poison_after: int):
+    """The deployment's class without Serve, over an engine whose decode fails for prompts starting with 'poison'
+    once ``poison_after`` tokens were generated."""
+    torch.manual_seed(0)
+    engine = Engine(GPT(ModelConfig.from_preset("tiny", max_seq_len=96)), ByteTokenizer(), EngineConfig(8))
+    decode = engine._decode
+
+    def faulty(seqs):
+        if any(bytes(s.prompt).startswith(b"poison") and len(s.generated) >= poison_after for s in seqs):
+            raise RuntimeError("simulated fault")
+        return decode(seqs)
+
+    engine._decode = faulty
+    server = object.__new__(LLMServer.func_or_class)
+    server.config, server.engine, server.metrics = ServeConfig(model="unused"), engine, _NoMetrics()
+    server.limits = RequestLimits(vocab_size=257, max_model_len=96)
+    server.keys = []
+    return server
+
+
+def http_request(body: dict) -> Request:
+    """A real Starlette request for ``POST /v1/completions`` with ``body``."""
+    raw, sent = json.dumps(body).encode(), []
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(True)
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "query_string": b"",
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]},
+                   receive)
+
+
+def test_a_stream_that_fails_midway_sends_an_error_event_then_done():
+    server = make_server(poison_after=3)
+    body = {"model": "raystack", "prompt": "poison pill", "max_tokens": 12, "stream": True, "seed": 1,
+            "temperature": 0}
+
+    async def go():
+        response = await server.completions(http_request(body))
+        events = [e async for e in response.body_iterator]
+        after = await server.completions(http_request({**body, "prompt": "fine", "stream": False}))
+        server.engine.check_health()
+        await server.engine.shutdown()
+        return events, after
+
+    events, after = asyncio.run(go())
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    payloads = [e[len("data: "):].strip() for e in events]
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["type"] == "server_error" and error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert len(payloads) > 2 and all("choices" in json.loads(p) for p in payloads[:-2])  # tokens before the fault
+    assert after["choices"][0]["finish_reason"] in ("length", "stop")  # a dict: FastAPI serializes it
+
+
+def test_a_failing_choice_fails_its_request_and_frees_the_other_choices():
+    server = make_server(poison_after=2)
+
+    async def go():
+        response = await server.completions(http_request(
+            {"model": "raystack", "prompt": ["fine", "poison"], "n": 2, "max_tokens": 40, "temperature": 0}))
+        await asyncio.sleep(0.2)  # a scheduler step frees the cancelled choices' slots
+        free = len(server.engine._free_slots)
+        await server.engine.shutdown()
+        return response, free
+
+    response, free = asyncio.run(go())
+    assert response.status_code == 500 and json.loads(response.body)["error"]["type"] == "server_error"
+    assert free == 8  # the two 'fine' choices were cancelled, not left generating
