@@ -80,6 +80,7 @@ def main() -> None:
     from ray import serve
 
     from raystack.checkpoint import save_artifact
+    from raystack.cluster import start_serve
     from raystack.model import GPT, ModelConfig
     from raystack.serving import build_app
 
@@ -92,7 +93,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _, port = start_serve({"host": "127.0.0.1", "port": port})
     common = {"model": model, "num_cpus": 1, "threads": args.threads, "min_replicas": 1, "max_replicas": 1,
               "max_ongoing_requests": 64, "max_queued_requests": 256}
     serve.run(build_app({**common, "max_batch_size": 32}), name="batched", route_prefix="/batched")

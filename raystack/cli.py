@@ -67,7 +67,7 @@ def cmd_deploy(args) -> int:
     import os
     import time
 
-    from raystack.cluster import init_ray
+    from raystack.cluster import init_ray, start_serve
     from raystack.serving import build_app
 
     serve_args, http = load_serve_args(args.config, args.model, args.overrides)
@@ -77,10 +77,10 @@ def cmd_deploy(args) -> int:
     init_ray()
     from ray import serve
 
-    serve.start(http_options=http)
+    host, port = start_serve(http)
     serve.run(build_app(serve_args), name=args.name, route_prefix=args.route_prefix)
     prefix = args.route_prefix.rstrip("/")
-    print(f"[raystack] serving {serve_args['model']} at http://{http['host']}:{http['port']}{prefix}/v1 "
+    print(f"[raystack] serving {serve_args['model']} at http://{host}:{port}{prefix}/v1 "
           f"(model id {serve_args.get('model_name', 'raystack')!r})", flush=True)
     wait = args.wait if args.wait is not None else not on_cluster
     if wait:
@@ -151,8 +151,8 @@ def cmd_sweep_report(args) -> int:
 JOB_SCRIPTS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "batch": "jobs/batch_infer.py",
                "deploy": "jobs/deploy.py"}
 # Left out of the job's working_dir upload (Ray also honours .gitignore): history, environments, outputs, caches.
-RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", ".gl",
-                    "benchmarks"]
+RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "*.egg-info",
+                    ".gl", "benchmarks"]
 
 
 def project_root() -> str:
@@ -165,14 +165,25 @@ def project_root() -> str:
     raise ConfigError("cannot find the project's jobs/ directory; run raystack submit from the raystack checkout")
 
 
-def submission(kind: str, job_args: list[str], root: str) -> dict:
-    """The ``JobSubmissionClient.submit_job`` arguments for ``raystack submit KIND -- ARGS``."""
+API_KEYS_ENV = "RAYSTACK_API_KEYS"
+
+
+def submission(kind: str, job_args: list[str], root: str, environ=None) -> dict:
+    """The ``JobSubmissionClient.submit_job`` arguments for ``raystack submit KIND -- ARGS``.
+
+    For ``deploy``, ``RAYSTACK_API_KEYS`` from the submitter's environment travels in the job's ``runtime_env``
+    ``env_vars``; Serve gives a job's runtime_env to the replicas it deploys, so the keys reach them without ever
+    appearing on a command line or in a log (the Jobs API, behind the cluster's token, still holds them)."""
+    import os
     import shlex
 
+    environ = os.environ if environ is None else environ
     if job_args and job_args[0] == "--":
         job_args = job_args[1:]
-    return {"entrypoint": shlex.join(["python", JOB_SCRIPTS[kind], *job_args]),
-            "runtime_env": {"working_dir": root, "excludes": list(RUNTIME_EXCLUDES)}}
+    runtime_env = {"working_dir": root, "excludes": list(RUNTIME_EXCLUDES)}
+    if kind == "deploy" and environ.get(API_KEYS_ENV, "").strip():
+        runtime_env["env_vars"] = {API_KEYS_ENV: environ[API_KEYS_ENV]}
+    return {"entrypoint": shlex.join(["python", JOB_SCRIPTS[kind], *job_args]), "runtime_env": runtime_env}
 
 
 def _job_client(address: str | None):
@@ -203,6 +214,8 @@ def cmd_submit(args) -> int:
                 raise
             time.sleep(2)
     print(f"[raystack] submitted {job_id}: {spec['entrypoint']}", flush=True)
+    if API_KEYS_ENV in spec["runtime_env"].get("env_vars", {}):
+        print(f"[raystack] {API_KEYS_ENV} from this shell goes to the replicas in the job's runtime_env", flush=True)
     if args.wait:
         return _follow(client, job_id)
     print(f"[raystack] follow with: raystack logs {job_id} --follow   (status: raystack status {job_id})")

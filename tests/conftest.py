@@ -20,6 +20,13 @@ _TOKEN.chmod(0o600)
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ["RAY_AUTH_MODE"] = "token"  # what we ship: token auth on
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# What every local Ray raystack starts gets, for every Ray this session starts (ray.init and the two-node `ray start`
+# cluster alike): workers at niceness 0 and room for a slow Serve proxy start, so the suite holds on a busy machine.
+from raystack.cluster import apply_local_ray_env  # noqa: E402
+
+apply_local_ray_env()
+# The venv first on PATH, as on a node whose setup installed raystack: a Ray job's `python` entrypoint is that one.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -127,6 +127,11 @@ def test_cluster_yaml_passes_rays_own_validation():
     start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert start.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in start
     assert "~/.ray/auth_token" in config["file_mounts"].values()
+    assert config["file_mounts"]["/home/ubuntu/.raystack/api_keys"] == "~/.raystack/api_keys"  # serving keys
+    from raystack.cluster import SERVE_TIMEOUTS
+
+    for name, value in SERVE_TIMEOUTS.items():  # every node's Serve proxy survives a busy start
+        assert start.count(f"{name}={value}") == 2, name
     with pytest.raises(Exception):
         validate_config(prepare_config({**config, "max_workers": "many"}))
 
@@ -138,6 +143,11 @@ def test_submit_builds_a_lean_runtime_environment():
     assert spec["entrypoint"] == "python jobs/batch_infer.py --model m --input 'a b.parquet'"
     assert spec["runtime_env"]["working_dir"] == str(REPO)
     assert {".git", ".venv", "runs", "**/__pycache__"} <= set(spec["runtime_env"]["excludes"])
+    assert "env_vars" not in spec["runtime_env"]
+    keys = {"RAYSTACK_API_KEYS": "sk-a,sk-b"}
+    assert "env_vars" not in submission("train", [], str(REPO), environ=keys)["runtime_env"]  # only deploy gets keys
+    deploy = submission("deploy", ["--", "--model", "m"], str(REPO), environ=keys)
+    assert deploy["runtime_env"]["env_vars"] == keys and "sk-a" not in deploy["entrypoint"]
 
 
 def test_cli_argument_errors_are_clear():
