@@ -38,7 +38,7 @@ def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int)
     from ray import serve
 
     from raystack.batch import BatchConfig, run_batch
-    from raystack.cluster import init_ray
+    from raystack.cluster import init_ray, start_serve
     from raystack.config import from_dict
     from raystack.serving import build_app
     from raystack.sweep import load_space, run_sweep
@@ -52,7 +52,9 @@ def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int)
 
     _stage(1, f"training the tiny GPT on the Python standard library ({train_steps} steps, 2 workers, Ray Train)",
            started)
-    train = fit(load_train_config(None, [f"storage_path={storage}", "name=demo-train", f"train.steps={train_steps}"]))
+    # The default run name, so the artifact lands where the README's serving commands and serve_apps/llm.yaml look
+    # (<storage_path>/raystack-tiny/model); a re-run resumes that run from its last checkpoint.
+    train = fit(load_train_config(None, [f"storage_path={storage}", f"train.steps={train_steps}"]))
     where.update({"training run (checkpoints, metrics.jsonl)": train.run_dir, "trained model artifact": train.artifact})
     print(f"    final loss {train.metrics.get('loss', float('nan')):.3f}, validation loss "
           f"{train.metrics.get('val_loss', float('nan')):.3f}", flush=True)
@@ -69,7 +71,7 @@ def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int)
 
     _stage(3, "serving the best model on Ray Serve (OpenAI-compatible) and sending completions", started)
     port = _free_port(8000)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _, port = start_serve({"host": "127.0.0.1", "port": port})  # an already-running Serve keeps its port
     serve.run(build_app({"model": sweep.artifact, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}),
               name="demo", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/completions"
@@ -96,6 +98,10 @@ def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int)
         print(f"    row {row.id}: {row.prompt!r} -> {row.completion!r}")
     print(f"    {summary['rows']} rows written, {summary['errors']} with an error", flush=True)
     where.update({"batch input": str(table), "batch output (parquet)": str(output)})
+
+    default_artifact = os.path.join(os.path.expanduser("~/raystack_runs"), "raystack-tiny", "model")
+    where["serve the trained model again"] = ("serve run serve_apps/llm.yaml" if train.artifact == default_artifact
+                                              else f"python jobs/deploy.py --model {train.artifact}")
 
     _stage(5, "done: where everything is", started)
     for what, path in where.items():
