@@ -153,6 +153,17 @@ def row_seed(job_seed: int, row_id) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _plain(name: str, value):
+    """A parquet cell as the plain Python number the API checks see: NumPy scalars unwrapped, and an integral float
+    (an integer column with nulls reads as float64) as an int for the integer fields; ``inf`` stays a float, so it
+    is refused by name."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if name in ("max_tokens", "top_k", "seed") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class Predictor:
     """Loads the artifact once per actor; each call generates or scores a batch of rows."""
 
@@ -160,11 +171,14 @@ class Predictor:
         import torch
 
         from raystack.engine import Engine, EngineConfig
+        from raystack.openai_api import RequestLimits
 
         self.config = config
         self.column = input_column
         torch.set_num_threads(config.threads or max(1, int(config.num_cpus)))
         self.engine = Engine.from_artifact(config.model, EngineConfig(max_batch_size=config.batch_size))
+        self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
+                                    max_model_len=self.engine.max_model_len)
         self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -181,7 +195,8 @@ class Predictor:
         return pa.table(columns)
 
     async def _generate(self, batch: dict, rows: int) -> dict:
-        from raystack.engine import GenerationParams, generate_text
+        from raystack.engine import SequenceFailed, generate_text
+        from raystack.openai_api import APIError, generation_params
 
         cfg = self.config
         out = {"completion": [None] * rows, "prompt_tokens": [None] * rows, "completion_tokens": [None] * rows,
@@ -195,23 +210,27 @@ class Predictor:
                 out["error"][i] = f"{self.column} is null or empty"
                 continue
             try:
-                params = GenerationParams(
-                    max_tokens=int(self._value(batch, "max_tokens", i, cfg.max_tokens)),
-                    temperature=float(self._value(batch, "temperature", i, cfg.temperature)),
-                    top_p=float(self._value(batch, "top_p", i, cfg.top_p)),
-                    top_k=int(self._value(batch, "top_k", i, cfg.top_k)),
-                    min_p=float(self._value(batch, "min_p", i, cfg.min_p)),
-                    seed=int(self._value(batch, "seed", i, row_seed(cfg.seed, batch["id"][i]))),
-                    stop=list(cfg.stop or []), logprobs=cfg.logprobs)
-                check_sampling(params.temperature, params.top_p, params.top_k, min(params.min_p, 0.99))
+                values = {name: _plain(name, self._value(batch, name, i, getattr(cfg, name))) for name in PARAM_COLUMNS
+                          if name != "seed"}
+                values["seed"] = _plain("seed", self._value(batch, "seed", i, row_seed(cfg.seed, batch["id"][i])))
+                params = generation_params(values, self.limits, stop=cfg.stop, logprobs=cfg.logprobs)
                 tokens = self.engine.encode_prompt(str(prompt))
                 self.engine.check_request(len(tokens), params.max_tokens)
-            except (ValueError, TypeError) as e:
+            except APIError as e:  # the row's own values: the same rules, in the engine's precision, as the HTTP API
+                out["error"][i] = e.message
+                continue
+            except ValueError as e:
                 out["error"][i] = str(e)
                 continue
             jobs.append((i, tokens, params))
-        results = await asyncio.gather(*(generate_text(self.engine, tokens, params) for _, tokens, params in jobs))
+        results = await asyncio.gather(*(generate_text(self.engine, tokens, params) for _, tokens, params in jobs),
+                                       return_exceptions=True)
         for (i, tokens, _), result in zip(jobs, results):
+            if isinstance(result, SequenceFailed):  # that row failed in the engine; the batch goes on
+                out["error"][i] = str(result)
+                continue
+            if isinstance(result, BaseException):
+                raise result
             out["completion"][i] = result["text"]
             out["prompt_tokens"][i] = len(tokens)
             out["completion_tokens"][i] = len(result["tokens"])

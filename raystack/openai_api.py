@@ -280,25 +280,31 @@ def parse_completion(body: Any, model_name: str, limits: RequestLimits) -> Compl
     echo = _boolean(body, "echo")
     if echo and logprobs is not None:
         raise _bad("echo", "'echo' together with 'logprobs' is not supported")
-    seed = _integer(body, "seed", None, INT64_MIN, INT64_MAX)
-    max_tokens = _integer(body, "max_tokens", 16, 1)
-    if max_tokens >= limits.max_model_len:
-        raise context_error(1, max_tokens, limits.max_model_len)
-    params = GenerationParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_top_k(body, limits.vocab_size),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        seed=seed,
-        stop=_stop(body.get("stop")),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 2.0),
-        logprobs=logprobs is not None,
-    )
+    params = generation_params(body, limits, stop=_stop(body.get("stop")), logprobs=logprobs is not None)
     return CompletionRequest(model, prompts, params, n=n, stream=stream, include_usage=include_usage, echo=echo,
                              logprobs=logprobs)
+
+
+def generation_params(values: dict, limits: RequestLimits, stop: Optional[list] = None,
+                      logprobs: bool = False) -> GenerationParams:
+    """The sampling fields of ``values`` (an API body or a batch row, OpenAI's names, absent = default), checked
+    in the engine's precision; ``APIError`` (400) names the first bad one."""
+    max_tokens = _integer(values, "max_tokens", 16, 1)
+    if max_tokens >= limits.max_model_len:
+        raise context_error(1, max_tokens, limits.max_model_len)
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=_number(values, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(values, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_top_k(values, limits.vocab_size),
+        min_p=_number(values, "min_p", 0.0, 0.0, 1.0),
+        seed=_integer(values, "seed", None, INT64_MIN, INT64_MAX),
+        stop=list(stop or []),
+        presence_penalty=_number(values, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(values, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(values, "repetition_penalty", 1.0, 0.01, 2.0),
+        logprobs=logprobs,
+    )
 
 
 def _top_k(body: dict, vocab_size: int) -> int:

@@ -1,0 +1,31 @@
+"""Batch inference rows driven without Ray: a row's own bad values end in that row's ``error``, never the batch."""
+
+import numpy as np
+import torch
+
+from raystack.batch import BatchConfig, Predictor
+from raystack.checkpoint import save_artifact
+from raystack.model import GPT, ModelConfig
+
+
+def test_hostile_row_values_fail_their_row_alone(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny")
+    artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
+    predictor = Predictor(BatchConfig(model=artifact, input="in", output="out", max_tokens=4, batch_size=8,
+                                      num_cpus=1), "prompt")
+    batch = {
+        "id": np.arange(7),
+        "prompt": np.array(["a", "b", "c", "d", "e", "f", "g"], dtype=object),
+        "max_tokens": np.array([4.0, np.inf, 4.0, 4.0, 4.0, np.nan, 4.0]),  # an int column with nulls is float64
+        "top_k": np.array([0.0, 0.0, np.inf, 0.0, 1e300, 5.0, 0.0]),
+        "seed": np.array([1, 2, 3, 2**63, 5, 6, 7], dtype=np.uint64),
+        "top_p": np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-50]),
+    }
+    out = predictor(batch).to_pydict()
+    errors = out["error"]
+    assert errors[0] is None and errors[5] is None, errors
+    assert "max_tokens" in errors[1] and "top_k" in errors[2] and "seed" in errors[3] and "top_k" in errors[4]
+    assert "top_p" in errors[6]
+    assert out["completion_tokens"][0] >= 1 and out["completion_tokens"][5] >= 1  # NaN: the job's max_tokens
+    assert [out["completion"][i] for i in (1, 2, 3, 4, 6)] == [None] * 5
