@@ -2,12 +2,14 @@
 
 ``filesystem(location)`` gives the filesystem and the path inside it (local paths made absolute, ``~`` expanded);
 ``join(base, *parts)`` joins under a location the same way, so every module treats paths and URIs alike.
+``check_name`` keeps a run or sweep name one path component, so it can never point outside ``storage_path``.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 import pyarrow.fs as pafs
 
@@ -26,3 +28,14 @@ def join(base: str, *parts: str) -> str:
     if is_uri(base):
         return posixpath.join(base, *parts)
     return os.path.join(os.path.abspath(os.path.expanduser(base)), *parts)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(kind: str, name: str) -> None:
+    """``ValueError`` unless ``name`` is one safe path component: letters, digits, ``.``, ``_``, ``-``, starting
+    with a letter or digit, at most 128 characters (so never ``..``, a separator or a hidden directory)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"name must be a single path component of letters, digits, '.', '_' and '-' that starts "
+                         f"with a letter or digit (at most 128 characters) naming the {kind}, got {name!r}")

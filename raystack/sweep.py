@@ -94,8 +94,7 @@ class SweepSpace:
     """Dotted TrainJobConfig key -> ParameterSpace."""
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty sweep name without '/', got {self.name!r}")
+        storage.check_name("sweep", self.name)
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be min or max, got {self.mode!r}")
         if self.metric not in ("val_loss", "loss"):

@@ -160,8 +160,7 @@ class TrainJobConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
+        storage.check_name("run", self.name)
         model = self.model.build()
         if self.data.block_size > model.max_seq_len:
             raise ValueError(

@@ -89,3 +89,18 @@ def test_grafana_dashboard_queries_only_metrics_raystack_exports():
     for name in names:  # every queried metric is created in the code (Ray adds the ray_ prefix)
         base = name.removeprefix("ray_").removesuffix("_bucket")
         assert f'"{base}"' in source or base.removeprefix("raystack_train_") in source, name
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "", ".hidden", "-flag", "a\\b", "x" * 129, "run 1", "é"])
+def test_run_and_sweep_names_are_single_path_components(name):
+    from raystack.sweep import load_space
+
+    with pytest.raises(ConfigError, match="single path component"):
+        load_train_config(None, [f"name={name!r}"] if name else ["name=''"])
+    with pytest.raises(ConfigError, match="single path component"):
+        load_space(REPO / "tune_spaces" / "gpt_tiny.yaml", [f"name={name!r}"] if name else ["name=''"])
+
+
+def test_ordinary_names_are_kept():
+    for name in ("raystack-tiny", "gpt2_run.3", "A1"):
+        assert load_train_config(None, [f"name={name}"]).name == name
