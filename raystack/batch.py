@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -276,12 +277,33 @@ class Predictor:
 # The job
 
 
+def _refuse_overlap(source: str, output: str) -> None:
+    """``DataError`` when the output lies inside the input (it, and its staging directory beside it, would be read
+    back as input on the next run) or the input inside the output (``--overwrite`` would delete it)."""
+    if storage.is_uri(source) != storage.is_uri(output):
+        return
+    if storage.is_uri(source) and source.split("://", 1)[0] != output.split("://", 1)[0]:
+        return
+    def where(location: str) -> str:  # no filesystem is opened: an object store may not be reachable from here
+        if storage.is_uri(location):
+            return posixpath.normpath(location.split("://", 1)[1])
+        return os.path.abspath(os.path.expanduser(location))
+
+    base, target = where(source), where(output)
+    while any(c in posixpath.basename(base) for c in "*?["):  # a glob: its directory part
+        base = posixpath.dirname(base)
+    if target == base or target.startswith(base + "/") or base.startswith(target + "/"):
+        raise DataError(f"--output {output!r} overlaps --input {source!r}: the output (and its staging directory) "
+                        "would be read as input, or --overwrite would delete the input; write the output elsewhere")
+
+
 def run_batch(config: BatchConfig) -> dict:
     """Run the job; return ``{"output", "rows", "errors"}``. Needs a connected Ray."""
     import ray
     import ray.data
 
     fs, out_path = storage.filesystem(config.output)
+    _refuse_overlap(config.input, config.output)
     exists = fs.get_file_info(out_path).type != pafs.FileType.NotFound
     if exists and not config.overwrite:
         raise DataError(f"output {config.output!r} already exists; choose another --output or pass --overwrite "

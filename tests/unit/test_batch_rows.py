@@ -1,10 +1,12 @@
 """Batch inference rows driven without Ray: a row's own bad values end in that row's ``error``, never the batch."""
 
 import numpy as np
+import pytest
 import torch
 
-from raystack.batch import BatchConfig, Predictor
+from raystack.batch import BatchConfig, Predictor, _refuse_overlap
 from raystack.checkpoint import save_artifact
+from raystack.data import DataError
 from raystack.model import GPT, ModelConfig
 
 
@@ -29,3 +31,20 @@ def test_hostile_row_values_fail_their_row_alone(tmp_path):
     assert "top_p" in errors[6]
     assert out["completion_tokens"][0] >= 1 and out["completion_tokens"][5] >= 1  # NaN: the job's max_tokens
     assert [out["completion"][i] for i in (1, 2, 3, 4, 6)] == [None] * 5
+
+
+@pytest.mark.parametrize("source, output", [
+    ("data/", "data/out"), ("data", "data"), ("data/*.parquet", "data/out"), ("data/in/x.parquet", "data"),
+    ("s3://b/in/", "s3://b/in/out"), ("s3://b/in/*.parquet", "s3://b/in/run1"),
+])
+def test_an_output_overlapping_its_input_is_refused_before_any_work(tmp_path, monkeypatch, source, output):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="overlaps --input"):
+        _refuse_overlap(source, output)
+
+
+def test_separate_outputs_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source, output in (("data/", "data-out"), ("s3://b/in/", "s3://b/out/"), ("data/", "s3://b/data/"),
+                           ("s3://b/in/", "gs://b/in/out")):
+        _refuse_overlap(source, output)
