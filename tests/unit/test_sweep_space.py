@@ -34,7 +34,7 @@ def test_shipped_spaces_load(name):
     ("workers_per_trial: 2\ngpus_per_trial: 1\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}",
      "gpus_per_trial \\(1\\) must be a multiple of workers_per_trial \\(2\\)"),
     ("cpus_per_trial: 0\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "cpus_per_trial must be > 0"),
-    ("name: a/b\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "name must be a non-empty sweep name"),
+    ("name: a/b\nspace: {train.lr: {distribution: uniform, low: 0.1, high: 1}}", "name must be a single path component"),
 ])
 def test_bad_space_files_name_the_field(tmp_path, text, message):
     path = tmp_path / "space.yaml"
