@@ -211,9 +211,9 @@ class Predictor:
                 out["error"][i] = f"{self.column} is null or empty"
                 continue
             try:
-                values = {name: _plain(name, self._value(batch, name, i, getattr(cfg, name))) for name in PARAM_COLUMNS
-                          if name != "seed"}
-                values["seed"] = _plain("seed", self._value(batch, "seed", i, row_seed(cfg.seed, batch["id"][i])))
+                defaults = {name: getattr(cfg, name) for name in PARAM_COLUMNS}
+                defaults["seed"] = row_seed(cfg.seed, batch["id"][i])  # the job's seed is not a row's seed
+                values = {name: _plain(name, self._value(batch, name, i, d)) for name, d in defaults.items()}
                 params = generation_params(values, self.limits, stop=cfg.stop, logprobs=cfg.logprobs)
                 tokens = self.engine.encode_prompt(str(prompt))
                 self.engine.check_request(len(tokens), params.max_tokens)
@@ -280,16 +280,15 @@ class Predictor:
 def _refuse_overlap(source: str, output: str) -> None:
     """``DataError`` when the output lies inside the input (it, and its staging directory beside it, would be read
     back as input on the next run) or the input inside the output (``--overwrite`` would delete it)."""
-    if storage.is_uri(source) != storage.is_uri(output):
-        return
-    if storage.is_uri(source) and source.split("://", 1)[0] != output.split("://", 1)[0]:
-        return
-    def where(location: str) -> str:  # no filesystem is opened: an object store may not be reachable from here
+    def where(location: str) -> tuple[str, str]:  # (scheme, path); no filesystem is opened: it may be unreachable
         if storage.is_uri(location):
-            return posixpath.normpath(location.split("://", 1)[1])
-        return os.path.abspath(os.path.expanduser(location))
+            scheme, path = location.split("://", 1)
+            return scheme, posixpath.normpath(path)
+        return "", os.path.abspath(os.path.expanduser(location))
 
-    base, target = where(source), where(output)
+    (source_scheme, base), (output_scheme, target) = where(source), where(output)
+    if source_scheme != output_scheme:
+        return
     while any(c in posixpath.basename(base) for c in "*?["):  # a glob: its directory part
         base = posixpath.dirname(base)
     if target == base or target.startswith(base + "/") or base.startswith(target + "/"):
