@@ -17,8 +17,11 @@ Contract:
   ``perplexity`` (``exp(-log_likelihood / tokens)``), and ``tokens``.
 - A row that cannot be processed (null or empty input, too long for the model) gets its reason in ``error`` and
   nulls elsewhere; the job goes on. A missing column or unreadable input ends the job with one ``DataError``.
-- Output: a directory of parquet files plus ``_SUCCESS``. An existing output is refused unless ``overwrite``;
-  then the new output is written beside it and replaces it whole, never a mix of old and new rows.
+- Output: a directory committed by ``raystack.commit``: parquet parts under ``<attempt>/`` and the ``_SUCCESS``
+  manifest (each part's size and row count) written last; ``pd.read_parquet(output)`` reads it (``_``-prefixed
+  entries are skipped). An existing output is refused unless ``overwrite``; then the new output is staged beside it
+  and replaces it at one step, never a mix of old and new rows, and a crash at any point leaves one of the two.
+  An input directory with a manifest is read through it: staging leftovers and replaced parts are never input.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raystack import storage
+from raystack import commit, storage
 from raystack.data import DataError, check_parquet_column, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -301,10 +303,8 @@ def run_batch(config: BatchConfig) -> dict:
     import ray
     import ray.data
 
-    fs, out_path = storage.filesystem(config.output)
     _refuse_overlap(config.input, config.output)
-    exists = fs.get_file_info(out_path).type != pafs.FileType.NotFound
-    if exists and not config.overwrite:
+    if commit.has_data(config.output) and not config.overwrite:
         raise DataError(f"output {config.output!r} already exists; choose another --output or pass --overwrite "
                         "to replace it whole")
     paths, columns, id_column, column = _plan_input(config)
@@ -319,18 +319,22 @@ def run_batch(config: BatchConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
         num_cpus=config.num_cpus, num_gpus=config.num_gpus or None)
 
-    staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
+    attempt = commit.begin(config.output)  # the previous output stays whole until the commit point
     try:
-        results.write_parquet(staging, filesystem=fs)
+        results.write_parquet(attempt.staging, filesystem=attempt.fs)
     except Exception as e:
-        fs.delete_dir_contents(staging, missing_dir_ok=True)
+        attempt.abort()
         cause = getattr(e, "cause", None) or e
         raise DataError(f"batch inference over {config.input!r} failed: {type(cause).__name__}: {cause}") from None
-    with fs.open_output_stream(posixpath.join(staging, "_SUCCESS")) as f:
-        f.write(b"")
-    if exists:
-        fs.delete_dir(out_path)  # --overwrite: the old output goes only once the new one is complete
-    fs.move(staging, out_path)
-    table = pq.read_table(out_path, filesystem=fs, columns=["error"])
-    errors = table.num_rows - table.column("error").null_count
-    return {"output": config.output, "rows": table.num_rows, "errors": errors}
+    errors = []
+
+    def count(fs, path: str) -> int:  # rows and error rows of each part, for the manifest and the summary
+        with fs.open_input_file(path) as f:
+            column = pq.read_table(f, columns=["error"]).column("error")
+        errors.append(len(column) - column.null_count)
+        return len(column)
+
+    manifest = attempt.commit(meta={"input": config.input, "mode": config.mode, "model": config.model},
+                              checksums=False, rows=count, replace_all=True)
+    total = sum(entry["rows"] for entry in manifest["files"].values())
+    return {"output": config.output, "rows": total, "errors": sum(errors)}

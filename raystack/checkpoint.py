@@ -9,10 +9,14 @@ Checkpoint directory (one per reported checkpoint; Ray Train persists it to ``st
 The LR schedule is a pure function of the step and the data position is the step (``raystack.data.batch_indices``),
 so ``step`` completes the state.
 
-Model artifact (a directory, local path or object-store URI):
-    config.json           ``ModelConfig`` fields plus ``{"format": "raystack-gpt", "format_version": 1}``
-    model.safetensors     weights (never a pickle)
-    tokenizer.json        the tokenizer description
+Model artifact (a directory, local path or object-store URI, committed by ``raystack.commit``):
+    _SUCCESS                    the manifest, written last: the files below with their sizes and sha256
+    <attempt>/config.json       ``ModelConfig`` fields plus ``{"format": "raystack-gpt", "format_version": 1}``
+    <attempt>/model.safetensors weights (never a pickle)
+    <attempt>/tokenizer.json    the tokenizer description
+``load_artifact`` reads only what the manifest lists and checks every checksum: an artifact that was never
+committed, or whose files were truncated or replaced, is refused with a ``CheckpointError``; re-exporting to the
+same location replaces it at one step.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
+from typing import Optional
 
+import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
-from raystack import storage
+from raystack import commit, storage
 from raystack.model import GPT, ModelConfig
 from raystack.tokenizer import ByteTokenizer
 
@@ -54,7 +59,9 @@ def save_checkpoint(directory: str, step: int, model=None, optimizer=None, rank:
         return
     save_file(_state_dict_for_save(model), os.path.join(directory, "model.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    meta = {"step": step, "files": ["model.safetensors", "optimizer.pt"], **(extra or {})}
+    files = ["model.safetensors", "optimizer.pt"]
+    meta = {"step": step, "files": files, "bytes": {name: os.path.getsize(os.path.join(directory, name))
+                                                     for name in files}, **(extra or {})}
     tmp = os.path.join(directory, MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f)
@@ -63,16 +70,67 @@ def save_checkpoint(directory: str, step: int, model=None, optimizer=None, rank:
     os.replace(tmp, os.path.join(directory, MARKER))
 
 
-def read_checkpoint_meta(directory: str) -> dict:
-    marker = os.path.join(directory, MARKER)
-    if not os.path.isfile(marker):
-        raise CheckpointError(f"checkpoint {directory!r} has no {MARKER} commit marker: it was never completed")
-    with open(marker) as f:
-        meta = json.load(f)
-    missing = [name for name in meta["files"] if not os.path.isfile(os.path.join(directory, name))]
+def check_checkpoint(fs: pafs.FileSystem, path: str) -> dict:
+    """The metadata of the checkpoint at ``path`` inside ``fs`` (local or object store, nothing downloaded but the
+    marker); ``CheckpointError`` unless the marker is there and every file it lists has its recorded size."""
+    try:
+        with fs.open_input_stream(posixpath.join(path, MARKER)) as f:
+            meta = json.loads(f.read())
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has no readable {MARKER} commit marker: it was never "
+                              f"completed ({e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r} has a corrupt {MARKER} ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("files"), list):
+        raise CheckpointError(f"checkpoint {path!r} has a {MARKER} without step and files")
+    infos = fs.get_file_info([posixpath.join(path, name) for name in meta["files"]])
+    missing = [name for name, info in zip(meta["files"], infos) if info.type != pafs.FileType.File]
     if missing:
-        raise CheckpointError(f"checkpoint {directory!r} is incomplete: {missing} missing")
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {missing} missing")
+    sizes = meta.get("bytes", {})
+    wrong = [f"{name} has {info.size} bytes, not {sizes[name]}" for name, info in zip(meta["files"], infos)
+             if name in sizes and info.size != sizes[name]]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path!r} is torn: {'; '.join(wrong)}")
     return meta
+
+
+def read_checkpoint_meta(directory: str) -> dict:
+    return check_checkpoint(pafs.LocalFileSystem(), os.path.abspath(directory))
+
+
+def config_differences(meta: dict, expected: dict) -> list[str]:
+    """``section.key: checkpoint X, config Y`` for every key of ``expected`` (``{"model": {...}, "data": {...}}``)
+    that the checkpoint recorded with another value."""
+    out = []
+    for section, values in expected.items():
+        saved = meta.get(section)
+        if not isinstance(saved, dict):
+            continue  # a checkpoint from before the section was recorded
+        for key in sorted(set(values) | set(saved)):
+            if saved.get(key) != values.get(key):
+                out.append(f"{section}.{key}: checkpoint {saved.get(key)!r}, config {values.get(key)!r}")
+    return out
+
+
+def list_checkpoints(fs: pafs.FileSystem, run_path: str) -> list[str]:
+    """The checkpoint directories (``checkpoint_*``) Ray Train keeps under ``run_path``, newest first."""
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
+
+
+def newest_valid_checkpoint(run_location: str) -> tuple[Optional[str], Optional[dict], list[str]]:
+    """``(path, meta, problems)``: the newest checkpoint of the run at ``run_location`` that passes
+    ``check_checkpoint`` (None when none does) and what was wrong with each newer one."""
+    fs, run_path = storage.filesystem(run_location)
+    problems = []
+    for path in list_checkpoints(fs, run_path):
+        try:
+            return path, check_checkpoint(fs, path), problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, None, problems
 
 
 def load_checkpoint(directory: str, model, optimizer=None, rank: int = 0, device="cpu") -> dict:
@@ -98,20 +156,17 @@ def load_checkpoint(directory: str, model, optimizer=None, rank: int = 0, device
 
 
 def save_artifact(uri: str, model_config: ModelConfig, weights: dict[str, torch.Tensor]) -> str:
-    """Write a model artifact to ``uri`` (local path or object-store URI); return the resolved location."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path, recursive=True)
+    """Commit a model artifact to ``uri`` (local path or object-store URI); return the resolved location.
+
+    Staged, then published at one step by ``raystack.commit``: a replica that starts while a new artifact is
+    exported to the same place loads the old one or the new one, never a mix."""
     config = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **model_config.to_dict()}
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "model.safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, local)
-        with open(local, "rb") as src, fs.open_output_stream(posixpath.join(path, "model.safetensors")) as dst:
-            dst.write(src.read())
-    with fs.open_output_stream(posixpath.join(path, "tokenizer.json")) as f:
-        f.write(json.dumps(ByteTokenizer().to_dict(), indent=2).encode())
-    with fs.open_output_stream(posixpath.join(path, "config.json")) as f:  # written last: a complete artifact
-        f.write(json.dumps(config, indent=2).encode())
-    return uri if storage.is_uri(uri) else path
+    attempt = commit.begin(uri)
+    attempt.write("model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in weights.items()}))
+    attempt.write("tokenizer.json", json.dumps(ByteTokenizer().to_dict(), indent=2).encode())
+    attempt.write("config.json", json.dumps(config, indent=2).encode())
+    attempt.commit(meta={"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION})
+    return uri if storage.is_uri(uri) else attempt.root
 
 
 def export_checkpoint(checkpoint_dir: str, model_config: ModelConfig, uri: str) -> str:
@@ -121,23 +176,18 @@ def export_checkpoint(checkpoint_dir: str, model_config: ModelConfig, uri: str) 
 
 def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, ByteTokenizer]:
     """The model (in eval mode) and tokenizer of the artifact at ``uri``; ``CheckpointError`` naming what is wrong."""
-    fs, path = storage.filesystem(uri)
-
-    def read(name: str) -> bytes:
-        try:
-            with fs.open_input_stream(posixpath.join(path, name)) as f:
-                return f.read()
-        except (FileNotFoundError, OSError) as e:
-            raise CheckpointError(f"model artifact {uri!r} has no readable {name} ({e})") from None
-
     try:
-        config = json.loads(read("config.json"))
-        tokenizer = ByteTokenizer.from_dict(json.loads(read("tokenizer.json")))
+        _, files = commit.read_files(uri, ["config.json", "tokenizer.json", "model.safetensors"])
+    except commit.CommitError as e:
+        raise CheckpointError(f"model artifact: {e}") from None
+    except OSError as e:  # an unreachable store, missing credentials
+        raise CheckpointError(f"cannot read the model artifact {uri!r}: {e}") from None
+    try:
+        config = json.loads(files["config.json"])
+        tokenizer = ByteTokenizer.from_dict(json.loads(files["tokenizer.json"]))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"model artifact {uri!r} holds invalid JSON: {e}") from None
     except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"model artifact {uri!r}: {e}") from None
     if config.pop("format", None) != ARTIFACT_FORMAT:
         raise CheckpointError(f"{uri!r} is not a raystack model artifact (config.json lacks format={ARTIFACT_FORMAT!r})")
@@ -146,11 +196,9 @@ def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> t
         model_config = ModelConfig.from_dict(config)
     except ValueError as e:
         raise CheckpointError(f"model artifact {uri!r} has a bad config.json: {e}") from None
-    from safetensors.torch import load as load_bytes
-
     model = GPT(model_config)
     try:
-        model.load_state_dict(load_bytes(read("model.safetensors")))
+        model.load_state_dict(load(files["model.safetensors"]))
     except Exception as e:  # wrong shapes or a corrupt file
         raise CheckpointError(f"model artifact {uri!r} has weights that do not fit its config: {e}") from None
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

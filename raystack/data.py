@@ -7,9 +7,12 @@ Contract:
 - ``prepare_blocks(config, out_dir)`` runs Ray Data over the sources: in parallel, each document is read,
   tokenized (byte tokenizer) and assigned to train or validation by a hash of its content (never by order). The
   documents are then joined with ``<|endoftext|>`` in key order (path, or content hash for parquet rows) and cut
-  into fixed blocks of ``block_size + 1`` tokens, so the blocks do not depend on how Ray Data batched the work. The blocks are written to ``out_dir`` as
-  ``train.npy`` / ``val.npy`` (uint16 ``[N, block_size + 1]``) plus ``meta.json``, written last as the commit
-  marker; a directory without ``meta.json`` is never read. A re-run with the same inputs reuses the blocks.
+  into fixed blocks of ``block_size + 1`` tokens, so the blocks do not depend on how Ray Data batched the work. The
+  blocks are committed to ``out_dir`` by ``raystack.commit`` as ``train.npy`` / ``val.npy`` (uint16
+  ``[N, block_size + 1]``) and ``meta.json``, with their checksums in the ``_SUCCESS`` manifest; a directory without
+  a manifest is never read, a torn one is refused. A re-run with the same inputs reuses the blocks.
+- A directory source is read through its ``_SUCCESS`` manifest when it has one; otherwise every file in it except
+  hidden ones (a part starting with ``.``, ``_temporary/``, ``_SUCCESS``, ``_metadata``, ``_common_metadata``).
 - ``batch_indices(step, batch_size, n_blocks, seed)`` says which blocks make up optimizer step ``step``: a
   permutation seeded by ``(seed, epoch)`` walked in order. The data position is therefore just the step counter,
   and a resumed run sees exactly the batches an uninterrupted one would, for any worker count.
@@ -33,7 +36,7 @@ from typing import Optional
 import numpy as np
 import pyarrow.fs as pafs
 
-from raystack import storage
+from raystack import commit, storage
 from raystack.tokenizer import EOT, ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -104,10 +107,14 @@ def resolve_source(source: str) -> tuple[pafs.FileSystem, list[str]]:
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data source {source!r} does not exist; pass existing files, directories or globs")
         if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            paths = [
-                i.path for i in infos if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".")
-            ]
+            try:
+                paths = commit.listed_paths(fs, path)
+            except commit.CommitError as e:
+                raise DataError(f"data source {source!r}: {e}") from None
+            if paths is None:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                paths = [i.path for i in infos
+                         if i.type == pafs.FileType.File and not commit.is_hidden(posixpath.relpath(i.path, path))]
         else:
             paths = [path]
     if not paths:
@@ -224,34 +231,29 @@ def _parquet_documents(batch: dict, column: str) -> dict:
 # Storage of packed blocks
 
 
-def _write_npy(fs, path: str, array: np.ndarray) -> None:
+def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    with fs.open_output_stream(path) as f:
-        f.write(buffer.getvalue())
-
-
-def _read_npy(fs, path: str) -> np.ndarray:
-    with fs.open_input_file(path) as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def read_meta(uri: str) -> dict | None:
-    fs, path = storage.filesystem(uri)
-    meta_path = posixpath.join(path, "meta.json")
-    if fs.get_file_info(meta_path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(meta_path) as f:
-        return json.loads(f.read())
+    """The metadata of the committed blocks at ``uri``; None when nothing is committed there."""
+    try:
+        manifest = commit.read_manifest(uri)
+    except commit.CommitError as e:
+        raise DataError(str(e)) from None
+    return None if manifest is None else manifest["meta"]
 
 
 def load_blocks(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(train, val, meta)`` from a committed block directory written by ``prepare_blocks``."""
-    meta = read_meta(uri)
-    if meta is None:
-        raise DataError(f"{uri!r} holds no committed token blocks (meta.json missing)")
-    fs, path = storage.filesystem(uri)
-    return _read_npy(fs, posixpath.join(path, "train.npy")), _read_npy(fs, posixpath.join(path, "val.npy")), meta
+    """``(train, val, meta)`` from a committed block directory written by ``prepare_blocks``, checksums checked."""
+    try:
+        manifest, files = commit.read_files(uri, ["train.npy", "val.npy"])
+    except commit.CommitError as e:
+        raise DataError(f"no usable token blocks: {e}") from None
+    train, val = (np.load(io.BytesIO(files[name]), allow_pickle=False) for name in ("train.npy", "val.npy"))
+    return train, val, manifest["meta"]
 
 
 def prepare_blocks(config: DataConfig, out_root: str) -> str:
@@ -261,9 +263,12 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
 
     resolved = resolve_sources(config)
     out_uri = storage.join(out_root, resolved.fingerprint)
-    if read_meta(out_uri) is not None:
-        logger.info("reusing packed token blocks at %s", out_uri)
-        return out_uri
+    try:
+        if commit.listed_paths(*storage.filesystem(out_uri)) is not None:
+            logger.info("reusing packed token blocks at %s", out_uri)
+            return out_uri
+    except commit.CommitError as e:
+        logger.warning("packing again: %s", e)
 
     # Ray Data snapshots the context when a dataset is created: order must be fixed before building it, or `limit`
     # keeps whichever documents finish first (a fresh process's first call differed from later ones).
@@ -312,15 +317,14 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
         blocks["val"], blocks["train"] = blocks["train"][-n_val:], blocks["train"][:-n_val]
         logger.warning("no document hashed into validation; held out the last %d training blocks", n_val)
 
-    fs, path = storage.filesystem(out_uri)
-    fs.create_dir(path, recursive=True)
-    _write_npy(fs, posixpath.join(path, "train.npy"), blocks["train"])
-    _write_npy(fs, posixpath.join(path, "val.npy"), blocks["val"])
     meta = {"format_version": FORMAT_VERSION, "sources": resolved.description, "block_size": config.block_size,
             "train_blocks": len(blocks["train"]), "val_blocks": len(blocks["val"]),
             "train_tokens": int(blocks["train"].size), "val_tokens": int(blocks["val"].size)}
-    with fs.open_output_stream(posixpath.join(path, "meta.json")) as f:  # commit marker, written last
-        f.write(json.dumps(meta, indent=2).encode())
+    attempt = commit.begin(out_uri)
+    attempt.write("train.npy", _npy_bytes(blocks["train"]))
+    attempt.write("val.npy", _npy_bytes(blocks["val"]))
+    attempt.write("meta.json", json.dumps(meta, indent=2).encode())
+    attempt.commit(meta=meta, replace_all=True)  # the directory is ours: <run>/data/<fingerprint>
     logger.info("packed %d train / %d val blocks from %s into %s", meta["train_blocks"], meta["val_blocks"],
                 resolved.description, out_uri)
     return out_uri

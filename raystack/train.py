@@ -12,7 +12,10 @@ Contract:
   (``raystack.data.batch_indices``), an elastic resize changes only the float summation order.
 - Every ``train.checkpoint_every`` steps (and at the end) the full state is checkpointed through Ray Train
   (``raystack.checkpoint``); ``FailureConfig(max_failures)`` restarts a failed worker group from the latest one,
-  and re-running the job with the same ``name`` and ``storage_path`` resumes it.
+  and re-running the job with the same ``name`` and ``storage_path`` resumes it. A checkpoint that fails validation
+  (missing or truncated files) is skipped with a warning for the newest older one that loads; when none loads, or
+  the newest was trained with another model or data config, the run stops with a message saying so (naming the
+  differing keys) instead of restarting into the same failure.
 - Every report carries ``step``, ``loss``, ``lr``, ``tokens_per_s`` and ``val_loss`` when evaluated; the driver
   appends each to ``<storage_path>/<name>/metrics.jsonl``.
 """
@@ -24,6 +27,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -304,7 +308,7 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     ``report(metrics, checkpoint=...)`` and ``checkpoint`` (the one to resume from, or None) are Ray Train's or
     Ray Tune's; ``wrap`` turns the model into its data-parallel form.
     """
-    from raystack.checkpoint import load_checkpoint, save_checkpoint
+    from raystack.checkpoint import save_checkpoint
 
     config = from_dict(TrainJobConfig, loop_config["config"])
     cfg = config.train
@@ -320,8 +324,7 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     optimizer = build_optimizer(model, cfg)
     start_step = 0
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            meta = load_checkpoint(directory, model, optimizer, rank=rank, device=device)
+        meta = _restore(checkpoint, model, optimizer, rank, device)
         start_step = meta["step"]
         if not meta["rng_restored"]:  # a resized group: ranks without saved RNG get a fresh, deterministic stream
             torch.manual_seed(cfg.seed * 1_000_003 + start_step * 1_009 + rank)
@@ -369,12 +372,86 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
         if do_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(directory, done, _module(model), optimizer, rank=rank,
-                                extra={"world_size": world_size, "model": config.model.build().to_dict()})
+                                extra={"world_size": world_size, **_identity(config)})
                 report(metrics, checkpoint=checkpoint_cls.from_directory(directory))
         else:
             report(metrics)
         window_start, window_steps = time.perf_counter(), 0
         window_loss.zero_()
+
+
+def _identity(config: TrainJobConfig) -> dict:
+    """What a checkpoint must share with the config that resumes it: the model's shape and the data."""
+    return {"model": config.model.build().to_dict(), "data": to_dict(config.data)}
+
+
+def _restore(checkpoint, model, optimizer, rank: int, device) -> dict:
+    """Load ``checkpoint`` (Ray's latest); when it fails validation or cannot be read, the newest older one of the
+    same run that loads, with a warning for each skipped. ``NoUsableCheckpoint`` when none does: the controller
+    callback ``_StopWithoutCheckpoint`` then ends the run instead of restarting it into the same failure."""
+    from raystack.checkpoint import list_checkpoints, load_checkpoint
+
+    candidates = [checkpoint]
+    path, fs = getattr(checkpoint, "path", None), getattr(checkpoint, "filesystem", None)
+    if path and fs is not None:
+        name = posixpath.basename(path.rstrip("/"))
+        candidates += [type(checkpoint)(p, filesystem=fs) for p in list_checkpoints(fs, posixpath.dirname(path))
+                       if posixpath.basename(p) < name]
+    problems = []
+    for candidate in candidates:
+        try:
+            with candidate.as_directory() as directory:
+                meta = load_checkpoint(directory, model, optimizer, rank=rank, device=device)
+        except Exception as e:  # torn: a missing or truncated file, a corrupt marker, weights of another shape
+            problems.append(f"{getattr(candidate, 'path', candidate)}: {type(e).__name__}: {e}")
+            logger.warning("skipping checkpoint %s", problems[-1])
+            continue
+        if problems and rank == 0:
+            print(f"[raystack] WARNING: skipped {len(problems)} unusable checkpoint(s); resuming from "
+                  f"{getattr(candidate, 'path', candidate)} (step {meta['step']})", flush=True)
+        return meta
+    raise NoUsableCheckpoint("no checkpoint of this run can be loaded: " + "; ".join(problems)
+                             + ". Delete the run's checkpoints to start over, or train under another name")
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Every checkpoint of a run failed to load: restarting the workers would fail the same way."""
+
+
+def _stop_without_checkpoint_callback():
+    import ray.train
+
+    class StopWithoutCheckpoint(ray.train.UserCallback):
+        """Ends the run (a controller error, which Ray Train does not retry) when a worker found no usable
+        checkpoint, so ``max_failures: -1`` cannot turn it into an endless restart loop."""
+
+        def after_exception(self, run_context, worker_exceptions):
+            for error in worker_exceptions.values():
+                if isinstance(error, NoUsableCheckpoint) or "NoUsableCheckpoint" in str(error):
+                    raise NoUsableCheckpoint(str(error).strip().splitlines()[-1])
+
+    return StopWithoutCheckpoint()
+
+
+def check_resumable(config: TrainJobConfig) -> None:
+    """Before a run starts: ``CheckpointError`` when the run's name already has checkpoints and none is usable, or
+    the newest usable one was trained with another model or data config (naming the differing keys)."""
+    from raystack.checkpoint import CheckpointError, config_differences, newest_valid_checkpoint
+
+    path, meta, problems = newest_valid_checkpoint(config.run_dir)
+    if path is None and problems:
+        raise CheckpointError(
+            f"run {config.name!r} cannot resume: none of its {len(problems)} checkpoint(s) under {config.run_dir} "
+            f"is usable ({problems[0]}). Delete them to start over, or train under another name")
+    if path is None:
+        return
+    for problem in problems:
+        logger.warning("skipping unusable checkpoint: %s", problem)
+    differences = config_differences(meta, _identity(config))
+    if differences:
+        raise CheckpointError(
+            f"run {config.name!r} already has checkpoints of another configuration (newest: {path}): "
+            + "; ".join(differences) + ". Train under another name, or restore those settings to resume it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,6 +501,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
     from raystack.checkpoint import export_checkpoint
     from raystack.data import prepare_blocks
 
+    check_resumable(config)
     data_uri = prepare_blocks(config.data, storage.join(config.run_dir, "data"))
     workers = config.scaling.num_workers
     scaling = ray.train.ScalingConfig(
@@ -437,7 +515,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
         storage_path=storage.join(config.storage_path),  # absolute local path, or the URI itself
         failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-        callbacks=[_metrics_log_callback(config.run_dir), *callbacks],
+        callbacks=[_metrics_log_callback(config.run_dir), _stop_without_checkpoint_callback(), *callbacks],
     )
     trainer = TorchTrainer(
         train_loop,

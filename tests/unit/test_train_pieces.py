@@ -88,14 +88,103 @@ def test_artifact_round_trip_and_clear_errors(tmp_path):
     config = ModelConfig.from_preset("tiny")
     model = GPT(config)
     location = save_artifact(str(tmp_path / "art"), config, model.state_dict())
-    assert sorted(os.listdir(location)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    manifest = json.loads((tmp_path / "art" / "_SUCCESS").read_text())
+    assert sorted(os.listdir(location)) == sorted(["_SUCCESS", manifest["attempt"]])
+    assert sorted(os.listdir(tmp_path / "art" / manifest["attempt"])) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
     loaded, tokenizer = load_artifact(location)
     tokens = torch.tensor([tokenizer.encode("hello")])
     torch.testing.assert_close(loaded(tokens), model.eval()(tokens))
 
-    with pytest.raises(CheckpointError, match="no readable config.json"):
+    with pytest.raises(CheckpointError, match="no committed output"):
         load_artifact(str(tmp_path / "nowhere"))
-    cfg = json.loads((tmp_path / "art" / "config.json").read_text())
-    (tmp_path / "art" / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    wrong = ModelConfig.from_dict({**config.to_dict(), "n_layer": config.n_layer + 1})
     with pytest.raises(CheckpointError, match="weights that do not fit"):
+        load_artifact(save_artifact(str(tmp_path / "wrong"), wrong, model.state_dict()))
+
+
+def test_a_torn_or_replaced_artifact_is_refused_or_read_whole(tmp_path):
+    """Re-export replaces an artifact at one step; a file changed under an unchanged manifest is refused."""
+    config = ModelConfig.from_preset("tiny")
+    first, second = GPT(config), GPT(config)
+    location = save_artifact(str(tmp_path / "art"), config, first.state_dict())
+    old_attempt = json.loads((tmp_path / "art" / "_SUCCESS").read_text())["attempt"]
+    save_artifact(location, config, second.state_dict())
+    attempt = json.loads((tmp_path / "art" / "_SUCCESS").read_text())["attempt"]
+    assert sorted(os.listdir(location)) == sorted(["_SUCCESS", attempt]) and attempt != old_attempt
+    loaded, _ = load_artifact(location)
+    for a, b in zip(loaded.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    config_file = tmp_path / "art" / attempt / "config.json"
+    config_file.write_text(config_file.read_text().replace('"n_head"', '"n_head" '))
+    with pytest.raises(CheckpointError, match="torn"):
         load_artifact(location)
+    weights = tmp_path / "art" / attempt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="torn"):
+        load_artifact(location)
+
+
+def _checkpoint_dirs(tmp_path, steps, config=None):
+    """Checkpoints at ``steps`` in a run directory laid out as Ray Train's (``checkpoint_<time>``)."""
+    model = GPT(config or ModelConfig.from_preset("tiny"))
+    optimizer = build_optimizer(model, OptimSection())
+    for i, step in enumerate(steps):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float(step))
+        save_checkpoint(str(tmp_path / f"checkpoint_2026-11-23_17-00-0{i}.000000"), step, model, optimizer,
+                        extra={"model": model.config.to_dict(), "data": {"block_size": 64}})
+    return sorted(tmp_path.glob("checkpoint_*"))
+
+
+def test_a_truncated_checkpoint_file_fails_validation(tmp_path):
+    (directory,) = _checkpoint_dirs(tmp_path, [5])
+    data = (directory / "optimizer.pt").read_bytes()
+    (directory / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="torn: optimizer.pt has"):
+        load_checkpoint(str(directory), GPT(ModelConfig.from_preset("tiny")))
+
+
+def test_resume_skips_torn_checkpoints_for_the_newest_that_loads(tmp_path):
+    import ray.train
+    import pyarrow.fs as pafs
+
+    from raystack.checkpoint import newest_valid_checkpoint
+    from raystack.train import NoUsableCheckpoint, _restore
+
+    oldest, middle, latest = _checkpoint_dirs(tmp_path, [2, 4, 6])
+    os.remove(latest / "model.safetensors")  # the newest is torn
+    fs = pafs.LocalFileSystem()
+    model = GPT(ModelConfig.from_preset("tiny"))
+    meta = _restore(ray.train.Checkpoint(str(latest), filesystem=fs), model, None, 0, "cpu")
+    assert meta["step"] == 4 and float(next(model.parameters()).detach().flatten()[0]) == 4.0
+    path, meta, problems = newest_valid_checkpoint(str(tmp_path))
+    assert path == str(middle) and meta["step"] == 4 and len(problems) == 1 and "incomplete" in problems[0]
+
+    for directory in (oldest, middle):
+        (directory / ".metadata").write_text("{not json")
+    with pytest.raises(NoUsableCheckpoint, match="no checkpoint of this run can be loaded"):
+        _restore(ray.train.Checkpoint(str(latest), filesystem=fs), model, None, 0, "cpu")
+    assert newest_valid_checkpoint(str(tmp_path))[0] is None
+
+
+def test_check_resumable_refuses_other_shapes_and_runs_without_a_usable_checkpoint(tmp_path):
+    from raystack.train import TrainJobConfig, _identity, check_resumable, load_train_config
+
+    config = load_train_config(overrides=[f"storage_path={tmp_path}", "name=run"])
+    assert isinstance(config, TrainJobConfig)
+    check_resumable(config)  # nothing there yet: a fresh run
+    run = tmp_path / "run"
+    run.mkdir()
+    model = GPT(config.model.build())
+    save_checkpoint(str(run / "checkpoint_2026-11-23_17-00-00.000000"), 3, model,
+                    build_optimizer(model, OptimSection()), extra=_identity(config))
+    check_resumable(config)  # the same shape and data: resumes
+    wider = load_train_config(overrides=[f"storage_path={tmp_path}", "name=run",
+                                         f"model.n_embd={config.model.build().n_embd * 2}",
+                                         f"data.block_size={config.data.block_size // 2}"])
+    with pytest.raises(CheckpointError, match=r"model\.n_embd: checkpoint .*; data\.block_size: checkpoint"):
+        check_resumable(wider)
+    os.remove(run / "checkpoint_2026-11-23_17-00-00.000000" / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="none of its 1 checkpoint"):
+        check_resumable(config)
