@@ -37,6 +37,7 @@ from raystack.tokenizer import ByteTokenizer
 MARKER = ".metadata"
 ARTIFACT_FORMAT = "raystack-gpt"
 ARTIFACT_VERSION = 1
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants (Ray 2.60)
 
 
 class CheckpointError(ValueError):
@@ -120,12 +121,28 @@ def list_checkpoints(fs: pafs.FileSystem, run_path: str) -> list[str]:
                    and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
 
 
-def newest_valid_checkpoint(run_location: str) -> tuple[Optional[str], Optional[dict], list[str]]:
-    """``(path, meta, problems)``: the newest checkpoint of the run at ``run_location`` that passes
-    ``check_checkpoint`` (None when none does) and what was wrong with each newer one."""
+def registered_checkpoints(run_location: str) -> Optional[list[str]]:
+    """The checkpoints Ray Train registered for the run at ``run_location`` (in its checkpoint-manager snapshot),
+    newest first: the ones a re-run resumes from. None when there is no snapshot (a re-run starts afresh); a
+    directory Ray Train never registered (an upload a crash cut short) is not among them."""
     fs, run_path = storage.filesystem(run_location)
+    try:
+        with fs.open_input_stream(posixpath.join(run_path, RAY_TRAIN_SNAPSHOT)) as f:
+            snapshot = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+    except ValueError as e:
+        raise CheckpointError(f"Ray Train's {RAY_TRAIN_SNAPSHOT} under {run_location} is corrupt ({e})") from None
+    names = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    return sorted((posixpath.join(run_path, name) for name in names), reverse=True)
+
+
+def newest_valid_checkpoint(run_location: str) -> tuple[Optional[str], Optional[dict], list[str]]:
+    """``(path, meta, problems)``: the newest of the run's registered checkpoints that passes ``check_checkpoint``
+    (None when none does, or none is registered) and what was wrong with each newer one."""
+    fs, _ = storage.filesystem(run_location)
     problems = []
-    for path in list_checkpoints(fs, run_path):
+    for path in registered_checkpoints(run_location) or []:
         try:
             return path, check_checkpoint(fs, path), problems
         except CheckpointError as e:

@@ -111,14 +111,14 @@ class Attempt:
         for name, entry in files.items():  # step 2: beside the manifest, under names no other attempt uses
             target = posixpath.join(root, entry["path"])
             fs.create_dir(posixpath.dirname(target), recursive=True)
-            fs.move(self.path(name), target)
+            _move_file(fs, self.path(name), target)
         manifest = {"format": FORMAT, "version": VERSION, "attempt": self.id,
                     "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "files": files, "meta": meta or {}}
         staged_manifest = posixpath.join(root, STAGING, f"{MANIFEST}-{self.id}")
         with fs.open_output_stream(staged_manifest) as f:
             f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
-        fs.move(staged_manifest, posixpath.join(root, MANIFEST))  # step 3: the commit point
+        _move_file(fs, staged_manifest, posixpath.join(root, MANIFEST))  # step 3: the commit point
         for info in fs.get_file_info(pafs.FileSelector(root)):  # step 4: earlier attempts, then all staging
             name = posixpath.basename(info.path)
             if name not in (MANIFEST, STAGING, self.id) and (replace_all or _ATTEMPT.fullmatch(name)):
@@ -126,6 +126,16 @@ class Attempt:
         fs.delete_dir_contents(posixpath.join(root, STAGING), missing_dir_ok=True)
         _delete(fs, posixpath.join(root, STAGING))
         return manifest
+
+
+def _move_file(fs: pafs.FileSystem, source: str, target: str) -> None:
+    """One file to another name, the target appearing whole: a rename on a local disk; a server-side copy (itself
+    an atomic single-object write) and a delete on an object store, which has no rename."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(source, target)
+    else:
+        fs.copy_file(source, target)
+        fs.delete_file(source)
 
 
 def _delete(fs: pafs.FileSystem, path: str) -> None:

@@ -222,7 +222,7 @@ def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_pat
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raystack.train import train_loop
+    from raystack.train import stop_without_checkpoint_callback, train_loop
 
     workers = space.workers_per_trial
     per_worker = {"CPU": space.cpus_per_trial / workers}
@@ -238,7 +238,8 @@ def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_pat
             name=name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],  # rank 0's reports (with their checkpoint's path) become Tune's
+            # rank 0's reports (with their checkpoint's path) become Tune's
+            callbacks=[TuneReportCallback(), stop_without_checkpoint_callback()],
         ),
     )
     trainer.fit()

@@ -418,7 +418,7 @@ class NoUsableCheckpoint(RuntimeError):
     """Every checkpoint of a run failed to load: restarting the workers would fail the same way."""
 
 
-def _stop_without_checkpoint_callback():
+def stop_without_checkpoint_callback():
     import ray.train
 
     class StopWithoutCheckpoint(ray.train.UserCallback):
@@ -515,7 +515,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
         storage_path=storage.join(config.storage_path),  # absolute local path, or the URI itself
         failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-        callbacks=[_metrics_log_callback(config.run_dir), _stop_without_checkpoint_callback(), *callbacks],
+        callbacks=[_metrics_log_callback(config.run_dir), stop_without_checkpoint_callback(), *callbacks],
     )
     trainer = TorchTrainer(
         train_loop,

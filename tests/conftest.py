@@ -49,7 +49,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_endpoint():
+    """A real S3 API over HTTP on loopback (moto's threaded server) for the session. The ``AWS_*`` variables point
+    pyarrow's S3 filesystem at it, in this process and in every Ray worker (they inherit the environment of the Ray
+    that ``ray_session`` starts after this)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY":
+                       "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
     """A local Ray cluster shared by every integration test; stopped (only it) at the end."""
     import ray
 

@@ -23,6 +23,8 @@ import psutil
 import pytest
 import yaml
 
+from raystack.commit import read_manifest
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -177,8 +179,10 @@ def test_training_job_spreads_over_two_nodes_and_exports_to_shared_storage(clust
     status = raystack("status", job_id, env=cluster["env"])
     assert "SUCCEEDED" in status.stdout
     artifact = shared / "two-nodes" / "model"
-    assert sorted(os.listdir(artifact)) == ["config.json", "model.safetensors", "tokenizer.json"]
-    assert json.loads((artifact / "config.json").read_text())["format"] == "raystack-gpt"
+    manifest = read_manifest(str(artifact))
+    assert sorted(manifest["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
+    config = artifact / manifest["files"]["config.json"]["path"]
+    assert json.loads(config.read_text())["format"] == "raystack-gpt"
 
 
 def test_plain_ray_job_submit_runs_the_jobs_unchanged(cluster):

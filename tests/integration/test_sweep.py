@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from raystack.checkpoint import load_artifact
+from raystack.commit import read_manifest
 from raystack.engine import Engine, GenerationParams, generate_text
 from raystack.sweep import load_space, run_sweep
 
@@ -202,7 +204,7 @@ def test_data_parallel_trials_train_on_two_workers_and_free_them_when_stopped(ra
     assert output.best_config == {"train.lr": 0.01}
     # Each trial's Train run holds its checkpoints; the best one became the artifact.
     assert sorted(p.name for p in (Path(output.sweep_dir) / "train_runs").iterdir()) == sorted(t["id"] for t in trials)
-    assert (Path(output.artifact) / "model.safetensors").exists()
+    assert "model.safetensors" in read_manifest(output.artifact)["files"]
 
     deadline = time.monotonic() + 60
     while held() and time.monotonic() < deadline:
@@ -210,24 +212,31 @@ def test_data_parallel_trials_train_on_two_workers_and_free_them_when_stopped(ra
     assert not held(), f"placement groups still held after the sweep: {held()}"
 
 
-def test_a_sweep_on_a_uri_keeps_its_study_and_dashboard_on_the_driver(ray_session, tmp_path):
-    """storage_path as a URI (file:// here, s3:// on a cluster): trials, Train data and the best model go there
-    through pyarrow; the driver keeps the study, the dashboard and a copy of every trial's results."""
-    bucket, home = tmp_path / "bucket", tmp_path / "home"
-    space = load_space(SPACE, [*FAST, "num_samples=2", f"storage_path={bucket.as_uri()}", f"local_dir={home}",
+def test_a_sweep_on_s3_keeps_its_study_and_dashboard_on_the_driver(ray_session, s3_endpoint, tmp_path):
+    """storage_path on a real S3 API (moto over HTTP): trials, Train data and the best model go there through
+    pyarrow; the driver keeps the study, the dashboard and a copy of every trial's results."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="sweeps")
+    home = tmp_path / "home"
+    space = load_space(SPACE, [*FAST, "num_samples=2", "storage_path=s3://sweeps", f"local_dir={home}",
                                "name=remote", "base.train.steps=10"])
     output = run_sweep(space)
-    assert output.sweep_dir == str(home / "remote") and output.storage == f"{bucket.as_uri()}/remote"
-    root = bucket / "remote"
-    assert list((root / "data").glob("*/meta.json")) and (root / "best_model" / "model.safetensors").exists()
-    assert output.artifact == f"{bucket.as_uri()}/remote/best_model"
-    assert (root / "dashboard.html").read_text() == Path(output.dashboard).read_text()
-    assert (home / "remote" / "optuna.db").exists() and not (root / "optuna.db").exists()
+    assert output.sweep_dir == str(home / "remote") and output.storage == "s3://sweeps/remote"
+    fs = pafs.FileSystem.from_uri("s3://sweeps")[0]
+    stored = [i.path for i in fs.get_file_info(pafs.FileSelector("sweeps/remote", recursive=True))]
+    assert any(p.startswith("sweeps/remote/data/") and p.endswith("/_SUCCESS") for p in stored)
+    assert output.artifact == "s3://sweeps/remote/best_model" and load_artifact(output.artifact)[0] is not None
+    with fs.open_input_stream("sweeps/remote/dashboard.html") as f:
+        assert f.read().decode() == Path(output.dashboard).read_text()
+    assert (home / "remote" / "optuna.db").exists() and "sweeps/remote/optuna.db" not in stored
     from raystack.sweep_report import collect
 
     trials = collect(output.sweep_dir, space)["trials"]
     assert len(trials) == 2 and all(t["steps"] == 10 and len(t["curve"]) == 2 for t in trials), trials
-    assert len(list(root.glob("run_trial_*/result.json"))) == 2  # Tune's own copy on the URI
+    results = [p for p in stored if p.startswith("sweeps/remote/run_trial_") and p.endswith("/result.json")]
+    assert len(results) == 2  # Tune's own copy on the URI
 
     async def go():
         engine = Engine.from_artifact(output.artifact)

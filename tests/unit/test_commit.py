@@ -15,7 +15,8 @@ class Crash(Exception):
 
 
 class CrashingFileSystem:
-    """A real local filesystem that dies before its ``crash_at``-th change (write, move, delete, mkdir)."""
+    """A real local filesystem that dies before its ``crash_at``-th change (write, copy, move, delete, mkdir). Not a
+    ``LocalFileSystem`` to ``raystack.commit``, so it takes the object-store path: copy then delete, no rename."""
 
     CHANGES = {"open_output_stream", "move", "delete_file", "delete_dir", "delete_dir_contents", "create_dir",
                "copy_file"}

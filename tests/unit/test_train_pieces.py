@@ -125,8 +125,14 @@ def test_a_torn_or_replaced_artifact_is_refused_or_read_whole(tmp_path):
         load_artifact(location)
 
 
+def register(run, names):
+    """Ray Train's checkpoint-manager snapshot naming ``names`` (the part of it raystack reads)."""
+    results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": results}))
+
+
 def _checkpoint_dirs(tmp_path, steps, config=None):
-    """Checkpoints at ``steps`` in a run directory laid out as Ray Train's (``checkpoint_<time>``)."""
+    """Registered checkpoints at ``steps`` in a run directory laid out as Ray Train's (``checkpoint_<time>``)."""
     model = GPT(config or ModelConfig.from_preset("tiny"))
     optimizer = build_optimizer(model, OptimSection())
     for i, step in enumerate(steps):
@@ -134,7 +140,9 @@ def _checkpoint_dirs(tmp_path, steps, config=None):
             next(model.parameters()).fill_(float(step))
         save_checkpoint(str(tmp_path / f"checkpoint_2026-11-23_17-00-0{i}.000000"), step, model, optimizer,
                         extra={"model": model.config.to_dict(), "data": {"block_size": 64}})
-    return sorted(tmp_path.glob("checkpoint_*"))
+    directories = sorted(tmp_path.glob("checkpoint_*"))
+    register(tmp_path, [d.name for d in directories])
+    return directories
 
 
 def test_a_truncated_checkpoint_file_fails_validation(tmp_path):
@@ -179,6 +187,11 @@ def test_check_resumable_refuses_other_shapes_and_runs_without_a_usable_checkpoi
     model = GPT(config.model.build())
     save_checkpoint(str(run / "checkpoint_2026-11-23_17-00-00.000000"), 3, model,
                     build_optimizer(model, OptimSection()), extra=_identity(config))
+    os.remove(run / "checkpoint_2026-11-23_17-00-00.000000" / "optimizer.pt")
+    check_resumable(config)  # never registered (its upload was cut short): Ray Train starts afresh, and so may we
+    save_checkpoint(str(run / "checkpoint_2026-11-23_17-00-00.000000"), 3, model,
+                    build_optimizer(model, OptimSection()), extra=_identity(config))
+    register(run, ["checkpoint_2026-11-23_17-00-00.000000"])
     check_resumable(config)  # the same shape and data: resumes
     wider = load_train_config(overrides=[f"storage_path={tmp_path}", "name=run",
                                          f"model.n_embd={config.model.build().n_embd * 2}",
@@ -188,3 +201,15 @@ def test_check_resumable_refuses_other_shapes_and_runs_without_a_usable_checkpoi
     os.remove(run / "checkpoint_2026-11-23_17-00-00.000000" / "optimizer.pt")
     with pytest.raises(CheckpointError, match="none of its 1 checkpoint"):
         check_resumable(config)
+
+
+def test_a_worker_without_a_usable_checkpoint_ends_the_run_instead_of_restarting_it():
+    from raystack.train import NoUsableCheckpoint, stop_without_checkpoint_callback
+
+    callback = stop_without_checkpoint_callback()
+    callback.after_exception(None, {0: ValueError("a passing failure"), 1: RuntimeError("oom")})  # retried as usual
+    with pytest.raises(NoUsableCheckpoint, match="no checkpoint of this run can be loaded"):
+        callback.after_exception(None, {1: NoUsableCheckpoint("no checkpoint of this run can be loaded: ...")})
+    # As it reaches the controller from a worker: wrapped, with the worker's traceback in the text.
+    with pytest.raises(NoUsableCheckpoint):
+        callback.after_exception(None, {0: RuntimeError("Traceback ...\nraystack.train.NoUsableCheckpoint: none")})
