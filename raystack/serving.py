@@ -147,7 +147,9 @@ class _Metrics:
         from ray.util import metrics
 
         tags = {"model": model_name}
-        self.requests = metrics.Counter("raystack_requests_total", "Completion requests by status code.",
+        self.requests = metrics.Counter("raystack_requests_total", "Completion requests by status code (a stream "
+                                        "once, when it ends: 200, its error event's status, or 499 when the "
+                                        "client left first).",
                                         tag_keys=("model", "status"))
         self.requests.set_default_tags(tags)
         self.tokens = metrics.Counter("raystack_generated_tokens_total", "Generated tokens.", tag_keys=("model",))
@@ -277,8 +279,7 @@ class LLMServer:
             return _error_response(error)
         jobs = [(i * parsed.n + j, prompt, tokens, self._params_for(parsed, j))
                 for i, (prompt, tokens) in enumerate(zip(parsed.prompts, prompts)) for j in range(parsed.n)]
-        if parsed.stream:
-            self.metrics.requests.inc(tags={"status": "200"})
+        if parsed.stream:  # counted in raystack_requests_total once it ends, by its outcome
             return StreamingResponse(self._stream(parsed, jobs), media_type="text/event-stream")
         tasks = [asyncio.ensure_future(self._complete(job, parsed)) for job in jobs]
         try:
@@ -360,26 +361,29 @@ class LLMServer:
                 await queue.put(None)
 
         task = asyncio.create_task(run_all())
-        error = None
+        error, status = None, "499"  # the status counted if the client goes away before the end (nginx's code)
         try:
-            async with asyncio.timeout(self.config.request_timeout_s):
-                while (choice := await queue.get()) is not None:
-                    if isinstance(choice, SequenceFailed):
-                        error = _sequence_error(choice)
-                        break
-                    yield _sse(chunk_body(parsed, [choice]))
-        except TimeoutError:
-            error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
-                             type="timeout")
+            try:
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    while (choice := await queue.get()) is not None:
+                        if isinstance(choice, SequenceFailed):
+                            error = _sequence_error(choice)
+                            break
+                        yield _sse(chunk_body(parsed, [choice]))
+            except TimeoutError:
+                error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
+                                 type="timeout")
+            finally:
+                task.cancel()  # a client that went away cancels its sequences; their slots free at the next step
+            status = str(error.status) if error is not None else "200"
+            if error is not None:  # OpenAI's mid-stream shape: an error event, then [DONE]
+                yield _sse(error.body())
+            elif parsed.include_usage:
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield _sse(chunk_body(parsed, [], usage))
+            yield "data: [DONE]\n\n"
         finally:
-            task.cancel()  # a client that went away cancels its sequences; their slots free at the next step
-        if error is not None:  # OpenAI's mid-stream shape: an error event, then [DONE]
-            self.metrics.requests.inc(tags={"status": str(error.status)})
-            yield _sse(error.body())
-        elif parsed.include_usage:
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            yield _sse(chunk_body(parsed, [], usage))
-        yield "data: [DONE]\n\n"
+            self.metrics.requests.inc(tags={"status": status})
 
 
 def deployment_options(config: ServeConfig) -> dict:

@@ -94,3 +94,44 @@ def test_a_failing_choice_fails_its_request_and_frees_the_other_choices():
     response, free = asyncio.run(go())
     assert response.status_code == 500 and json.loads(response.body)["error"]["type"] == "server_error"
     assert free == 8  # the two 'fine' choices were cancelled, not left generating
+
+
+class _CountedRequests:
+    """Records ``raystack_requests_total`` increments by status; every other metric is a no-op."""
+
+    def __init__(self):
+        self.statuses = []
+
+    def __getattr__(self, name):
+        return _NoMetrics()
+
+    @property
+    def requests(self):
+        recorder = self
+
+        class Counter:
+            def inc(self, value=1.0, tags=None):
+                recorder.statuses.append(tags["status"])
+        return Counter()
+
+
+def test_each_request_is_counted_once_by_its_outcome_streamed_or_not():
+    server = make_server(poison_after=3)
+    server.metrics = counted = _CountedRequests()
+    base = {"model": "raystack", "max_tokens": 6, "seed": 1, "temperature": 0}
+
+    async def go():
+        for body in ({**base, "prompt": "fine", "stream": True}, {**base, "prompt": "poison", "stream": True},
+                     {**base, "prompt": "fine"}, {**base, "prompt": "poison"}, {**base, "prompt": 5}):
+            response = await server.completions(http_request(body))
+            if hasattr(response, "body_iterator"):
+                [e async for e in response.body_iterator]
+        stream = await server.completions(http_request({**base, "prompt": "fine", "stream": True,
+                                                        "max_tokens": 40}))
+        iterator = stream.body_iterator
+        await iterator.__anext__()
+        await iterator.aclose()  # the client went away mid-stream
+        await server.engine.shutdown()
+
+    asyncio.run(go())
+    assert counted.statuses == ["200", "500", "200", "500", "400", "499"]
