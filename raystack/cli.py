@@ -11,15 +11,18 @@ status 2, before any Ray work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 
 from raystack.checkpoint import CheckpointError
+from raystack.commit import CommitError
 from raystack.config import ConfigError
 from raystack.data import DataError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+DEFAULT_JOBS_API = "http://127.0.0.1:8265"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +67,6 @@ def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -
 
 
 def cmd_deploy(args) -> int:
-    import os
     import time
 
     from raystack.cluster import init_ray, start_serve
@@ -127,8 +129,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_sweep_report(args) -> int:
-    import os
-
     from raystack.config import ConfigError, from_dict
     from raystack.sweep import SweepSpace
     from raystack.sweep_report import write_report
@@ -174,7 +174,6 @@ def submission(kind: str, job_args: list[str], root: str, environ=None) -> dict:
     For ``deploy``, ``RAYSTACK_API_KEYS`` from the submitter's environment travels in the job's ``runtime_env``
     ``env_vars``; Serve gives a job's runtime_env to the replicas it deploys, so the keys reach them without ever
     appearing on a command line or in a log (the Jobs API, behind the cluster's token, still holds them)."""
-    import os
     import shlex
 
     environ = os.environ if environ is None else environ
@@ -187,11 +186,9 @@ def submission(kind: str, job_args: list[str], root: str, environ=None) -> dict:
 
 
 def _job_client(address: str | None):
-    import os
-
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_JOBS_API
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # connection refused, bad address, authentication refused
@@ -199,11 +196,40 @@ def _job_client(address: str | None):
                           "(ray dashboard cluster.yaml), and RAY_AUTH_MODE=token set with the cluster's token?") from None
 
 
+class JobsAPIError(RuntimeError):
+    """The Ray Jobs API refused a call (unknown job id, refused token, no agent): the user's to fix, no traceback."""
+
+
+@contextlib.contextmanager
+def _jobs_api(address: str | None):
+    """A Jobs API client; what the API answers with an error becomes a ``JobsAPIError`` naming the address. Only
+    here: elsewhere a RuntimeError is a bug and keeps its traceback."""
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # an older Ray without token authentication
+        AuthenticationError = RuntimeError  # noqa: N806
+    client = _job_client(address)
+    try:
+        yield client
+    except (AuthenticationError, RuntimeError) as e:
+        if isinstance(e, JobsAPIError):
+            raise
+        raise JobsAPIError(f"the Ray Jobs API at {address or os.environ.get('RAY_ADDRESS') or DEFAULT_JOBS_API} "
+                           f"refused: {e}") from None
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError)
+
+
 def cmd_submit(args) -> int:
+    spec = submission(args.kind, args.job_args, project_root())
+    with _jobs_api(args.address) as client:
+        return _submit(client, spec, args.wait)
+
+
+def _submit(client, spec: dict, wait: bool) -> int:
     import time
 
-    spec = submission(args.kind, args.job_args, project_root())
-    client = _job_client(args.address)
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -216,7 +242,7 @@ def cmd_submit(args) -> int:
     print(f"[raystack] submitted {job_id}: {spec['entrypoint']}", flush=True)
     if API_KEYS_ENV in spec["runtime_env"].get("env_vars", {}):
         print(f"[raystack] {API_KEYS_ENV} from this shell goes to the replicas in the job's runtime_env", flush=True)
-    if args.wait:
+    if wait:
         return _follow(client, job_id)
     print(f"[raystack] follow with: raystack logs {job_id} --follow   (status: raystack status {job_id})")
     return 0
@@ -236,23 +262,23 @@ def _follow(client, job_id: str) -> int:
 
 
 def cmd_status(args) -> int:
-    client = _job_client(args.address)
-    info = client.get_job_info(args.job_id)
+    with _jobs_api(args.address) as client:
+        info = client.get_job_info(args.job_id)
     print(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
     return 0
 
 
 def cmd_logs(args) -> int:
-    client = _job_client(args.address)
-    if args.follow:
-        return _follow(client, args.job_id)
-    print(client.get_job_logs(args.job_id), end="")
+    with _jobs_api(args.address) as client:
+        if args.follow:
+            return _follow(client, args.job_id)
+        print(client.get_job_logs(args.job_id), end="")
     return 0
 
 
 def cmd_stop(args) -> int:
-    client = _job_client(args.address)
-    stopped = client.stop_job(args.job_id)
+    with _jobs_api(args.address) as client:
+        stopped = client.stop_job(args.job_id)
     print(f"{args.job_id}: {'stop requested' if stopped else 'was not running'}")
     return 0
 
@@ -332,21 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         args.job_args = [*args.job_args, *job_args]
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except USER_ERRORS as e:  # the user's to fix: one line, no traceback; any other error keeps its traceback
         print(f"raystack: error: {e}", file=sys.stderr)
         return 2
-    except _job_errors() as e:
-        print(f"raystack: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _job_errors() -> tuple:
-    """Errors of the Jobs API a user causes (unknown job id, refused token) — reported, not traced."""
-    try:
-        from ray.exceptions import AuthenticationError
-    except ImportError:
-        return (RuntimeError,)
-    return (AuthenticationError, RuntimeError)
 
 
 if __name__ == "__main__":

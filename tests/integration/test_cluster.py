@@ -178,6 +178,8 @@ def test_training_job_spreads_over_two_nodes_and_exports_to_shared_storage(clust
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], followed.stdout[-3000:]  # one worker per node
     status = raystack("status", job_id, env=cluster["env"])
     assert "SUCCEEDED" in status.stdout
+    unknown = raystack("status", "raysubmit_nope", env=cluster["env"])  # what the Jobs API refuses: one line
+    assert unknown.returncode == 2 and "refused:" in unknown.stderr and "Traceback" not in unknown.stderr
     artifact = shared / "two-nodes" / "model"
     manifest = read_manifest(str(artifact))
     assert sorted(manifest["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
