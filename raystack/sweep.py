@@ -164,6 +164,13 @@ class SweepSpace:
         # metric in every report, and a restored trial resumes from its last report.
         if config.train.eval_every < 1:
             raise ValueError("base.train.eval_every must be >= 1: trials report (and ASHA decides) at evaluations")
+        explicit = values.get("train") or {}
+        for key in ("log_every", "checkpoint_every"):  # follow eval_every; a different explicit value is refused
+            if explicit.get(key) is not None and explicit[key] != config.train.eval_every:
+                raise ValueError(
+                    f"base.train.{key} is {explicit[key]}, but a trial reports and checkpoints at each evaluation "
+                    f"(Tune and ASHA need the metric in every report), so it follows base.train.eval_every "
+                    f"({config.train.eval_every}); remove base.train.{key} or set it to {config.train.eval_every}")
         config.train.log_every = config.train.checkpoint_every = config.train.eval_every
         return config
 

@@ -45,10 +45,17 @@ def test_bad_space_files_name_the_field(tmp_path, text, message):
 
 def test_trials_report_exactly_at_evaluations(tmp_path):
     """Every report must carry the metric (Tune's strict check, ASHA) and a checkpoint (resume)."""
-    space = load_space(SPACES / "gpt_tiny.yaml", ["base.train.log_every=3", "base.train.checkpoint_every=7",
-                                                  "base.train.eval_every=5"])
+    space = load_space(SPACES / "gpt_tiny.yaml", ["base.train.eval_every=5"])
     train = space.base_config().train
     assert train.log_every == train.checkpoint_every == train.eval_every == 5
+    agreeing = load_space(SPACES / "gpt_tiny.yaml", ["base.train.eval_every=5", "base.train.checkpoint_every=5"])
+    assert agreeing.base_config().train.checkpoint_every == 5
+    # An explicit setting is never silently overwritten: a different one is refused, naming the fix.
+    with pytest.raises(ConfigError, match=r"base.train.log_every is 3, .* follows base.train.eval_every \(5\); "
+                                          r"remove base.train.log_every or set it to 5"):
+        load_space(SPACES / "gpt_tiny.yaml", ["base.train.log_every=3", "base.train.eval_every=5"])
+    with pytest.raises(ConfigError, match="base.train.checkpoint_every is 7"):
+        load_space(SPACES / "gpt_tiny.yaml", ["base.train.checkpoint_every=7", "base.train.eval_every=5"])
     with pytest.raises(ConfigError, match="eval_every must be >= 1"):
         load_space(SPACES / "gpt_tiny.yaml", ["base.train.eval_every=0"])
 
