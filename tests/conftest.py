@@ -10,23 +10,29 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY_OVERRIDES, free_port
+
 REPO = Path(__file__).resolve().parent.parent
+_SESSION_TMP: Path | None = None  # the session's temp dir, set by pytest_configure
 
-# Keep every Ray and raystack file of the test session out of the user's home (~/.ray, ~/raystack_runs).
-_SESSION_TMP = Path(tempfile.mkdtemp(prefix="raystack-tests-"))
-_TOKEN = _SESSION_TMP / "auth_token"
-_TOKEN.write_text(secrets.token_hex(32))
-_TOKEN.chmod(0o600)
-os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
-os.environ["RAY_AUTH_MODE"] = "token"  # what we ship: token auth on
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# What every local Ray raystack starts gets, for every Ray this session starts (ray.init and the two-node `ray start`
-# cluster alike): workers at niceness 0 and room for a slow Serve proxy start, so the suite holds on a busy machine.
-from raystack.cluster import apply_local_ray_env  # noqa: E402
 
-apply_local_ray_env()
-# The venv first on PATH, as on a node whose setup installed raystack: a Ray job's `python` entrypoint is that one.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+def pytest_configure(config):
+    """The session's environment, set once before any test module is imported: every Ray and raystack file of the
+    session outside the user's home (~/.ray, ~/raystack_runs), token auth on as we ship it, and the local-Ray
+    settings (workers at niceness 0, room for a slow Serve proxy start) for every Ray the session starts."""
+    global _SESSION_TMP
+    from raystack.cluster import apply_local_ray_env
+
+    _SESSION_TMP = Path(tempfile.mkdtemp(prefix="raystack-tests-"))
+    token = _SESSION_TMP / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    apply_local_ray_env()
+    # The venv first on PATH, as on a node whose setup installed raystack: a Ray job's `python` entrypoint is it.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,14 +46,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API over HTTP on loopback (moto's threaded server) for the session. The ``AWS_*`` variables point
@@ -58,7 +56,7 @@ def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
@@ -78,24 +76,13 @@ def ray_session(s3_endpoint):
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the workers
         # of a data-parallel sweep trial that ASHA stops (as on every real cluster); on a free port.
         include_dashboard=True,
-        dashboard_port=_free_port(),
+        dashboard_port=free_port(),
         object_store_memory=150 * 1024**2,
         _temp_dir=str(_SESSION_TMP / "ray"),
         log_to_driver=True,
     )
     yield ray
     ray.shutdown()
-
-
-# A fast tiny run on a small slice of the default corpus.
-TINY_OVERRIDES = [
-    "data.max_documents=30",
-    "data.block_size=64",
-    "train.batch_size=8",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=5",
-    "train.eval_blocks=32",
-]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from raystack.checkpoint import load_artifact, registered_checkpoints, save_arti
 from raystack.config import from_dict
 from raystack.model import GPT, ModelConfig
 from raystack.train import load_train_config
-from tests.conftest import TINY_OVERRIDES, _free_port
+from tests.helpers import TINY_OVERRIDES, free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def test_training_on_s3_killed_and_resumed_then_served(ray_session, bucket):
     artifact = f"s3://{bucket}/runs/on-s3/model"
     model, _ = load_artifact(artifact)
     assert model.config == load_train_config(None, args).model.build()
-    _, port = start_serve({"host": "127.0.0.1", "port": _free_port()})
+    _, port = start_serve({"host": "127.0.0.1", "port": free_port()})
     try:
         serve.run(build_app({"model": artifact, "num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1}),
                   name="from-s3", route_prefix="/s3")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import httpx
 import pytest
@@ -14,15 +13,10 @@ from raystack.checkpoint import save_artifact
 from raystack.cluster import start_serve
 from raystack.model import GPT, ModelConfig
 from raystack.serving import build_app
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from raystack.checkpoint import load_artifact
 from raystack.data import DataConfig, DataError, prepare_blocks
 from raystack.train import fit, load_train_config
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
