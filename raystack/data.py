@@ -258,9 +258,6 @@ def load_blocks(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def prepare_blocks(config: DataConfig, out_root: str) -> str:
     """Pack the corpus into ``out_root/<fingerprint>`` (reusing it when already committed); return that URI."""
-    import ray
-    import ray.data
-
     resolved = resolve_sources(config)
     out_uri = storage.join(out_root, resolved.fingerprint)
     try:
@@ -269,6 +266,24 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
             return out_uri
     except commit.CommitError as e:
         logger.warning("packing again: %s", e)
+    documents = _read_documents(_tokenized_dataset(config, resolved), resolved.description)
+    blocks = _pack_splits(documents, config, resolved.description)
+    meta = {"format_version": FORMAT_VERSION, "sources": resolved.description, "block_size": config.block_size,
+            "train_blocks": len(blocks["train"]), "val_blocks": len(blocks["val"]),
+            "train_tokens": int(blocks["train"].size), "val_tokens": int(blocks["val"].size)}
+    attempt = commit.begin(out_uri)
+    attempt.write("train.npy", _npy_bytes(blocks["train"]))
+    attempt.write("val.npy", _npy_bytes(blocks["val"]))
+    attempt.write("meta.json", json.dumps(meta, indent=2).encode())
+    attempt.commit(meta=meta, replace_all=True)  # the directory is ours: <run>/data/<fingerprint>
+    logger.info("packed %d train / %d val blocks from %s into %s", meta["train_blocks"], meta["val_blocks"],
+                resolved.description, out_uri)
+    return out_uri
+
+
+def _tokenized_dataset(config: DataConfig, resolved: ResolvedSources):
+    """One Ray Dataset of ``{key, split, tokens}`` rows over every source, at most ``max_documents`` of them."""
+    import ray.data
 
     # Ray Data snapshots the context when a dataset is created: order must be fixed before building it, or `limit`
     # keeps whichever documents finish first (a fresh process's first call differed from later ones).
@@ -289,8 +304,11 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     if config.max_documents:
         ds = ds.limit(config.max_documents)
-    tokenized = ds.map_batches(_tokenize_batch, batch_format="numpy", fn_kwargs={"val_fraction": config.val_fraction})
+    return ds.map_batches(_tokenize_batch, batch_format="numpy", fn_kwargs={"val_fraction": config.val_fraction})
 
+
+def _read_documents(tokenized, description: str) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """``{split: [(key, tokens)]}`` as Ray Data produces them; a read failure becomes one ``DataError``."""
     documents: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "val": []}
     try:
         for batch in tokenized.iter_batches(batch_format="numpy", batch_size=1024):
@@ -298,36 +316,26 @@ def prepare_blocks(config: DataConfig, out_root: str) -> str:
                 documents[split].append((key, np.asarray(tokens, np.uint16)))
     except Exception as e:  # a read failure surfaces here, wrapped in Ray's task errors
         cause = getattr(e, "cause", None) or e
-        raise DataError(f"cannot read the corpus {resolved.description}: {type(cause).__name__}: {cause}") from None
+        raise DataError(f"cannot read the corpus {description}: {type(cause).__name__}: {cause}") from None
+    return documents
 
-    # Join documents in key order (path, or content hash for parquet rows), not in the order Ray Data produced
-    # them: the same inputs give the same blocks on every run, whatever the cluster's parallelism was.
+
+def _pack_splits(documents: dict, config: DataConfig, description: str) -> dict[str, np.ndarray]:
+    """Each split's documents joined in key order (path, or content hash for parquet rows), not in the order Ray
+    Data produced them: the same inputs give the same blocks on every run, whatever the cluster's parallelism."""
     blocks = {split: pack_tokens([t for _, t in sorted(docs, key=lambda d: d[0])], config.block_size)
               for split, docs in documents.items()}
     if len(blocks["train"]) == 0:
-        raise DataError(
-            f"the corpus {resolved.description} yields no training block of {config.block_size + 1} tokens; "
-            "add text or lower data.block_size"
-        )
+        raise DataError(f"the corpus {description} yields no training block of {config.block_size + 1} tokens; "
+                        "add text or lower data.block_size")
     if len(blocks["val"]) == 0 and config.val_fraction > 0:
         # Too few documents for a hash split to hold any out: keep the last blocks of train for validation.
         n_val = max(1, int(round(config.val_fraction * len(blocks["train"]))))
         if n_val >= len(blocks["train"]):
-            raise DataError(f"the corpus {resolved.description} is too small to hold out a validation block")
+            raise DataError(f"the corpus {description} is too small to hold out a validation block")
         blocks["val"], blocks["train"] = blocks["train"][-n_val:], blocks["train"][:-n_val]
         logger.warning("no document hashed into validation; held out the last %d training blocks", n_val)
-
-    meta = {"format_version": FORMAT_VERSION, "sources": resolved.description, "block_size": config.block_size,
-            "train_blocks": len(blocks["train"]), "val_blocks": len(blocks["val"]),
-            "train_tokens": int(blocks["train"].size), "val_tokens": int(blocks["val"].size)}
-    attempt = commit.begin(out_uri)
-    attempt.write("train.npy", _npy_bytes(blocks["train"]))
-    attempt.write("val.npy", _npy_bytes(blocks["val"]))
-    attempt.write("meta.json", json.dumps(meta, indent=2).encode())
-    attempt.commit(meta=meta, replace_all=True)  # the directory is ours: <run>/data/<fingerprint>
-    logger.info("packed %d train / %d val blocks from %s into %s", meta["train_blocks"], meta["val_blocks"],
-                resolved.description, out_uri)
-    return out_uri
+    return blocks
 
 
 # ----------------------------------------------------------------------------------------------------------------

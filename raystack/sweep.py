@@ -362,13 +362,7 @@ def _upload(home: str, root: str, names) -> None:
 
 
 def run_sweep(space: SweepSpace) -> SweepOutput:
-    import optuna
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-    from ray.tune.search.optuna import OptunaSearch
-
-    from raystack.checkpoint import export_checkpoint
+    """Run (or resume) the sweep; export the best trial's model; write the dashboard. Needs a connected Ray."""
     from raystack.data import prepare_blocks
     from raystack.sweep_report import write_report
 
@@ -377,10 +371,27 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "space.json"), "w") as f:  # for `raystack sweep-report SWEEP_DIR`
         json.dump(to_dict(space), f, indent=2)
-    base = space.base_config()
     if space.workers_per_trial > 1:
         _require_state_api()
-    data_uri = prepare_blocks(base.data, storage.join(root, "data"))
+    data_uri = prepare_blocks(space.base_config().data, storage.join(root, "data"))
+    results = _tuner(space, root, sweep_dir, data_uri).fit()
+    best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+    best_config = {k: best.config[k] for k in space.parameters}
+    artifact = _export_best(best, space, best_config, root)
+    statuses = {r.path.rstrip("/").rsplit("/", 1)[-1]: ("ERROR" if r.error else "TERMINATED") for r in results}
+    dashboard = write_report(sweep_dir, space, statuses=statuses)
+    if remote:  # beside the sweep too, for whoever fetches it from the bucket
+        _upload(sweep_dir, root, ["space.json", "dashboard.html"])
+    return SweepOutput(sweep_dir, best_config, _best_metric(best, space), artifact, dashboard, len(results), root)
+
+
+def _tuner(space: SweepSpace, root: str, sweep_dir: str, data_uri: str):
+    """The Tuner: restored when the sweep at ``root`` ran before, else new (Optuna TPE + ASHA, study in SQLite)."""
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
     trainable = ray.tune.with_parameters(run_trial, space_dict=to_dict(space), data_uri=data_uri,
                                          runs_dir=storage.join(root, "train_runs"))
     # One worker trains inside the trial, which holds its resources. Several train in the TorchTrainer's own
@@ -389,34 +400,36 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
     resources = ({"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial} if space.workers_per_trial == 1
                  else {"cpu": 0.01})
     trainable = ray.tune.with_resources(trainable, resources)
-
     if ray.tune.Tuner.can_restore(root):
         logger.info("resuming sweep %s", root)
-        tuner = ray.tune.Tuner.restore(root, trainable, resume_errored=True)
-    else:
-        study_storage = optuna.storages.RDBStorage(space.optuna_storage or f"sqlite:///{sweep_dir}/optuna.db")
-        sampler = (optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
-                   if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
-        searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode, sampler=sampler,
-                                study_name=space.name, storage=study_storage)
-        scheduler = (ASHAScheduler(time_attr="step", max_t=base.train.steps,
-                                   grace_period=space.scheduler.grace_period,
-                                   reduction_factor=space.scheduler.reduction_factor)
-                     if space.early_stopping else FIFOScheduler())
-        tuner = ray.tune.Tuner(
-            trainable,
-            tune_config=ray.tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
-                                            scheduler=scheduler, num_samples=space.num_samples,
-                                            max_concurrent_trials=space.max_concurrent_trials),
-            run_config=ray.tune.RunConfig(name=space.name,
-                                          storage_path=storage.join(space.storage_path),
-                                          callbacks=[_dashboard_callback(sweep_dir, space, mirror=remote)],
-                                          checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2)),
-        )
-    results = tuner.fit()
-    best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+        return ray.tune.Tuner.restore(root, trainable, resume_errored=True)
+    study_storage = optuna.storages.RDBStorage(space.optuna_storage or f"sqlite:///{sweep_dir}/optuna.db")
+    sampler = (optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
+               if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
+    searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode, sampler=sampler,
+                            study_name=space.name, storage=study_storage)
+    scheduler = (ASHAScheduler(time_attr="step", max_t=space.steps, grace_period=space.scheduler.grace_period,
+                               reduction_factor=space.scheduler.reduction_factor)
+                 if space.early_stopping else FIFOScheduler())
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
+                                        scheduler=scheduler, num_samples=space.num_samples,
+                                        max_concurrent_trials=space.max_concurrent_trials),
+        run_config=ray.tune.RunConfig(name=space.name, storage_path=storage.join(space.storage_path),
+                                      callbacks=[_dashboard_callback(sweep_dir, space, mirror=root != sweep_dir)],
+                                      checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def _export_best(best, space: SweepSpace, best_config: dict, root: str) -> str:
+    """Commit the best trial's final weights as the model artifact ``<root>/best_model``; return its location."""
+    import ray.tune
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from raystack.checkpoint import export_checkpoint
+
     artifact = storage.join(root, "best_model")
-    best_config = {k: best.config[k] for k in space.parameters}
     checkpoint = best.checkpoint  # a data-parallel trial's checkpoints live in its Train run; Tune has their path
     if checkpoint is None and best.metrics.get(CHECKPOINT_PATH_KEY):
         checkpoint = ray.tune.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=storage.filesystem(root)[0])
@@ -424,11 +437,7 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
         raise RuntimeError(f"the best trial ({best.path}) reported no checkpoint")
     with checkpoint.as_directory() as directory:
         export_checkpoint(directory, space.base_config(best_config).model.build(), artifact)
-    statuses = {r.path.rstrip("/").rsplit("/", 1)[-1]: ("ERROR" if r.error else "TERMINATED") for r in results}
-    dashboard = write_report(sweep_dir, space, statuses=statuses)
-    if remote:  # beside the sweep too, for whoever fetches it from the bucket
-        _upload(sweep_dir, root, ["space.json", "dashboard.html"])
-    return SweepOutput(sweep_dir, best_config, _best_metric(best, space), artifact, dashboard, len(results), root)
+    return artifact
 
 
 def _best_metric(result, space: SweepSpace) -> float:

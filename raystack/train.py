@@ -308,76 +308,99 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     ``report(metrics, checkpoint=...)`` and ``checkpoint`` (the one to resume from, or None) are Ray Train's or
     Ray Tune's; ``wrap`` turns the model into its data-parallel form.
     """
-    from raystack.checkpoint import save_checkpoint
-
     config = from_dict(TrainJobConfig, loop_config["config"])
     cfg = config.train
-    threads = cfg.threads_per_worker or max(1, int(config.scaling.cpus_per_worker))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads_per_worker or max(1, int(config.scaling.cpus_per_worker)))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(config.model.build()).to(device)
-    optimizer = build_optimizer(model, cfg)
-    start_step = 0
-    if checkpoint:
-        meta = _restore(checkpoint, model, optimizer, rank, device)
-        start_step = meta["step"]
-        if not meta["rng_restored"]:  # a resized group: ranks without saved RNG get a fresh, deterministic stream
-            torch.manual_seed(cfg.seed * 1_000_003 + start_step * 1_009 + rank)
-        if rank == 0:
-            print(f"[raystack] resumed from step {start_step} ({world_size} workers)", flush=True)
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank dropout streams
+    model, optimizer, start_step = _initial_state(config, rank, world_size, device, checkpoint)
     model = wrap(model, world_size)
-
     train_blocks, val_blocks, _ = load_blocks(loop_config["data_uri"])
     share = rank_slice(cfg.batch_size, rank, world_size)
-    tokens_per_step = cfg.batch_size * (train_blocks.shape[1] - 1)
-    flops_per_token = _module(model).flops_per_token(train_blocks.shape[1] - 1)
-
-    gauges = _TrainMetrics(config.name) if rank == 0 else None
-    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), device=device)
+    reporter = _Reporter(config, rank, world_size, device, start_step, train_blocks.shape[1] - 1,
+                         _module(model).flops_per_token(train_blocks.shape[1] - 1), report, checkpoint_cls)
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids = batch_indices(step, cfg.batch_size, len(train_blocks), cfg.seed)[share]
         blocks = torch.from_numpy(train_blocks[ids].astype(np.int64)).to(device, non_blocking=True)
-        window_loss += train_step(model, optimizer, blocks, cfg, world_size, autocast)
-        window_steps += 1
-        done = step + 1
+        reporter.add(train_step(model, optimizer, blocks, cfg, world_size, autocast))
+        reporter.maybe_report(step + 1, lr, model, optimizer,
+                              lambda: evaluate(model, val_blocks, cfg, rank, world_size, device, autocast))
+
+
+def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):
+    """``(model, optimizer, start_step)``: fresh (the same initial weights on every rank) or restored from
+    ``checkpoint``, with each rank's RNG stream set for what follows."""
+    cfg = config.train
+    torch.manual_seed(cfg.seed)
+    model = GPT(config.model.build()).to(device)
+    optimizer = build_optimizer(model, cfg)
+    if not checkpoint:
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank dropout streams
+        return model, optimizer, 0
+    meta = _restore(checkpoint, model, optimizer, rank, device)
+    start_step = meta["step"]
+    if not meta["rng_restored"]:  # a resized group: ranks without saved RNG get a fresh, deterministic stream
+        torch.manual_seed(cfg.seed * 1_000_003 + start_step * 1_009 + rank)
+    if rank == 0:
+        print(f"[raystack] resumed from step {start_step} ({world_size} workers)", flush=True)
+    return model, optimizer, start_step
+
+
+class _Reporter:
+    """Accumulates the loss over a report window; every ``log_every`` steps (and at evaluations and checkpoints)
+    reports the window's figures to Ray, with a checkpoint when one is due, and shows them on rank 0."""
+
+    def __init__(self, config: TrainJobConfig, rank: int, world_size: int, device, start_step: int, block_tokens: int,
+                 flops_per_token: float, report, checkpoint_cls):
+        self.config, self.cfg, self.rank, self.world_size = config, config.train, rank, world_size
+        self.start_step, self.report, self.checkpoint_cls = start_step, report, checkpoint_cls
+        self.tokens_per_step = config.train.batch_size * block_tokens
+        self.flops_per_token = flops_per_token
+        self.gauges = _TrainMetrics(config.name) if rank == 0 else None
+        self.loss = torch.zeros((), device=device)
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def maybe_report(self, done: int, lr: float, model, optimizer, evaluate) -> None:
+        cfg = self.cfg
         last = done == cfg.steps
         do_eval = last or (cfg.eval_every and done % cfg.eval_every == 0)
         do_checkpoint = last or done % cfg.checkpoint_every == 0
         if not (do_eval or do_checkpoint or done % cfg.log_every == 0):
-            continue
-        if world_size > 1:
-            torch.distributed.all_reduce(window_loss)
-        elapsed = time.perf_counter() - window_start
-        tokens_per_s = window_steps * tokens_per_step / elapsed
-        metrics = {"step": done, "loss": window_loss.item() / (window_steps * world_size), "lr": lr,
-                   "tokens_per_s": tokens_per_s, "world_size": world_size,
-                   "model_flops_per_s": tokens_per_s * flops_per_token, "resumed_from_step": start_step}
+            return
+        if self.world_size > 1:
+            torch.distributed.all_reduce(self.loss)
+        tokens_per_s = self.steps * self.tokens_per_step / (time.perf_counter() - self.start)
+        metrics = {"step": done, "loss": self.loss.item() / (self.steps * self.world_size), "lr": lr,
+                   "tokens_per_s": tokens_per_s, "world_size": self.world_size,
+                   "model_flops_per_s": tokens_per_s * self.flops_per_token, "resumed_from_step": self.start_step}
         if do_eval:
-            metrics["val_loss"] = evaluate(model, val_blocks, cfg, rank, world_size, device, autocast)
-        if gauges is not None:
-            gauges.record(metrics)
-        if rank == 0:
+            metrics["val_loss"] = evaluate()
+        if self.gauges is not None:
+            self.gauges.record(metrics)
+        if self.rank == 0:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "val_loss", "lr"))
             print(f"[raystack] step {done}/{cfg.steps} {shown} tokens/s {tokens_per_s:,.0f}", flush=True)
         if do_checkpoint:
+            from raystack.checkpoint import save_checkpoint
+
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, done, _module(model), optimizer, rank=rank,
-                                extra={"world_size": world_size, **_identity(config)})
-                report(metrics, checkpoint=checkpoint_cls.from_directory(directory))
+                save_checkpoint(directory, done, _module(model), optimizer, rank=self.rank,
+                                extra={"world_size": self.world_size, **_identity(self.config)})
+                self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(directory))
         else:
-            report(metrics)
-        window_start, window_steps = time.perf_counter(), 0
-        window_loss.zero_()
+            self.report(metrics)
+        self.start, self.steps = time.perf_counter(), 0
+        self.loss.zero_()
 
 
 def _identity(config: TrainJobConfig) -> dict:

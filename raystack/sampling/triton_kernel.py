@@ -90,10 +90,39 @@ def _sample_kernel(logits_ptr, counts_ptr, mask_ptr, temperature_ptr, top_k_ptr,
 
 
 @triton.jit
+def _count_at_most(logits_ptr, counts_ptr, mask_ptr, row, V, stride, cstride, best, t, rep, freq, pres, bound,
+                   HAS_PENALTIES: tl.constexpr, HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr):
+    """How many tokens of the row have ``key <= bound``."""
+    lane = tl.arange(0, BLOCK)
+    count = 0
+    for start in range(0, V, BLOCK):
+        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
+                        pres, HAS_PENALTIES, HAS_PROMPT)
+        count += tl.sum((key <= bound).to(tl.int32), 0)
+    return count
+
+
+@triton.jit
+def _mass(logits_ptr, counts_ptr, mask_ptr, row, V, stride, cstride, best, t, rep, freq, pres, bound,
+          STRICT: tl.constexpr, HAS_PENALTIES: tl.constexpr, HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr):
+    """float64 ``sum(exp(z))`` over the tokens with ``key < bound`` (``STRICT``) or ``key <= bound``."""
+    lane = tl.arange(0, BLOCK)
+    mass = tl.zeros((), dtype=tl.float64)
+    for start in range(0, V, BLOCK):
+        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
+                        pres, HAS_PENALTIES, HAS_PROMPT)
+        if STRICT:
+            inside = key < bound
+        else:
+            inside = key <= bound
+        mass += tl.sum(tl.where(inside, tl.exp(z), 0.0).to(tl.float64), 0)
+    return mass
+
+
+@triton.jit
 def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_ptr, step_ptr, tokens_ptr,
           logprobs_ptr, cut_ptr, row, V, stride, cstride, best, t, rep, freq, pres, HAS_PENALTIES: tl.constexpr,
           HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr):
-    lane = tl.arange(0, BLOCK)
     k = tl.load(top_k_ptr + row)
     p = tl.load(top_p_ptr + row).to(tl.float64)
     min_p_key = tl.load(nlm_ptr + row).to(tl.int32, bitcast=True)
@@ -105,49 +134,42 @@ def _draw(logits_ptr, counts_ptr, mask_ptr, top_k_ptr, top_p_ptr, nlm_ptr, seed_
         hi = INF_KEY
         for _ in range(31):
             mid = lo + (hi - lo) // 2
-            count = 0
-            for start in range(0, V, BLOCK):
-                z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t,
-                                rep, freq, pres, HAS_PENALTIES, HAS_PROMPT)
-                count += tl.sum((key <= mid).to(tl.int32), 0)
-            enough = count >= k
+            enough = _count_at_most(logits_ptr, counts_ptr, mask_ptr, row, V, stride, cstride, best, t, rep, freq,
+                                    pres, mid, HAS_PENALTIES, HAS_PROMPT, BLOCK) >= k
             hi = tl.where(enough, mid, hi)
             lo = tl.where(enough, lo, mid + 1)
         k_key = lo
 
-    # Mass of the top-k set (the whole row when top-k is off).
-    total_k = tl.zeros((), dtype=tl.float64)
-    for start in range(0, V, BLOCK):
-        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
-                        pres, HAS_PENALTIES, HAS_PROMPT)
-        total_k += tl.sum(tl.where(key <= k_key, tl.exp(z), 0.0).to(tl.float64), 0)
-
-    # top-p: largest key P (<= K) with mass(key < P) < p * Z_k; the survivors are key <= P.
+    # top-p: largest key P (<= K) with mass(key < P) < p * Z_k, Z_k the mass of the top-k set (the whole row when
+    # top-k is off); the survivors are key <= P.
     p_key = k_key
     if p < 1.0:
-        budget = p * total_k
+        budget = p * _mass(logits_ptr, counts_ptr, mask_ptr, row, V, stride, cstride, best, t, rep, freq, pres, k_key,
+                           False, HAS_PENALTIES, HAS_PROMPT, BLOCK)
         lo = 0
         hi = k_key
         for _ in range(31):
             mid = hi - (hi - lo) // 2
-            mass = tl.zeros((), dtype=tl.float64)
-            for start in range(0, V, BLOCK):
-                z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t,
-                                rep, freq, pres, HAS_PENALTIES, HAS_PROMPT)
-                mass += tl.sum(tl.where(key < mid, tl.exp(z), 0.0).to(tl.float64), 0)
-            fits = mass < budget
+            fits = _mass(logits_ptr, counts_ptr, mask_ptr, row, V, stride, cstride, best, t, rep, freq, pres, mid,
+                         True, HAS_PENALTIES, HAS_PROMPT, BLOCK) < budget
             lo = tl.where(fits, mid, lo)
             hi = tl.where(fits, hi, mid - 1)
         p_key = lo
     cut = tl.minimum(tl.minimum(k_key, p_key), min_p_key)
     tl.store(cut_ptr + row, cut)
+    total = _mass(logits_ptr, counts_ptr, mask_ptr, row, V, stride, cstride, best, t, rep, freq, pres, cut, False,
+                  HAS_PENALTIES, HAS_PROMPT, BLOCK)
+    _inverse_cdf(logits_ptr, counts_ptr, mask_ptr, seed_ptr, step_ptr, tokens_ptr, logprobs_ptr, row, V, stride,
+                 cstride, best, t, rep, freq, pres, cut, total, HAS_PENALTIES, HAS_PROMPT, BLOCK)
 
-    # Surviving mass, then the inverse CDF in token-index order.
-    total = tl.zeros((), dtype=tl.float64)
-    for start in range(0, V, BLOCK):
-        z, key = _z_key(logits_ptr, counts_ptr, mask_ptr, row, start + lane, V, stride, cstride, best, t, rep, freq,
-                        pres, HAS_PENALTIES, HAS_PROMPT)
-        total += tl.sum(tl.where(key <= cut, tl.exp(z), 0.0).to(tl.float64), 0)
+
+@triton.jit
+def _inverse_cdf(logits_ptr, counts_ptr, mask_ptr, seed_ptr, step_ptr, tokens_ptr, logprobs_ptr, row, V, stride,
+                 cstride, best, t, rep, freq, pres, cut, total, HAS_PENALTIES: tl.constexpr,
+                 HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr):
+    """Draw among the survivors (``key <= cut``, mass ``total``) by the inverse CDF in token-index order, with the
+    row's Philox stream at its step; store the token and its log-probability under the filtered distribution."""
+    lane = tl.arange(0, BLOCK)
     seed = tl.load(seed_ptr + row)
     step = tl.load(step_ptr + row).to(tl.uint32)
     zero = step * 0
