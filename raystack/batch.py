@@ -95,20 +95,19 @@ class BatchConfig:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.batch_size < 1 or self.max_tokens < 1:
             raise ValueError("batch_size and max_tokens must be >= 1")
-        try:  # the job-wide sampling parameters obey the op's rules
-            check_sampling(self.temperature, self.top_p, self.top_k, self.min_p)
-        except ValueError as e:
-            raise ValueError(str(e).replace("; row 0 has", ", got")) from None
+        check_sampling(self)
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int, min_p: float) -> None:
-    """``ValueError`` naming the parameter when one value breaks the sampling op's rules (``raystack.sampling``)."""
-    import torch
+def check_sampling(config: BatchConfig) -> None:
+    """``ValueError`` naming the parameter when a job-wide sampling value breaks the rules a row's value (and the
+    HTTP API's) obeys: one parser, ``openai_api.generation_params``, in the engine's precision."""
+    from raystack.openai_api import APIError, RequestLimits, generation_params
 
-    from raystack.sampling import SamplingParams, validate
-
-    validate(torch.zeros(1, 2), SamplingParams.build(1, temperature=temperature, top_p=top_p, top_k=top_k,
-                                                     min_p=min_p))
+    anything = RequestLimits(vocab_size=2**62, max_model_len=2**62)  # the model's own limits apply row by row
+    try:
+        generation_params({name: getattr(config, name) for name in PARAM_COLUMNS}, anything, stop=config.stop)
+    except APIError as e:
+        raise ValueError(e.message) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

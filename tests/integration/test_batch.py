@@ -112,7 +112,7 @@ def test_input_errors_are_clear(ray_session, artifact, tmp_path):
         run_batch(job(artifact, path, tmp_path / "o1"))
     with pytest.raises(DataError, match="does not exist"):
         run_batch(job(artifact, tmp_path / "missing.parquet", tmp_path / "o2"))
-    with pytest.raises(ConfigError, match="temperature must be a finite number >= 0, got -1.0"):
+    with pytest.raises(ConfigError, match=r"'temperature' must be in \[0.0, 2.0\], got -1.0"):
         job(artifact, path, tmp_path / "o3", temperature=-1)
 
 

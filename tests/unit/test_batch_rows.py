@@ -48,3 +48,19 @@ def test_separate_outputs_are_accepted(tmp_path, monkeypatch):
     for source, output in (("data/", "data-out"), ("s3://b/in/", "s3://b/out/"), ("data/", "s3://b/data/"),
                            ("s3://b/in/", "gs://b/in/out")):
         _refuse_overlap(source, output)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -1, r"'temperature' must be in \[0.0, 2.0\], got -1.0"),
+    ("temperature", 3.0, r"'temperature' must be in \[0.0, 2.0\], got 3.0"),
+    ("top_p", 1e-50, "'top_p' = 1e-50 is too close to 0 for float32"),
+    ("min_p", 1.5, r"'min_p' must be in \[0.0, 1.0\]"),
+    ("top_k", -2, "'top_k'"),
+    ("seed", 2**63, "'seed'"),
+])
+def test_job_wide_sampling_values_obey_the_same_rules_as_a_rows(field, value, message):
+    """One parser for the job's defaults, a row's columns and the HTTP API: what a row may not say, the job may
+    not either."""
+    with pytest.raises(ValueError, match=message):
+        BatchConfig(model="m", input="in", output="out", **{field: value})
+    BatchConfig(model="m", input="in", output="out", temperature=2.0, top_k=-1, min_p=1.0, seed=2**63 - 1)
