@@ -283,15 +283,38 @@ def cmd_stop(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose ``--help`` ends with every key of the job's spec (its default and doc), generated from the
+    spec's dataclass when help is asked for, so a plain run does not import torch to build it."""
+
+    def __init__(self, *args, spec: tuple[str, str, str] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+
+    def format_help(self) -> str:
+        if self.spec is not None and self.epilog is None:
+            import importlib
+
+            from raystack.config import help_text
+
+            module, name, where = self.spec
+            self.epilog = help_text(getattr(importlib.import_module(module), name),
+                                    f"{name} keys (--set KEY=VALUE, or in {where}):")
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train the GPT on Ray Train and export a model artifact")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train the GPT on Ray Train and export a model artifact",
+                           spec=("raystack.train", "TrainJobConfig", "the --config YAML file"))
     _add_config_args(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=cmd_train)
 
-    deploy = sub.add_parser("deploy", help="serve a model artifact with the OpenAI-compatible API on Ray Serve")
+    deploy = sub.add_parser("deploy", help="serve a model artifact with the OpenAI-compatible API on Ray Serve",
+                            spec=("raystack.serving", "ServeConfig", "the args of the --config Serve file"))
     deploy.add_argument("--model", help="model artifact path or URI (overrides the config's args.model)")
     deploy.add_argument("--config", metavar="FILE", default=None,
                         help="a Serve config file; its first application's args and http_options are used")
@@ -305,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--no-wait", dest="wait", action="store_false", help="deploy and exit")
     deploy.set_defaults(func=cmd_deploy)
 
-    batch = sub.add_parser("batch", help="generate or score a parquet table with Ray Data")
+    batch = sub.add_parser("batch", help="generate or score a parquet table with Ray Data",
+                           spec=("raystack.batch", "BatchConfig", "the --config YAML file"))
     batch.add_argument("--model", help="model artifact path or URI")
     batch.add_argument("--input", help="parquet file, directory or glob (local or URI)")
     batch.add_argument("--output", help="output directory (refused if it exists, unless --overwrite)")
@@ -316,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(batch)
     batch.set_defaults(func=cmd_batch)
 
-    tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune + Optuna + ASHA")
+    tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune + Optuna + ASHA",
+                          spec=("raystack.sweep", "SweepSpace", "the --space YAML file"))
     tune.add_argument("--space", required=True, metavar="FILE", help="a search space, e.g. tune_spaces/gpt_tiny.yaml")
     tune.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                       help="override one space field, e.g. --set num_samples=12")

@@ -124,6 +124,52 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal right after a field), by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): no docs, still the keys and defaults
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, doc)`` for every setting of dataclass ``cls``, nested sections flattened: what
+    ``--set`` accepts, for ``--help``."""
+    hints, docs, rows = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key + ".")
+            continue
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        rows.append((key, default if isinstance(default, str) and default == "(required)" else repr(default),
+                     docs.get(f.name, "")))
+    return rows
+
+
+def help_text(cls: type, title: str) -> str:
+    """``--help`` epilog listing every key of ``cls`` with its default and doc."""
+    rows = describe(cls)
+    width = max(len(key) for key, _, _ in rows)
+    lines = [title]
+    for key, default, doc in rows:
+        lines.append(f"  {key:<{width}}  {default}" + (f"  -- {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 

@@ -30,3 +30,34 @@ def test_what_the_jobs_api_refuses_is_a_user_error(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "the Ray Jobs API at http://head:8265 refused: Request failed with status code 404" in err
 
+
+
+@pytest.mark.parametrize("job, module, name", [("train", "raystack.train", "TrainJobConfig"),
+                                               ("tune", "raystack.sweep", "SweepSpace"),
+                                               ("batch", "raystack.batch", "BatchConfig"),
+                                               ("deploy", "raystack.serving", "ServeConfig")])
+def test_help_lists_every_key_of_the_jobs_spec_with_its_default(job, module, name, capsys):
+    import importlib
+
+    from raystack.config import describe
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main([job, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    rows = describe(getattr(importlib.import_module(module), name))
+    assert len(rows) >= 8
+    lines = {line.split()[0]: line for line in out.splitlines()[out.splitlines().index(
+        next(line for line in out.splitlines() if line.startswith(f"{name} keys"))) + 1:] if line.strip()}
+    for key, default, doc in rows:
+        assert key in lines and default in lines[key], (key, default)
+        assert doc[:30] in lines[key]
+
+
+def test_field_docs_come_from_the_attribute_docstrings():
+    from raystack.config import describe
+    from raystack.train import TrainJobConfig
+
+    rows = {key: (default, doc) for key, default, doc in describe(TrainJobConfig)}
+    assert rows["train.steps"] == ("200", "Optimizer steps in the whole run.")
+    assert rows["model.preset"][0] == "'tiny'" and rows["scaling.num_workers"][1].startswith("Workers: an int")
