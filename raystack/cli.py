@@ -51,16 +51,14 @@ def cmd_train(args) -> int:
 
 def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -> tuple[dict, dict]:
     """``(args, http_options)`` from a Serve config file's first application, ``--model`` and ``--set``."""
-    from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml
+    from raystack.config import ConfigError, from_dict, merge_sources, read_yaml
     from raystack.serving import ServeConfig
 
     data = read_yaml(path) if path else {}
     apps = data.get("applications") or [{}]
     if not isinstance(apps, list) or not isinstance(apps[0], dict):
         raise ConfigError(f"{path}: 'applications' must be a list of applications")
-    args = deep_merge(apps[0].get("args") or {}, parse_overrides(overrides))
-    if model:
-        args["model"] = model
+    args = merge_sources(apps[0].get("args") or {}, overrides, {"model": model})  # the Serve file's args: a spec
     from_dict(ServeConfig, args)  # validate before any Ray work
     http = {"host": "127.0.0.1", "port": 8000, **(data.get("http_options") or {})}
     return args, http
@@ -98,14 +96,11 @@ def cmd_deploy(args) -> int:
 def cmd_batch(args) -> int:
     from raystack.batch import BatchConfig, run_batch
     from raystack.cluster import init_ray
-    from raystack.config import deep_merge, from_dict, parse_overrides, read_yaml
+    from raystack.config import load_config
 
-    values = read_yaml(args.config) if args.config else {}
-    flags = {k: v for k, v in {"model": args.model, "input": args.input, "output": args.output, "mode": args.mode,
-                               "prompt_column": args.prompt_column, "id_column": args.id_column}.items() if v}
-    if args.overwrite:
-        flags["overwrite"] = True
-    config = from_dict(BatchConfig, deep_merge(deep_merge(values, flags), parse_overrides(args.overrides)))
+    flags = {"model": args.model, "input": args.input, "output": args.output, "mode": args.mode,
+             "prompt_column": args.prompt_column, "id_column": args.id_column, "overwrite": args.overwrite or None}
+    config = load_config(BatchConfig, args.config, args.overrides, flags)
     init_ray()
     summary = run_batch(config)
     print(f"[raystack] {summary['rows']} rows ({summary['errors']} with an error) -> {summary['output']}")

@@ -227,7 +227,21 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """The config ``cls`` from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
-    data = read_yaml(path) if path else {}
-    return from_dict(cls, deep_merge(data, parse_overrides(overrides)))
+def merge_sources(data: dict, overrides: typing.Iterable[str] = (), flags: dict | None = None) -> dict:
+    """The one precedence rule of every job: the spec's defaults < the file's values < named flags (``--model``,
+    ``--input``...) < ``--set`` overrides. A flag and a ``--set`` that give one key two values are refused rather
+    than one silently winning."""
+    sets = parse_overrides(overrides)
+    flags = {key: value for key, value in (flags or {}).items() if value is not None}
+    for key, value in flags.items():
+        if key in sets and sets[key] != value:
+            raise ConfigError(f"--{key.replace('_', '-')} {value!r} and --set {key}={sets[key]!r} disagree; "
+                              "give the value once")
+    return deep_merge(deep_merge(data, flags), sets)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                flags: dict | None = None) -> T:
+    """The config ``cls`` of a job: defaults, then the YAML file at ``path``, then named ``flags``, then
+    ``key=value`` overrides (``merge_sources``), validated."""
+    return from_dict(cls, merge_sources(read_yaml(path) if path else {}, overrides, flags))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raystack import storage
-from raystack.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, set_dotted, to_dict
+from raystack.config import ConfigError, deep_merge, from_dict, load_config, set_dotted, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ class SweepSpace:
 
 
 def load_space(path: str, overrides=()) -> SweepSpace:
-    data = read_yaml(path)
-    return from_dict(SweepSpace, deep_merge(data, parse_overrides(overrides)))
+    return load_config(SweepSpace, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------------

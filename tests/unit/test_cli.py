@@ -61,3 +61,19 @@ def test_field_docs_come_from_the_attribute_docstrings():
     rows = {key: (default, doc) for key, default, doc in describe(TrainJobConfig)}
     assert rows["train.steps"] == ("200", "Optimizer steps in the whole run.")
     assert rows["model.preset"][0] == "'tiny'" and rows["scaling.num_workers"][1].startswith("Workers: an int")
+
+
+def test_one_precedence_rule_and_no_silent_winner(tmp_path, capsys):
+    from raystack.batch import BatchConfig
+    from raystack.config import ConfigError, load_config
+
+    path = tmp_path / "batch.yaml"
+    path.write_text("model: from-file\ninput: in\noutput: out\ntemperature: 0.5\n")
+    config = load_config(BatchConfig, path, ["temperature=0.7"], {"model": "from-flag", "mode": None})
+    assert (config.model, config.temperature, config.mode) == ("from-flag", 0.7, "generate")
+    with pytest.raises(ConfigError, match="--model 'a' and --set model='b' disagree"):
+        load_config(BatchConfig, path, ["model=b"], {"model": "a"})
+    assert cli.main(["batch", "--model", "a", "--set", "model=b", "--input", "i", "--output", "o"]) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert cli.main(["deploy", "--model", "a", "--set", "model=b"]) == 2
+    assert "--model 'a' and --set model='b' disagree" in capsys.readouterr().err
