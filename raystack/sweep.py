@@ -216,11 +216,11 @@ def run_trial(trial_config: dict, space_dict: dict, data_uri: str, runs_dir: str
         return
     import torch
 
-    from raystack.train import run_training
+    from raystack.train import TrainMetrics, run_training
 
     device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
     run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
-                 checkpoint_cls=ray.tune.Checkpoint)
+                 checkpoint_cls=ray.tune.Checkpoint, gauges=TrainMetrics(config.name))
 
 
 def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_path: str, name: str) -> None:
@@ -228,7 +228,7 @@ def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_pat
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raystack.train import stop_without_checkpoint_callback, train_loop
+    from raystack.train import StopWithoutCheckpoint, train_loop
 
     workers = space.workers_per_trial
     per_worker = {"CPU": space.cpus_per_trial / workers}
@@ -245,7 +245,7 @@ def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_pat
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # rank 0's reports (with their checkpoint's path) become Tune's
-            callbacks=[TuneReportCallback(), stop_without_checkpoint_callback()],
+            callbacks=[TuneReportCallback(), StopWithoutCheckpoint()],
         ),
     )
     trainer.fit()

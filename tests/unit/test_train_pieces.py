@@ -158,7 +158,7 @@ def test_resume_skips_torn_checkpoints_for_the_newest_that_loads(tmp_path):
     import pyarrow.fs as pafs
 
     from raystack.checkpoint import newest_valid_checkpoint
-    from raystack.train import NoUsableCheckpoint, _restore
+    from raystack.train.loop import NoUsableCheckpoint, _restore
 
     oldest, middle, latest = _checkpoint_dirs(tmp_path, [2, 4, 6])
     os.remove(latest / "model.safetensors")  # the newest is torn
@@ -177,7 +177,8 @@ def test_resume_skips_torn_checkpoints_for_the_newest_that_loads(tmp_path):
 
 
 def test_check_resumable_refuses_other_shapes_and_runs_without_a_usable_checkpoint(tmp_path):
-    from raystack.train import TrainJobConfig, _identity, check_resumable, load_train_config
+    from raystack.train import TrainJobConfig, check_resumable, load_train_config
+    from raystack.train.loop import _identity
 
     config = load_train_config(overrides=[f"storage_path={tmp_path}", "name=run"])
     assert isinstance(config, TrainJobConfig)
@@ -204,12 +205,12 @@ def test_check_resumable_refuses_other_shapes_and_runs_without_a_usable_checkpoi
 
 
 def test_a_worker_without_a_usable_checkpoint_ends_the_run_instead_of_restarting_it():
-    from raystack.train import NoUsableCheckpoint, stop_without_checkpoint_callback
+    from raystack.train import NoUsableCheckpoint, StopWithoutCheckpoint
 
-    callback = stop_without_checkpoint_callback()
+    callback = StopWithoutCheckpoint()
     callback.after_exception(None, {0: ValueError("a passing failure"), 1: RuntimeError("oom")})  # retried as usual
     with pytest.raises(NoUsableCheckpoint, match="no checkpoint of this run can be loaded"):
         callback.after_exception(None, {1: NoUsableCheckpoint("no checkpoint of this run can be loaded: ...")})
     # As it reaches the controller from a worker: wrapped, with the worker's traceback in the text.
     with pytest.raises(NoUsableCheckpoint):
-        callback.after_exception(None, {0: RuntimeError("Traceback ...\nraystack.train.NoUsableCheckpoint: none")})
+        callback.after_exception(None, {0: RuntimeError("Traceback ...\nraystack.train.loop.NoUsableCheckpoint: none")})

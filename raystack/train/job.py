@@ -1,0 +1,150 @@
+"""Where Ray begins: the Ray Train worker entry (``train_loop``), the driver (``fit``: pack the data, run
+``TorchTrainer``, export the artifact), the pre-flight resume check and the controller callbacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train.torch import TorchTrainer
+from ray.util import metrics as ray_metrics
+
+from raystack import storage
+from raystack.checkpoint import CheckpointError, config_differences, export_checkpoint, newest_valid_checkpoint
+from raystack.config import to_dict
+from raystack.data import prepare_blocks
+from raystack.train.config import TrainJobConfig
+from raystack.train.loop import NoUsableCheckpoint, _identity, run_training
+
+logger = logging.getLogger(__name__)
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function (``TorchTrainer``): DDP over the worker group."""
+    ctx = ray.train.get_context()
+    print(f"[raystack] worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} on node "
+          f"{ray.get_runtime_context().get_node_id()}", flush=True)
+    rank = ctx.get_world_rank()
+    gauges = TrainMetrics(loop_config["config"]["name"]) if rank == 0 else None
+    run_training(loop_config, rank, ctx.get_world_size(), ray.train.torch.get_device(),
+                 report=ray.train.report, checkpoint=ray.train.get_checkpoint(),
+                 checkpoint_cls=ray.train.Checkpoint, gauges=gauges,
+                 wrap=lambda m, world: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None))
+
+
+class TrainMetrics:
+    """Rank 0's gauges on Ray's Prometheus endpoint (``ray_raystack_train_*``), tagged with the run name."""
+
+    NAMES = {"step": "Optimizer steps done.", "loss": "Training loss (mean over the last report window).",
+             "val_loss": "Validation loss at the last evaluation.", "tokens_per_s": "Training throughput, tokens/s.",
+             "world_size": "Workers in the group."}
+
+    def __init__(self, run: str):
+        self.run = run
+        self.gauges = {key: ray_metrics.Gauge(f"raystack_train_{key}", text, tag_keys=("run",))
+                       for key, text in self.NAMES.items()}
+
+    def record(self, values: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in values:
+                gauge.set(float(values[key]), tags={"run": self.run})
+
+
+class StopWithoutCheckpoint(ray.train.UserCallback):
+    """Ends the run (a controller error, which Ray Train does not retry) when a worker found no usable checkpoint,
+    so ``max_failures: -1`` cannot turn it into an endless restart loop."""
+
+    def after_exception(self, run_context, worker_exceptions):
+        for error in worker_exceptions.values():
+            if isinstance(error, NoUsableCheckpoint) or "NoUsableCheckpoint" in str(error):
+                raise NoUsableCheckpoint(str(error).strip().splitlines()[-1])
+
+
+def check_resumable(config: TrainJobConfig) -> None:
+    """Before a run starts: ``CheckpointError`` when the run's name already has checkpoints and none is usable, or
+    the newest usable one was trained with another model or data config (naming the differing keys)."""
+    path, meta, problems = newest_valid_checkpoint(config.run_dir)
+    if path is None and problems:
+        raise CheckpointError(
+            f"run {config.name!r} cannot resume: none of its {len(problems)} checkpoint(s) under {config.run_dir} "
+            f"is usable ({problems[0]}). Delete them to start over, or train under another name")
+    if path is None:
+        return
+    for problem in problems:
+        logger.warning("skipping unusable checkpoint: %s", problem)
+    differences = config_differences(meta, _identity(config))
+    if differences:
+        raise CheckpointError(
+            f"run {config.name!r} already has checkpoints of another configuration (newest: {path}): "
+            + "; ".join(differences) + ". Train under another name, or restore those settings to resume it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+class MetricsLog(ray.train.UserCallback):
+    """Appends rank 0's report to ``<run_dir>/metrics.jsonl`` (on the controller, for every attempt)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if storage.is_uri(self.path) or not metrics:
+            return  # object stores have no append; Ray Train keeps checkpointed metrics there
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**metrics[0], "time": time.time()}) + "\n")
+
+
+def _use_gpu(setting) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@dataclass
+class TrainOutput:
+    artifact: str
+    metrics: dict
+    checkpoint_path: str
+    run_dir: str
+
+
+def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
+    """Pack the data, train on Ray Train, export the model artifact. Needs a connected Ray (``ray.init``)."""
+    check_resumable(config)
+    data_uri = prepare_blocks(config.data, storage.join(config.run_dir, "data"))
+    workers = config.scaling.num_workers
+    scaling = ray.train.ScalingConfig(
+        num_workers=tuple(workers) if isinstance(workers, list) else workers,
+        use_gpu=_use_gpu(config.scaling.use_gpu),
+        resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        placement_strategy=config.scaling.placement_strategy,
+    )
+    run_config = ray.train.RunConfig(
+        name=config.name,
+        storage_path=storage.join(config.storage_path),  # absolute local path, or the URI itself
+        failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        callbacks=[MetricsLog(config.run_dir), StopWithoutCheckpoint(), *callbacks],
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(config), "data_uri": data_uri},
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {config.name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        artifact = export_checkpoint(directory, config.model.build(), config.artifact_path)
+    return TrainOutput(artifact=artifact, metrics=dict(result.metrics or {}),
+                       checkpoint_path=result.checkpoint.path, run_dir=config.run_dir)

@@ -1,0 +1,236 @@
+"""The training loop, Ray-free: pure pieces (schedule, optimizer, one step, evaluation), the loop that runs them
+with resume and reporting, and checkpoint restore with fallback. Ray Train (``raystack.train.job``) or Ray Tune
+(``raystack.sweep``) drive it by passing their ``report``, checkpoint and data-parallel ``wrap``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import posixpath
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from raystack.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from raystack.config import from_dict, to_dict
+from raystack.data import batch_indices, load_blocks
+from raystack.model import GPT, causal_lm_loss
+from raystack.train.config import OptimSection, TrainJobConfig
+
+logger = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: OptimSection) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and the embedding) only, not on norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=True)
+
+
+def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
+    """This rank's share of a global batch; shares differ by at most one sequence."""
+    return slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+
+def train_step(model, optimizer, blocks: torch.Tensor, cfg: OptimSection, world_size: int, autocast) -> torch.Tensor:
+    """One optimizer step on this rank's ``blocks`` ``[n, block_size + 1]``; returns the rank's weighted loss,
+    whose sum over ranks divided by ``world_size`` is the global batch's mean loss.
+
+    Each micro-batch's mean loss is weighted by ``len(micro) * world_size / batch_size`` so that, after DDP averages
+    gradients over ranks, the gradient is that of the mean loss over the whole global batch.
+    """
+    chunks = blocks.split(cfg.micro_batch_size)
+    total = torch.zeros((), device=blocks.device)
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast():
+                loss = causal_lm_loss(model, chunk)
+            weighted = loss * (len(chunk) * world_size / cfg.batch_size)
+            weighted.backward()
+        total += weighted.detach()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _module(model):
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def evaluate(model, val_blocks: np.ndarray, cfg: OptimSection, rank: int, world_size: int, device, autocast):
+    """Mean token loss over the first ``eval_blocks`` validation blocks, summed over ranks."""
+    module = _module(model)
+    module.eval()
+    n = min(cfg.eval_blocks, len(val_blocks))
+    mine = val_blocks[rank_slice(n, rank, world_size)]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for start in range(0, len(mine), cfg.micro_batch_size):
+        chunk = torch.from_numpy(mine[start:start + cfg.micro_batch_size].astype(np.int64)).to(device)
+        with autocast():
+            loss_sum += causal_lm_loss(module, chunk, reduction="sum").double()
+        count += chunk[:, 1:].numel()
+    if world_size > 1:
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(count)
+    module.train()
+    return (loss_sum / count.clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def run_training(loop_config: dict, rank: int, world_size: int, device, report, checkpoint, checkpoint_cls,
+                 wrap=lambda model, world: model, gauges=None) -> None:
+    """The training loop, whoever runs it: a Ray Train worker, or a Tune trial directly (one worker).
+
+    ``report(metrics, checkpoint=...)`` and ``checkpoint`` (the one to resume from, or None) are Ray Train's or
+    Ray Tune's; ``wrap`` turns the model into its data-parallel form; ``gauges.record(metrics)``, when given, sees
+    every report (rank 0's Prometheus gauges).
+    """
+    config = from_dict(TrainJobConfig, loop_config["config"])
+    cfg = config.train
+    torch.set_num_threads(cfg.threads_per_worker or max(1, int(config.scaling.cpus_per_worker)))
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    model, optimizer, start_step = _initial_state(config, rank, world_size, device, checkpoint)
+    model = wrap(model, world_size)
+    train_blocks, val_blocks, _ = load_blocks(loop_config["data_uri"])
+    share = rank_slice(cfg.batch_size, rank, world_size)
+    reporter = _Reporter(config, rank, world_size, device, start_step, train_blocks.shape[1] - 1,
+                         _module(model).flops_per_token(train_blocks.shape[1] - 1), report, checkpoint_cls, gauges)
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = batch_indices(step, cfg.batch_size, len(train_blocks), cfg.seed)[share]
+        blocks = torch.from_numpy(train_blocks[ids].astype(np.int64)).to(device, non_blocking=True)
+        reporter.add(train_step(model, optimizer, blocks, cfg, world_size, autocast))
+        reporter.maybe_report(step + 1, lr, model, optimizer,
+                              lambda: evaluate(model, val_blocks, cfg, rank, world_size, device, autocast))
+
+
+def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):
+    """``(model, optimizer, start_step)``: fresh (the same initial weights on every rank) or restored from
+    ``checkpoint``, with each rank's RNG stream set for what follows."""
+    cfg = config.train
+    torch.manual_seed(cfg.seed)
+    model = GPT(config.model.build()).to(device)
+    optimizer = build_optimizer(model, cfg)
+    if not checkpoint:
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank dropout streams
+        return model, optimizer, 0
+    meta = _restore(checkpoint, model, optimizer, rank, device)
+    start_step = meta["step"]
+    if not meta["rng_restored"]:  # a resized group: ranks without saved RNG get a fresh, deterministic stream
+        torch.manual_seed(cfg.seed * 1_000_003 + start_step * 1_009 + rank)
+    if rank == 0:
+        print(f"[raystack] resumed from step {start_step} ({world_size} workers)", flush=True)
+    return model, optimizer, start_step
+
+
+class _Reporter:
+    """Accumulates the loss over a report window; every ``log_every`` steps (and at evaluations and checkpoints)
+    reports the window's figures to Ray, with a checkpoint when one is due, and shows them on rank 0."""
+
+    def __init__(self, config: TrainJobConfig, rank: int, world_size: int, device, start_step: int, block_tokens: int,
+                 flops_per_token: float, report, checkpoint_cls, gauges=None):
+        self.config, self.cfg, self.rank, self.world_size = config, config.train, rank, world_size
+        self.start_step, self.report, self.checkpoint_cls = start_step, report, checkpoint_cls
+        self.tokens_per_step = config.train.batch_size * block_tokens
+        self.flops_per_token = flops_per_token
+        self.gauges = gauges
+        self.loss = torch.zeros((), device=device)
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def maybe_report(self, done: int, lr: float, model, optimizer, evaluate) -> None:
+        cfg = self.cfg
+        last = done == cfg.steps
+        do_eval = last or (cfg.eval_every and done % cfg.eval_every == 0)
+        do_checkpoint = last or done % cfg.checkpoint_every == 0
+        if not (do_eval or do_checkpoint or done % cfg.log_every == 0):
+            return
+        if self.world_size > 1:
+            torch.distributed.all_reduce(self.loss)
+        tokens_per_s = self.steps * self.tokens_per_step / (time.perf_counter() - self.start)
+        metrics = {"step": done, "loss": self.loss.item() / (self.steps * self.world_size), "lr": lr,
+                   "tokens_per_s": tokens_per_s, "world_size": self.world_size,
+                   "model_flops_per_s": tokens_per_s * self.flops_per_token, "resumed_from_step": self.start_step}
+        if do_eval:
+            metrics["val_loss"] = evaluate()
+        if self.gauges is not None:
+            self.gauges.record(metrics)
+        if self.rank == 0:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "val_loss", "lr"))
+            print(f"[raystack] step {done}/{cfg.steps} {shown} tokens/s {tokens_per_s:,.0f}", flush=True)
+        if do_checkpoint:
+            with tempfile.TemporaryDirectory() as directory:
+                save_checkpoint(directory, done, _module(model), optimizer, rank=self.rank,
+                                extra={"world_size": self.world_size, **_identity(self.config)})
+                self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(directory))
+        else:
+            self.report(metrics)
+        self.start, self.steps = time.perf_counter(), 0
+        self.loss.zero_()
+
+
+def _identity(config: TrainJobConfig) -> dict:
+    """What a checkpoint must share with the config that resumes it: the model's shape and the data."""
+    return {"model": config.model.build().to_dict(), "data": to_dict(config.data)}
+
+
+def _restore(checkpoint, model, optimizer, rank: int, device) -> dict:
+    """Load ``checkpoint`` (Ray's latest); when it fails validation or cannot be read, the newest older one of the
+    same run that loads, with a warning for each skipped. ``NoUsableCheckpoint`` when none does: the controller
+    callback ``_StopWithoutCheckpoint`` then ends the run instead of restarting it into the same failure."""
+    candidates = [checkpoint]
+    path, fs = getattr(checkpoint, "path", None), getattr(checkpoint, "filesystem", None)
+    if path and fs is not None:
+        name = posixpath.basename(path.rstrip("/"))
+        candidates += [type(checkpoint)(p, filesystem=fs) for p in list_checkpoints(fs, posixpath.dirname(path))
+                       if posixpath.basename(p) < name]
+    problems = []
+    for candidate in candidates:
+        try:
+            with candidate.as_directory() as directory:
+                meta = load_checkpoint(directory, model, optimizer, rank=rank, device=device)
+        except Exception as e:  # torn: a missing or truncated file, a corrupt marker, weights of another shape
+            problems.append(f"{getattr(candidate, 'path', candidate)}: {type(e).__name__}: {e}")
+            logger.warning("skipping checkpoint %s", problems[-1])
+            continue
+        if problems and rank == 0:
+            print(f"[raystack] WARNING: skipped {len(problems)} unusable checkpoint(s); resuming from "
+                  f"{getattr(candidate, 'path', candidate)} (step {meta['step']})", flush=True)
+        return meta
+    raise NoUsableCheckpoint("no checkpoint of this run can be loaded: " + "; ".join(problems)
+                             + ". Delete the run's checkpoints to start over, or train under another name")
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Every checkpoint of a run failed to load: restarting the workers would fail the same way."""
