@@ -79,7 +79,7 @@ def test_data_parallel_sweeps_refuse_a_ray_without_the_state_api(monkeypatch):
     """Without the State API Ray Train cannot free a stopped trial's workers: say so up front, never hang."""
     import ray.util.state
 
-    from raystack import sweep
+    from raystack.sweep import run as sweep
 
     def unreachable(**kwargs):
         raise ConnectionError("Failed to connect to API server")

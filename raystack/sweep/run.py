@@ -1,27 +1,5 @@
-"""Hyperparameter sweeps: Ray Tune + Optuna (TPE) + ASHA over raystack training, resumable, with a dashboard.
-
-Contract:
-- A search space is data (``tune_spaces/*.yaml``, ``SweepSpace``): per parameter a distribution (``loguniform``,
-  ``uniform``, ``int``, ``choice``) over a dotted ``TrainJobConfig`` key (``train.lr``, ``model.n_embd``), the
-  metric and mode, the trial budget, concurrency, resources per trial, ASHA's settings and the base training
-  config. Unknown keys, unknown distributions, empty bounds and parameters that are not training keys fail before
-  any trial starts, naming the field.
-- ``run_sweep(space)`` packs the corpus once, then runs a ``Tuner`` over a function trainable (Train v2's pattern):
-  with ``workers_per_trial: 1`` the trial runs raystack's training loop itself; with more, the trial is the driver of
-  a ``TorchTrainer`` over that many workers (DDP, the same loop as ``raystack.train``) whose reports reach Tune
-  through ``TuneReportCallback``. Either way a trial reports at every evaluation with a checkpoint;
-  ``OptunaSearch`` (TPE, seeded) proposes, ``ASHAScheduler`` stops trials early on ``val_loss``.
-- Where things live: ``<storage_path>/<name>`` (a path, or a URI such as ``s3://`` that every node reaches) holds
-  Tune's experiment, the packed corpus, data-parallel trials' Train runs and the best model. The driver's sweep
-  directory holds ``space.json``, the Optuna study and ``dashboard.html``: the same directory for a local
-  storage_path, ``<local_dir>/<name>`` (with a copy of every trial's results) for a URI.
-- The Optuna study lives in an RDB in the driver's sweep directory (``optuna.db``, SQLite) unless ``optuna_storage``
-  names any SQLAlchemy URL. Re-running the same sweep name restores it (``Tuner.can_restore`` / ``Tuner.restore``):
-  finished trials are not run again and the search state is kept.
-- The best trial's final weights are exported as a model artifact (``<storage_path>/<name>/best_model``), and the
-  dashboard (``raystack.sweep_report``) is written to the driver's sweep directory as trials report and at the end
-  (and copied beside the sweep when that is a URI).
-"""
+"""Where Ray begins for sweeps: the trial (a Ray Tune function trainable), the Tuner (Optuna TPE + ASHA),
+the best model's export and the dashboard callbacks."""
 
 from __future__ import annotations
 
@@ -29,171 +7,29 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+
+import optuna
+import ray.train
+import ray.tune
+import ray.util.state
+import torch
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from raystack import storage
-from raystack.config import ConfigError, deep_merge, from_dict, load_config, set_dotted, to_dict
+from raystack.checkpoint import export_checkpoint
+from raystack.config import ConfigError, from_dict, to_dict
+from raystack.data import prepare_blocks
+from raystack.sweep.space import SweepSpace
+from raystack.sweep_report import write_report
+from raystack.train import StopWithoutCheckpoint, TrainMetrics, run_training, train_loop
 
 logger = logging.getLogger(__name__)
-
-DISTRIBUTIONS = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"),
-                 "choice": ("values",)}
-
-
-@dataclass
-class ParameterSpace:
-    distribution: str = ""
-    low: Optional[float] = None
-    high: Optional[float] = None
-    values: Optional[list] = None
-    log: bool = False
-    """For ``int``: sample on a log scale."""
-
-
-@dataclass
-class SchedulerSettings:
-    grace_period: int = 10
-    """Steps every trial runs before ASHA may stop it."""
-    reduction_factor: int = 2
-
-
-@dataclass
-class SweepSpace:
-    name: str = "sweep"
-    metric: str = "val_loss"
-    mode: str = "min"
-    num_samples: int = 8
-    """Trial budget."""
-    max_concurrent_trials: int = 2
-    seed: int = 0
-    """Seeds TPE; trials also keep the base config's train.seed."""
-    n_startup_trials: int = 3
-    """Random trials before TPE models the space."""
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1
-    """1: the trial trains in its own process. More: a data-parallel ``TorchTrainer`` per trial, its workers
-    sharing ``cpus_per_trial`` and ``gpus_per_trial`` (whole GPUs per worker)."""
-    early_stopping: bool = True
-    """ASHA on the metric; false runs every trial to the end (a baseline)."""
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    storage_path: str = "~/raystack_runs"
-    """The sweep goes to ``<storage_path>/<name>``: a local path, or a URI (``s3://``...) for a multi-node cluster."""
-    local_dir: str = "~/raystack_runs/sweeps"
-    """With a URI storage_path: where the driver keeps ``<name>/``: the SQLite study, the dashboard and a copy of the
-    trials' results (``raystack sweep-report`` reads it)."""
-    optuna_storage: Optional[str] = None
-    """SQLAlchemy URL of the Optuna study; default ``sqlite:///<driver sweep dir>/optuna.db``."""
-    search: str = "tpe"
-    """``tpe`` (Optuna) or ``random`` (Optuna's RandomSampler: the baseline of benchmarks/sweep_efficiency.py)."""
-    base: dict = field(default_factory=dict)
-    """The training config every trial starts from (a TrainJobConfig as nested keys)."""
-    space: dict = field(default_factory=dict)
-    """Dotted TrainJobConfig key -> ParameterSpace."""
-
-    def __post_init__(self):
-        storage.check_name("sweep", self.name)
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be min or max, got {self.mode!r}")
-        if self.metric not in ("val_loss", "loss"):
-            raise ValueError(f"metric must be val_loss or loss, got {self.metric!r}")
-        if self.search not in ("tpe", "random"):
-            raise ValueError(f"search must be tpe or random, got {self.search!r}")
-        for name in ("num_samples", "max_concurrent_trials"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers_per_trial < 1:
-            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} and "
-                             f"{self.gpus_per_trial}")
-        if self.workers_per_trial > 1 and self.gpus_per_trial % self.workers_per_trial:
-            raise ValueError(f"gpus_per_trial ({self.gpus_per_trial:g}) must be a multiple of workers_per_trial "
-                             f"({self.workers_per_trial}): each data-parallel worker takes whole GPUs")
-        if not self.space:
-            raise ValueError("space: name at least one parameter to search")
-        self.parameters = {key: self._parameter(key, value) for key, value in self.space.items()}
-        self.base_config()  # base + a sample of every parameter must be a valid training config
-
-    @staticmethod
-    def _parameter(key: str, value: Any) -> ParameterSpace:
-        where = f"space.{key}"
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping with a 'distribution', got {value!r}")
-        p = from_dict(ParameterSpace, value, prefix=where)
-        if p.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"{where}.distribution: unknown distribution {p.distribution!r}; "
-                             f"use one of {sorted(DISTRIBUTIONS)}")
-        if p.distribution == "choice":
-            if not p.values:
-                raise ValueError(f"{where}.values: a choice needs a non-empty list of values")
-        else:
-            if p.low is None or p.high is None:
-                raise ValueError(f"{where}: {p.distribution} needs low and high")
-            if not p.low < p.high:
-                raise ValueError(f"{where}: empty bounds, low ({p.low}) must be below high ({p.high})")
-            if p.distribution == "loguniform" and p.low <= 0:
-                raise ValueError(f"{where}.low: loguniform needs low > 0, got {p.low}")
-            if p.distribution == "int" and (p.low != int(p.low) or p.high != int(p.high)):
-                raise ValueError(f"{where}: int bounds must be integers, got {p.low}, {p.high}")
-        if key.startswith("data.") or key in ("name", "storage_path", "export_path"):
-            raise ValueError(f"{where}: only model.*, train.* and scaling.* keys can be searched "
-                             "(every trial shares one packed corpus)")
-        return p
-
-    def base_config(self, sample: Optional[dict] = None):
-        from raystack.train import TrainJobConfig
-
-        sample = sample or {k: (p.values[0] if p.distribution == "choice" else
-                                int(p.low) if p.distribution == "int" else p.low)
-                            for k, p in self.parameters.items()}
-        values: dict = {}
-        for key, value in sample.items():  # the values as sampled: no round trip through text
-            set_dotted(values, key, value)
-        values = deep_merge(self.base, values)
-        values = deep_merge(values, {"name": "trial", "storage_path": self.storage_path,
-                                     "scaling": {"num_workers": self.workers_per_trial,
-                                                 "cpus_per_worker": self.cpus_per_trial / self.workers_per_trial}})
-        try:
-            config = from_dict(TrainJobConfig, values)
-        except ConfigError as e:
-            raise ValueError(f"base + space do not make a valid training config: {e}") from None
-        # A trial reports exactly at its evaluations, each with the metric and a checkpoint: Tune (and ASHA) need the
-        # metric in every report, and a restored trial resumes from its last report.
-        if config.train.eval_every < 1:
-            raise ValueError("base.train.eval_every must be >= 1: trials report (and ASHA decides) at evaluations")
-        explicit = values.get("train") or {}
-        for key in ("log_every", "checkpoint_every"):  # follow eval_every; a different explicit value is refused
-            if explicit.get(key) is not None and explicit[key] != config.train.eval_every:
-                raise ValueError(
-                    f"base.train.{key} is {explicit[key]}, but a trial reports and checkpoints at each evaluation "
-                    f"(Tune and ASHA need the metric in every report), so it follows base.train.eval_every "
-                    f"({config.train.eval_every}); remove base.train.{key} or set it to {config.train.eval_every}")
-        config.train.log_every = config.train.checkpoint_every = config.train.eval_every
-        return config
-
-    def optuna_space(self) -> dict:
-        import optuna.distributions as d
-
-        out = {}
-        for key, p in self.parameters.items():
-            if p.distribution == "choice":
-                out[key] = d.CategoricalDistribution(p.values)
-            elif p.distribution == "int":
-                out[key] = d.IntDistribution(int(p.low), int(p.high), log=p.log)
-            else:
-                out[key] = d.FloatDistribution(p.low, p.high, log=p.distribution == "loguniform")
-        return out
-
-    @property
-    def steps(self) -> int:
-        return self.base_config().train.steps
-
-
-def load_space(path: str, overrides=()) -> SweepSpace:
-    return load_config(SweepSpace, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +40,6 @@ def run_trial(trial_config: dict, space_dict: dict, data_uri: str, runs_dir: str
     """Ray Tune function trainable: one training run with the trial's parameters, reporting every evaluation with a
     checkpoint. One worker trains here; several train in a ``TorchTrainer`` this trial drives (its run lives in
     ``runs_dir/<trial id>``, so a restored trial resumes it from its last checkpoint)."""
-    import ray.tune
 
     space = from_dict(SweepSpace, space_dict)
     config = space.base_config({k: trial_config[k] for k in space.parameters})
@@ -214,9 +49,7 @@ def run_trial(trial_config: dict, space_dict: dict, data_uri: str, runs_dir: str
     if space.workers_per_trial > 1:
         _fit_data_parallel(space, config, loop_config, storage_path=runs_dir, name=trial_id)
         return
-    import torch
 
-    from raystack.train import TrainMetrics, run_training
 
     device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
     run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
@@ -224,11 +57,7 @@ def run_trial(trial_config: dict, space_dict: dict, data_uri: str, runs_dir: str
 
 
 def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_path: str, name: str) -> None:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raystack.train import StopWithoutCheckpoint, train_loop
 
     workers = space.workers_per_trial
     per_worker = {"CPU": space.cpus_per_trial / workers}
@@ -255,12 +84,11 @@ def _require_state_api(timeout_s: float = 30.0) -> None:
     """Data-parallel trials need Ray's State API: when ASHA stops a trial, its Ray Train controller dies with it and
     Ray Train's placement-group cleaner asks the State API (served by the dashboard) before it frees the workers'
     resources. Without it every stopped trial would hold its workers' CPUs/GPUs until the sweep ends."""
-    from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            list_actors(limit=1, timeout=5, raise_on_missing_output=False)
+            ray.util.state.list_actors(limit=1, timeout=5, raise_on_missing_output=False)
             return
         except Exception as e:  # the dashboard may still be starting
             if time.monotonic() > deadline:
@@ -289,7 +117,6 @@ class SweepOutput:
 
 
 def _dashboard_callback(home: str, space: SweepSpace, mirror: bool):
-    import ray.tune
 
     class DashboardCallback(ray.tune.Callback):
         """Rewrites the sweep dashboard as results arrive (at most every 5 s) and when trials end. With the sweep
@@ -302,7 +129,6 @@ def _dashboard_callback(home: str, space: SweepSpace, mirror: bool):
             if force or time.monotonic() - self.last > 5:
                 self.last = time.monotonic()
                 try:
-                    from raystack.sweep_report import write_report
 
                     if mirror:
                         _mirror_trial_results(trials, home)
@@ -330,7 +156,6 @@ def _dashboard_callback(home: str, space: SweepSpace, mirror: bool):
 def _mirror_trial_results(trials, home: str) -> None:
     """Copy each trial's ``params.json``, ``result.json`` and ``error.txt`` from Tune's staging directory on the
     driver (``trial.local_path``, which Tune syncs to the URI) into ``home/<trial dir>``."""
-    import shutil
 
     for trial in trials:
         source = trial.local_path
@@ -362,8 +187,6 @@ def _upload(home: str, root: str, names) -> None:
 
 def run_sweep(space: SweepSpace) -> SweepOutput:
     """Run (or resume) the sweep; export the best trial's model; write the dashboard. Needs a connected Ray."""
-    from raystack.data import prepare_blocks
-    from raystack.sweep_report import write_report
 
     root, sweep_dir = sweep_locations(space)
     remote = root != sweep_dir
@@ -386,10 +209,6 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
 
 def _tuner(space: SweepSpace, root: str, sweep_dir: str, data_uri: str):
     """The Tuner: restored when the sweep at ``root`` ran before, else new (Optuna TPE + ASHA, study in SQLite)."""
-    import optuna
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     trainable = ray.tune.with_parameters(run_trial, space_dict=to_dict(space), data_uri=data_uri,
                                          runs_dir=storage.join(root, "train_runs"))
@@ -423,10 +242,7 @@ def _tuner(space: SweepSpace, root: str, sweep_dir: str, data_uri: str):
 
 def _export_best(best, space: SweepSpace, best_config: dict, root: str) -> str:
     """Commit the best trial's final weights as the model artifact ``<root>/best_model``; return its location."""
-    import ray.tune
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from raystack.checkpoint import export_checkpoint
 
     artifact = storage.join(root, "best_model")
     checkpoint = best.checkpoint  # a data-parallel trial's checkpoints live in its Train run; Tune has their path
@@ -445,6 +261,3 @@ def _best_metric(result, space: SweepSpace) -> float:
     if len(values) == 0:
         return float(result.metrics.get(space.metric, math.nan))
     return float(values.min() if space.mode == "min" else values.max())
-
-
-__all__ = ["SweepSpace", "load_space", "run_sweep", "run_trial", "SweepOutput", "sweep_locations"]
