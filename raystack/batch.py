@@ -303,6 +303,10 @@ def run_batch(config: BatchConfig) -> dict:
     import ray.data
 
     _refuse_overlap(config.input, config.output)
+    fs, out_path = storage.filesystem(config.output)
+    if fs.get_file_info(out_path).type == pafs.FileType.File:
+        raise DataError(f"--output {config.output!r} is a file; the output is a directory (parquet parts and a "
+                        "_SUCCESS manifest): name a directory")
     if commit.has_data(config.output) and not config.overwrite:
         raise DataError(f"output {config.output!r} already exists; choose another --output or pass --overwrite "
                         "to replace it whole")

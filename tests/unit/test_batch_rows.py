@@ -64,3 +64,14 @@ def test_job_wide_sampling_values_obey_the_same_rules_as_a_rows(field, value, me
     with pytest.raises(ValueError, match=message):
         BatchConfig(model="m", input="in", output="out", **{field: value})
     BatchConfig(model="m", input="in", output="out", temperature=2.0, top_k=-1, min_p=1.0, seed=2**63 - 1)
+
+
+def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
+    from raystack.batch import run_batch
+    from raystack.data import DataError
+
+    (tmp_path / "out.parquet").write_bytes(b"someone's file")
+    with pytest.raises(DataError, match="is a file; the output is a directory"):
+        run_batch(BatchConfig(model="m", input=str(tmp_path / "in"), output=str(tmp_path / "out.parquet"),
+                              overwrite=True))
+    assert (tmp_path / "out.parquet").read_bytes() == b"someone's file"
