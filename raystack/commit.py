@@ -32,7 +32,7 @@ import posixpath
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import pyarrow.fs as pafs
@@ -70,6 +70,8 @@ class Attempt:
     fs: pafs.FileSystem
     root: str
     id: str
+    written: dict[str, str] = field(default_factory=dict)
+    """sha256 of each file ``write`` staged, so ``commit`` need not read it back from storage."""
 
     @property
     def staging(self) -> str:
@@ -82,6 +84,7 @@ class Attempt:
         self.fs.create_dir(posixpath.dirname(self.path(name)), recursive=True)
         with self.fs.open_output_stream(self.path(name)) as f:
             f.write(data)
+        self.written[name] = hashlib.sha256(data).hexdigest()
 
     def abort(self) -> None:
         """Remove this attempt's staging; the previous output is untouched."""
@@ -92,7 +95,8 @@ class Attempt:
                rows: Optional[Callable[[pafs.FileSystem, str], int]] = None, replace_all: bool = False) -> dict:
         """Publish the staged files as the output at ``location``; return the manifest.
 
-        ``checksums`` records each file's sha256 (read back once; off for large outputs that are not read whole);
+        ``checksums`` records each file's sha256 (known from ``write``, else read back once; off for large outputs
+        that are not read whole);
         ``rows(fs, path)`` records a per-file row count; ``replace_all`` also deletes what this protocol did not write
         (a batch output replaced whole), where otherwise only earlier attempts' directories are removed.
         """
@@ -104,7 +108,7 @@ class Attempt:
             name = posixpath.relpath(info.path, self.staging)
             entry = {"path": _committed_name(name, self.id), "bytes": info.size}
             if checksums:
-                entry["sha256"] = _sha256(fs, info.path)
+                entry["sha256"] = self.written.get(name) or _sha256(fs, info.path)
             if rows is not None:
                 entry["rows"] = rows(fs, info.path)
             files[name] = entry

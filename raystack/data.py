@@ -237,15 +237,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def read_meta(uri: str) -> dict | None:
-    """The metadata of the committed blocks at ``uri``; None when nothing is committed there."""
-    try:
-        manifest = commit.read_manifest(uri)
-    except commit.CommitError as e:
-        raise DataError(str(e)) from None
-    return None if manifest is None else manifest["meta"]
-
-
 def load_blocks(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(train, val, meta)`` from a committed block directory written by ``prepare_blocks``, checksums checked."""
     try:
