@@ -190,7 +190,23 @@ def _manifest_or_none(fs: pafs.FileSystem, root: str) -> Optional[dict]:
     if manifest.get("version") != VERSION:
         raise CommitError(f"{MANIFEST} at {root!r} has version {manifest.get('version')!r}; this raystack reads "
                           f"version {VERSION}")
+    for name, entry in manifest["files"].items():
+        if not _valid_entry(entry):
+            raise CommitError(f"{MANIFEST} at {root!r} lists {name!r} as {entry!r}: each file needs a relative 'path' "
+                              "inside the output (no '..') and a 'bytes' count; re-run the job that wrote it")
     return manifest
+
+
+def _valid_entry(entry) -> bool:
+    """A manifest's file entry: a relative path that stays inside the output, and a size (a checksum and a row count
+    when present of the right type); a crafted manifest must not point a reader anywhere else."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return False
+    path, size = entry["path"], entry.get("bytes")
+    inside = bool(path) and not path.startswith("/") and ".." not in path.split("/") and "\\" not in path
+    return (inside and isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            and isinstance(entry.get("sha256", ""), str)
+            and (entry.get("rows") is None or (isinstance(entry["rows"], int) and not isinstance(entry["rows"], bool))))
 
 
 def read_manifest(location: str) -> Optional[dict]:

@@ -137,3 +137,16 @@ def test_a_reader_that_races_a_commit_reads_one_whole_output(tmp_path, monkeypat
     monkeypatch.setattr(commit.storage, "filesystem", lambda loc: (CommitsMidRead(), str(tmp_path / "out")))
     manifest, files = commit.read_files(location, ["a.txt"])
     assert CommitsMidRead.fired and files == {"a.txt": NEW["a.txt"]} and manifest["meta"]["files"] == sorted(NEW)
+
+
+@pytest.mark.parametrize("entry", [{"path": "../../etc/passwd", "bytes": 5}, {"path": "/etc/passwd", "bytes": 5},
+                                   {"path": "a.txt"}, {"path": "a.txt", "bytes": "5"}, {"path": "a.txt", "bytes": -1},
+                                   {"path": "a.txt", "bytes": 5, "sha256": 7}, "a.txt", {"path": ""}])
+def test_a_crafted_manifest_is_refused_never_followed(tmp_path, entry):
+    location = tmp_path / "out"
+    manifest = write(str(location), OLD)
+    (location / "_SUCCESS").write_text(json.dumps({**manifest, "files": {"a.txt": entry}}))
+    with pytest.raises(commit.CommitError, match="lists 'a.txt' as .* relative 'path' inside the output"):
+        commit.read_files(str(location), ["a.txt"])
+    with pytest.raises(DataError, match="relative 'path' inside the output"):
+        resolve_source(str(location))
