@@ -67,7 +67,8 @@ def main() -> None:
 
     ray.init(num_cpus=3, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     job = from_dict(BatchConfig, {"model": model, "input": str(work / "in.parquet"), "output": str(work / "out"),
-                                  "max_tokens": args.max_tokens, "temperature": 0.8, "batch_size": args.batch_size,
+                                  "sampling": {"max_tokens": args.max_tokens, "temperature": 0.8},
+                                  "batch_size": args.batch_size,
                                   "min_actors": 1, "max_actors": 1, "num_cpus": 1, "threads": args.threads})
     start = time.perf_counter()
     summary = run_batch(job)

@@ -27,8 +27,8 @@ def arm(storage: str, seed: int, trials: int, steps: int, tpe_asha: bool) -> dic
 
     name = f"{'tpe-asha' if tpe_asha else 'random'}-{seed}"
     space = load_space(SPACE, [f"storage_path={storage}", f"name={name}", f"seed={seed}", f"num_samples={trials}",
-                               f"base.train.steps={steps}", "base.train.eval_every=5", "base.train.checkpoint_every=5",
-                               "base.train.log_every=5", "scheduler.grace_period=5", "scheduler.reduction_factor=3",
+                               f"base.schedule.steps={steps}", "base.eval.every=5", "base.checkpoint.every=5",
+                               "base.logging.every=5", "scheduler.grace_period=5", "scheduler.reduction_factor=3",
                                "base.data.max_documents=30", f"search={'tpe' if tpe_asha else 'random'}",
                                f"early_stopping={'true' if tpe_asha else 'false'}"])
     output = run_sweep(space)

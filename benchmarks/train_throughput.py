@@ -44,22 +44,22 @@ def plain_loop(config, data_uri: str, threads: int) -> float:
     from raystack.train import build_optimizer, lr_at, train_step
 
     torch.set_num_threads(threads)
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(config.seed)
     model = GPT(config.model.build())
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer(model, config.optimizer)
     train_blocks, _, _ = load_blocks(data_uri)
-    cfg = config.train
-    warmup = min(5, cfg.steps // 4)
-    for step in range(cfg.steps):
+    schedule = config.schedule
+    warmup = min(5, schedule.steps // 4)
+    for step in range(schedule.steps):
         if step == warmup:
             start = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        ids = batch_indices(step, cfg.batch_size, len(train_blocks), cfg.seed)
+            group["lr"] = lr_at(step, config.optimizer.lr, schedule)
+        ids = batch_indices(step, schedule.batch_size, len(train_blocks), config.seed)
         blocks = torch.from_numpy(train_blocks[ids].astype(np.int64))
-        train_step(model, optimizer, blocks, cfg, 1, contextlib.nullcontext)
+        train_step(model, optimizer, blocks, schedule, config.optimizer.grad_clip, 1, contextlib.nullcontext)
     elapsed = time.perf_counter() - start
-    return (cfg.steps - warmup) * cfg.batch_size * (train_blocks.shape[1] - 1) / elapsed
+    return (schedule.steps - warmup) * schedule.batch_size * (train_blocks.shape[1] - 1) / elapsed
 
 
 def main() -> None:
@@ -83,9 +83,9 @@ def main() -> None:
     overrides = [
         f"storage_path={storage}", "name=bench", f"model.preset={args.preset}", f"model.n_embd={args.n_embd}",
         f"model.n_layer={args.n_layer}", f"data.block_size={args.block_size}", "data.max_documents=60",
-        f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.batch_size}",
-        f"train.steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_every=0",
-        f"train.checkpoint_every={args.steps}", f"train.threads_per_worker={args.threads}",
+        f"schedule.batch_size={args.batch_size}", f"schedule.micro_batch_size={args.batch_size}",
+        f"schedule.steps={args.steps}", f"logging.every={args.log_every}", "eval.every=0",
+        f"checkpoint.every={args.steps}", f"scaling.threads_per_worker={args.threads}",
         "scaling.num_workers=1", f"scaling.cpus_per_worker={args.threads}",
     ]
     config = load_train_config(None, overrides)

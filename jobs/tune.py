@@ -1,7 +1,7 @@
 """Sweep the training job's hyperparameters with Ray Tune + Optuna (TPE) + ASHA.
 
-    python jobs/tune.py --space tune_spaces/gpt_tiny.yaml [--set num_samples=12 ...]
-    ray job submit --working-dir . -- python jobs/tune.py --space tune_spaces/gpt_gpu.yaml
+    python jobs/tune.py --config tune_spaces/gpt_tiny.yaml [--set num_samples=12 ...]
+    ray job submit --working-dir . -- python jobs/tune.py --config tune_spaces/gpt_gpu.yaml
 
 Re-running with the same sweep name resumes it. Prints the best trial, the exported artifact and the dashboard.
 """

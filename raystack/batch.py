@@ -10,9 +10,10 @@ Contract:
   than memory work: nothing is materialised.
 - ``generate`` rows get ``completion``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` (and
   ``logprobs``, on request) through the continuous-batching engine and the sampling op. Sampling parameters are
-  job-wide, or per row from columns named ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
-  ``seed`` when the input has them; a row without a seed gets one derived from the job seed and its id, so a re-run
-  gives identical output.
+  the job's ``sampling`` section (the serve spec's type, ``GenerationParams``), or per row from columns named like
+  its fields (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, the penalties) when the
+  input has them, checked by the HTTP API's parser. A row without a seed gets one derived from ``sampling.seed``
+  and its id, so a re-run gives identical output (``sampling.seed: null``: a fresh random seed per row).
 - ``score`` rows get ``log_likelihood`` (natural log, of the text's tokens after an end-of-text token) and
   ``perplexity`` (``exp(-log_likelihood / tokens)``), and ``tokens``.
 - A row that cannot be processed (null or empty input, too long for the model) gets its reason in ``error`` and
@@ -31,20 +32,24 @@ import hashlib
 import logging
 import os
 import posixpath
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 from raystack import commit, storage
 from raystack.data import DataError, check_parquet_column, resolve_source
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
+from raystack.model import causal_lm_loss
+from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check_sampling_section,
+                                 generation_params)
 
 logger = logging.getLogger(__name__)
 
-PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
 OUTPUT_TYPES = {
     "completion": pa.string(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
     "finish_reason": pa.string(), "logprobs": pa.list_(pa.float64()), "error": pa.string(),
@@ -67,15 +72,9 @@ class BatchConfig:
     id_column: str = "id"
     """Used when the input has it; otherwise ids are generated as ``<file>:<row>``."""
     overwrite: bool = False
-    max_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    """Job seed: rows without a ``seed`` column draw with a seed derived from it and their id."""
-    stop: Optional[list[str]] = None
-    logprobs: bool = False
+    sampling: GenerationParams = field(default_factory=lambda: GenerationParams(max_tokens=32, seed=0))
+    """Sampling for every row (a row's own columns of these names win); ``seed`` is the job seed each row's is
+    derived from."""
     batch_size: int = 32
     """Rows per map_batches call (and KV-cache slots per actor)."""
     min_actors: int = 1
@@ -85,6 +84,8 @@ class BatchConfig:
     threads: int = 0
     """torch threads per actor; 0 = num_cpus."""
 
+    RENAMED: ClassVar[dict] = {name: f"sampling.{name}" for name in (*SAMPLING_FIELDS, "stop", "logprobs")}
+
     def __post_init__(self):
         for name in ("model", "input", "output"):
             if not getattr(self, name):
@@ -93,21 +94,9 @@ class BatchConfig:
             raise ValueError(f"mode must be generate or score, got {self.mode!r}")
         if not 1 <= self.min_actors <= self.max_actors:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        if self.batch_size < 1 or self.max_tokens < 1:
-            raise ValueError("batch_size and max_tokens must be >= 1")
-        check_sampling(self)
-
-
-def check_sampling(config: BatchConfig) -> None:
-    """``ValueError`` naming the parameter when a job-wide sampling value breaks the rules a row's value (and the
-    HTTP API's) obeys: one parser, ``openai_api.generation_params``, in the engine's precision."""
-    from raystack.openai_api import APIError, RequestLimits, generation_params
-
-    anything = RequestLimits(vocab_size=2**62, max_model_len=2**62)  # the model's own limits apply row by row
-    try:
-        generation_params({name: getattr(config, name) for name in PARAM_COLUMNS}, anything, stop=config.stop)
-    except APIError as e:
-        raise ValueError(e.message) from None
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_sampling_section(self.sampling)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,7 +131,7 @@ def _plan_input(config: BatchConfig) -> tuple[list[str], list[str], Optional[str
         id_column = None
     columns = [column] + ([id_column] if id_column else [])
     if config.mode == "generate":
-        columns += [c for c in PARAM_COLUMNS if c in names]
+        columns += [c for c in SAMPLING_FIELDS if c in names]
     return paths, columns, id_column, column
 
 
@@ -170,11 +159,6 @@ class Predictor:
     """Loads the artifact once per actor; each call generates or scores a batch of rows."""
 
     def __init__(self, config: BatchConfig, input_column: str):
-        import torch
-
-        from raystack.engine import Engine, EngineConfig
-        from raystack.openai_api import RequestLimits
-
         self.config = config
         self.column = input_column
         torch.set_num_threads(config.threads or max(1, int(config.num_cpus)))
@@ -197,13 +181,10 @@ class Predictor:
         return pa.table(columns)
 
     async def _generate(self, batch: dict, rows: int) -> dict:
-        from raystack.engine import SequenceFailed, generate_text
-        from raystack.openai_api import APIError, generation_params
-
         cfg = self.config
         out = {"completion": [None] * rows, "prompt_tokens": [None] * rows, "completion_tokens": [None] * rows,
                "finish_reason": [None] * rows, "error": [None] * rows}
-        if cfg.logprobs:
+        if cfg.sampling.logprobs:
             out["logprobs"] = [None] * rows
         jobs = []
         for i in range(rows):
@@ -212,10 +193,10 @@ class Predictor:
                 out["error"][i] = f"{self.column} is null or empty"
                 continue
             try:
-                defaults = {name: getattr(cfg, name) for name in PARAM_COLUMNS}
-                defaults["seed"] = row_seed(cfg.seed, batch["id"][i])  # the job's seed is not a row's seed
-                values = {name: _plain(name, self._value(batch, name, i, d)) for name, d in defaults.items()}
-                params = generation_params(values, self.limits, stop=cfg.stop, logprobs=cfg.logprobs)
+                values = {name: _plain(name, self._value(batch, name, i)) for name in SAMPLING_FIELDS}
+                if values["seed"] is None and cfg.sampling.seed is not None:  # the job's seed is not a row's seed
+                    values["seed"] = row_seed(cfg.sampling.seed, batch["id"][i])
+                params = generation_params(values, self.limits, cfg.sampling)
                 tokens = self.engine.encode_prompt(str(prompt))
                 self.engine.check_request(len(tokens), params.max_tokens)
             except APIError as e:  # the row's own values: the same rules, in the engine's precision, as the HTTP API
@@ -237,22 +218,19 @@ class Predictor:
             out["prompt_tokens"][i] = len(tokens)
             out["completion_tokens"][i] = len(result["tokens"])
             out["finish_reason"][i] = result["finish_reason"]
-            if cfg.logprobs:
+            if cfg.sampling.logprobs:
                 out["logprobs"][i] = result["logprobs"]
         return out
 
     @staticmethod
-    def _value(batch: dict, name: str, i: int, default):
+    def _value(batch: dict, name: str, i: int):
+        """The row's own value of sampling field ``name``; None (the job's ``sampling`` applies) when absent."""
         if name in batch and batch[name][i] is not None and not (isinstance(batch[name][i], float)
                                                                   and np.isnan(batch[name][i])):
             return batch[name][i]
-        return default
+        return None
 
     def _score(self, texts) -> dict:
-        import torch
-
-        from raystack.model import causal_lm_loss
-
         engine, eot = self.engine, self.engine.tokenizer.eot_id
         limit = engine.model.config.max_seq_len
         out = {"log_likelihood": [None] * len(texts), "perplexity": [None] * len(texts),

@@ -11,11 +11,15 @@ status 2, before any Ray work starts.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
+import time
+from pathlib import Path
 
 from raystack.checkpoint import CheckpointError
 from raystack.commit import CommitError
@@ -28,7 +32,7 @@ DEFAULT_JOBS_API = "http://127.0.0.1:8265"
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (see README: config reference)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one config key, e.g. --set train.steps=100 (repeatable)")
+                        help="override one config key, e.g. --set schedule.steps=100 (repeatable)")
 
 
 def cmd_train(args) -> int:
@@ -65,8 +69,6 @@ def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -
 
 
 def cmd_deploy(args) -> int:
-    import time
-
     from raystack.cluster import init_ray, start_serve
     from raystack.serving import build_app
 
@@ -152,7 +154,6 @@ RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest
 
 def project_root() -> str:
     """The directory holding jobs/: the working directory if it has one, else the checkout raystack came from."""
-    from pathlib import Path
 
     for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
         if (candidate / "jobs" / "train.py").is_file():
@@ -169,8 +170,6 @@ def submission(kind: str, job_args: list[str], root: str, environ=None) -> dict:
     For ``deploy``, ``RAYSTACK_API_KEYS`` from the submitter's environment travels in the job's ``runtime_env``
     ``env_vars``; Serve gives a job's runtime_env to the replicas it deploys, so the keys reach them without ever
     appearing on a command line or in a log (the Jobs API, behind the cluster's token, still holds them)."""
-    import shlex
-
     environ = os.environ if environ is None else environ
     if job_args and job_args[0] == "--":
         job_args = job_args[1:]
@@ -223,8 +222,6 @@ def cmd_submit(args) -> int:
 
 
 def _submit(client, spec: dict, wait: bool) -> int:
-    import time
-
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -244,8 +241,6 @@ def _submit(client, spec: dict, wait: bool) -> int:
 
 
 def _follow(client, job_id: str) -> int:
-    import asyncio
-
     async def tail():
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
@@ -336,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.set_defaults(func=cmd_batch)
 
     tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune + Optuna + ASHA",
-                          spec=("raystack.sweep", "SweepSpace", "the --space YAML file"))
-    tune.add_argument("--space", required=True, metavar="FILE", help="a search space, e.g. tune_spaces/gpt_tiny.yaml")
+                          spec=("raystack.sweep", "SweepSpace", "the --config YAML file"))
+    tune.add_argument("--config", "--space", dest="space", required=True, metavar="FILE",
+                      help="the sweep's spec, a search space file, e.g. tune_spaces/gpt_tiny.yaml (--space: the "
+                           "same, its old spelling)")
     tune.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                       help="override one space field, e.g. --set num_samples=12")
     tune.set_defaults(func=cmd_tune)
@@ -346,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("sweep_dir", help="the sweep directory (<storage_path>/<name>)")
     report.add_argument("--space", metavar="FILE", help="the space file (default: the sweep's space.json)")
     report.set_defaults(func=cmd_sweep_report)
+    _add_cluster_commands(sub)
+    return parser
 
+
+def _add_cluster_commands(sub) -> None:
+    """``submit``, ``status``, ``logs``, ``stop``: jobs on a cluster, through its Jobs API."""
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API")
     submit.add_argument("kind", choices=sorted(JOB_SCRIPTS), help="which job")
     submit.add_argument("--address", help="Jobs API address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
@@ -362,7 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             command.add_argument("--follow", action="store_true", help="stream until the job ends")
         command.set_defaults(func=func)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

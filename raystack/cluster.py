@@ -19,7 +19,13 @@ become ready, three times, and ``serve.start`` waits a fixed 60 s. So:
 from __future__ import annotations
 
 import os
+import time
+import urllib.error
+import urllib.request
 
+import ray
+from ray import serve
+from ray.serve.context import _get_global_client
 
 SERVE_TIMEOUTS = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",  # Ray's default 5 s: a proxy started on a busy node is killed
@@ -40,13 +46,6 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
 
     Returns the proxy's ``(host, port)``: those of the Serve instance already running on the cluster, if there is
     one (Serve then keeps its own HTTP options and ignores ``http_options``)."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
     deadline = time.monotonic() + ready_timeout_s
     try:
         serve.start(http_options=http_options)
@@ -71,8 +70,6 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
 
 def init_ray(**kwargs) -> None:
     """Connect to (or start) Ray once; extra kwargs go to ``ray.init`` for a local start."""
-    import ray
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

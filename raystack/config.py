@@ -3,14 +3,17 @@
 Every component owns a small dataclass config next to it (``DataConfig`` in ``raystack.data``, ``TrainJobConfig``
 in ``raystack.train``, ...). This module turns nested dicts into those dataclasses and fails with a ``ConfigError``
 that names the dotted key and the fix: an unknown key, a value of the wrong type, a malformed override.
-Values in overrides are parsed as YAML scalars/lists (``train.lr=3e-4``, ``scaling.num_workers=[1,2]``).
+Values in overrides are parsed as YAML scalars/lists (``optimizer.lr=3e-4``, ``scaling.num_workers=[1,2]``).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -112,6 +115,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            _refuse_renamed(cls, key, value, prefix)
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}; valid keys here: {sorted(fields)}")
@@ -124,12 +128,24 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _refuse_renamed(cls: type, key: str, value: Any, prefix: str) -> None:
+    """A key a spec renamed (its ``RENAMED`` class attribute: old dotted key -> new) is refused with its new
+    spelling, so an old config file or ``--set`` fails with the fix rather than a bare "unknown key"."""
+    renamed = getattr(cls, "RENAMED", {})
+    olds = [key] if key in renamed else [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else []
+    at = f"{prefix}." if prefix else ""
+    for old in olds:
+        if old in renamed:
+            raise ConfigError(f"config key {at + old!r} is now {at + renamed[old]!r}; rename it in the config file "
+                              "or --set")
+    moved = sorted({new.split(".")[0] for old, new in renamed.items() if old.startswith(f"{key}.")})
+    if moved and olds:
+        raise ConfigError(f"unknown config key {at + olds[0]!r}: the {at + key!r} section is gone, its keys are now "
+                          f"under {', '.join(moved)}")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a dataclass (the string literal right after a field), by field name."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):  # no source (a frozen build): no docs, still the keys and defaults
@@ -142,24 +158,27 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
     """``(dotted key, default, doc)`` for every setting of dataclass ``cls``, nested sections flattened: what
-    ``--set`` accepts, for ``--help``."""
+    ``--set`` accepts, for ``--help``. ``defaults``: an instance whose values are the defaults (a section whose
+    owner gives it other defaults than its class's, like batch's ``sampling``)."""
     hints, docs, rows = typing.get_type_hints(cls), field_docs(cls), []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += describe(hints[f.name], key + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            value = f.default_factory()
         else:
-            default = "(required)"
-        rows.append((key, default, docs.get(f.name, "")))
+            value = dataclasses.MISSING
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key + ".", None if value is dataclasses.MISSING else value)
+            continue
+        rows.append((key, "(required)" if value is dataclasses.MISSING else repr(value), docs.get(f.name, "")))
     return rows
 
 
@@ -178,13 +197,13 @@ def to_dict(config) -> dict:
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> dict:
-    """``["train.lr=1e-3", "name=x"]`` -> ``{"train": {"lr": 0.001}, "name": "x"}``."""
+    """``["optimizer.lr=1e-3", "name=x"]`` -> ``{"optimizer": {"lr": 0.001}, "name": "x"}``."""
     result: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=3e-4)")
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example optimizer.lr=3e-4)")
         try:
             value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
@@ -194,7 +213,7 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict:
 
 
 def set_dotted(tree: dict, key: str, value: Any, what: str = "") -> None:
-    """``set_dotted(t, "train.lr", 0.1)`` sets ``t["train"]["lr"]``, creating the mappings on the way."""
+    """``set_dotted(t, "optimizer.lr", 0.1)`` sets ``t["optimizer"]["lr"]``, creating the mappings on the way."""
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:

@@ -13,6 +13,19 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray import serve
+
+from raystack.batch import BatchConfig, run_batch
+from raystack.cluster import init_ray, start_serve
+from raystack.config import from_dict
+from raystack.serving import build_app
+from raystack.sweep import load_space, run_sweep
+from raystack.train import fit, load_train_config
+
 STAGES = 5
 
 
@@ -31,11 +44,6 @@ def _free_port(preferred: int) -> int:
 
 
 def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int) -> dict:
-    import ray
-    from ray import serve
-
-    from raystack.cluster import init_ray
-
     started = time.monotonic()
     storage = os.path.abspath(os.path.expanduser(storage_path))
     init_ray()
@@ -64,11 +72,9 @@ def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int)
 
 def _train(storage: str, steps: int, where: dict) -> str:
     """Stage 1; returns the trained model artifact."""
-    from raystack.train import fit, load_train_config
-
     # The default run name, so the artifact lands where the README's serving commands and serve_apps/llm.yaml look
     # (<storage_path>/raystack-tiny/model); a re-run resumes that run from its last checkpoint.
-    train = fit(load_train_config(None, [f"storage_path={storage}", f"train.steps={steps}"]))
+    train = fit(load_train_config(None, [f"storage_path={storage}", f"schedule.steps={steps}"]))
     where.update({"training run (checkpoints, metrics.jsonl)": train.run_dir, "trained model artifact": train.artifact})
     print(f"    final loss {train.metrics.get('loss', float('nan')):.3f}, validation loss "
           f"{train.metrics.get('val_loss', float('nan')):.3f}", flush=True)
@@ -77,11 +83,9 @@ def _train(storage: str, steps: int, where: dict) -> str:
 
 def _sweep(storage: str, trials: int, where: dict) -> str:
     """Stage 2; returns the best trial's model artifact."""
-    from raystack.sweep import load_space, run_sweep
-
     space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "gpt_tiny.yaml",
                        [f"storage_path={storage}", "name=demo-sweep", f"num_samples={trials}",
-                        "base.data.max_documents=0", "base.train.steps=100", "base.train.eval_every=20",
+                        "base.data.max_documents=0", "base.schedule.steps=100", "base.eval.every=20",
                         "scheduler.grace_period=20"])
     sweep = run_sweep(space)
     where.update({"sweep dashboard": sweep.dashboard, "best model artifact (sweep)": sweep.artifact,
@@ -92,12 +96,6 @@ def _sweep(storage: str, trials: int, where: dict) -> str:
 
 def _serve(artifact: str, where: dict) -> None:
     """Stage 3: the model behind the OpenAI API on Ray Serve, and a few completions through it."""
-    import httpx
-    from ray import serve
-
-    from raystack.cluster import start_serve
-    from raystack.serving import build_app
-
     port = _free_port(8000)
     _, port = start_serve({"host": "127.0.0.1", "port": port})  # an already-running Serve keeps its port
     serve.run(build_app({"model": artifact, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}),
@@ -114,12 +112,6 @@ def _serve(artifact: str, where: dict) -> None:
 
 def _batch(storage: str, artifact: str, rows: int, where: dict) -> None:
     """Stage 4: batch inference over a generated parquet table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raystack.batch import BatchConfig, run_batch
-    from raystack.config import from_dict
-
     table = Path(storage) / "demo-batch" / "prompts.parquet"
     table.parent.mkdir(parents=True, exist_ok=True)
     starts = ["def ", "import ", "class ", "for i in ", "return ", "if __name__ == ", "with open(", "try:\n    "]
@@ -127,7 +119,7 @@ def _batch(storage: str, artifact: str, rows: int, where: dict) -> None:
                    table)
     output = Path(storage) / "demo-batch" / "completions"
     summary = run_batch(from_dict(BatchConfig, {"model": artifact, "input": str(table), "output": str(output),
-                                                "overwrite": True, "max_tokens": 24, "temperature": 0.7,
+                                                "overwrite": True, "sampling": {"max_tokens": 24, "temperature": 0.7},
                                                 "num_cpus": 0.5, "max_actors": 2}))
     for row in pq.read_table(output).to_pandas().sort_values("id").head(3).itertuples():
         print(f"    row {row.id}: {row.prompt!r} -> {row.completion!r}")

@@ -33,6 +33,7 @@ from typing import AsyncIterator, Optional
 
 import torch
 
+from raystack.checkpoint import load_artifact
 from raystack.model import GPT, KVCache
 from raystack.sampling import SamplingParamError, SamplingParams, sample
 from raystack.tokenizer import ByteTokenizer
@@ -66,18 +67,32 @@ class EngineConfig:
 
 @dataclass
 class GenerationParams:
+    """One sequence's sampling parameters, and the ``sampling`` section of the serve and batch specs (the defaults
+    for what a request or row leaves out). Parsed and range-checked in one place,
+    ``raystack.openai_api.generation_params``; what each filter does is ``raystack.sampling``'s contract."""
+
     max_tokens: int = 16
+    """Tokens to generate at most."""
     temperature: float = 1.0
+    """In [0, 2]; 0 = greedy."""
     top_p: float = 1.0
+    """Nucleus: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
     top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 = all."""
     min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one, in [0, 1]."""
     seed: Optional[int] = None
-    """None: a fresh random seed per request."""
+    """Seed of the draw (the n choices of one prompt use seed + j); null = a fresh random seed each time."""
     stop: list[str] = field(default_factory=list)
+    """Up to 4 strings that end the completion (not included in it)."""
     presence_penalty: float = 0.0
+    """In [-2, 2], subtracted once from the logit of every token already generated."""
     frequency_penalty: float = 0.0
+    """In [-2, 2], subtracted per occurrence of a token already generated."""
     repetition_penalty: float = 1.0
+    """In [0.01, 2]; > 1 makes tokens of the prompt and completion less likely (CTRL's rule)."""
     logprobs: bool = False
+    """Return each generated token's log-probability."""
 
     @property
     def uses_penalties(self) -> bool:
@@ -159,7 +174,6 @@ class Engine:
 
     @classmethod
     def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
-        from raystack.checkpoint import load_artifact
 
         model, tokenizer = load_artifact(uri)
         return cls(model, tokenizer, config)

@@ -238,7 +238,10 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def parse_completion(body: Any, model_name: str, limits: RequestLimits) -> CompletionRequest:
+def parse_completion(body: Any, model_name: str, limits: RequestLimits,
+                     defaults: Optional[GenerationParams] = None) -> CompletionRequest:
+    """``body`` as a ``CompletionRequest``; sampling fields it leaves out come from ``defaults`` (the serve spec's
+    ``sampling`` section)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_FIELDS)
@@ -280,15 +283,26 @@ def parse_completion(body: Any, model_name: str, limits: RequestLimits) -> Compl
     echo = _boolean(body, "echo")
     if echo and logprobs is not None:
         raise _bad("echo", "'echo' together with 'logprobs' is not supported")
-    params = generation_params(body, limits, stop=_stop(body.get("stop")), logprobs=logprobs is not None)
+    stop = None if body.get("stop") is None else _stop(body["stop"])
+    params = generation_params(body, limits, defaults, stop=stop, logprobs=logprobs is not None)
     return CompletionRequest(model, prompts, params, n=n, stream=stream, include_usage=include_usage, echo=echo,
                              logprobs=logprobs)
 
 
-def generation_params(values: dict, limits: RequestLimits, stop: Optional[list] = None,
-                      logprobs: bool = False) -> GenerationParams:
-    """The sampling fields of ``values`` (an API body or a batch row, OpenAI's names, absent = default), checked
-    in the engine's precision; ``APIError`` (400) names the first bad one."""
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty")
+"""The per-sequence sampling fields a request body or a batch row may carry, by OpenAI's (and vLLM's) names."""
+
+
+def generation_params(values: dict, limits: RequestLimits, defaults: Optional[GenerationParams] = None,
+                      stop: Optional[list] = None, logprobs: Optional[bool] = None) -> GenerationParams:
+    """The sampling fields of ``values`` (an API body or a batch row, OpenAI's names), absent or null ones taken
+    from ``defaults`` (a serve or batch spec's ``sampling`` section; OpenAI's defaults when None), all checked in
+    the engine's precision: the one parser of every sampling parameter. ``APIError`` (400) names the first bad
+    one; ``stop`` and ``logprobs``, when not None, replace the defaults' (the API parses them itself)."""
+    base = defaults or GenerationParams()
+    values = {**{name: getattr(base, name) for name in SAMPLING_FIELDS},
+              **{name: values[name] for name in SAMPLING_FIELDS if values.get(name) is not None}}
     max_tokens = _integer(values, "max_tokens", 16, 1)
     if max_tokens >= limits.max_model_len:
         raise context_error(1, max_tokens, limits.max_model_len)
@@ -299,12 +313,22 @@ def generation_params(values: dict, limits: RequestLimits, stop: Optional[list] 
         top_k=_top_k(values, limits.vocab_size),
         min_p=_number(values, "min_p", 0.0, 0.0, 1.0),
         seed=_integer(values, "seed", None, INT64_MIN, INT64_MAX),
-        stop=list(stop or []),
+        stop=list(base.stop if stop is None else stop),
         presence_penalty=_number(values, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(values, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(values, "repetition_penalty", 1.0, 0.01, 2.0),
-        logprobs=logprobs,
+        logprobs=base.logprobs if logprobs is None else logprobs,
     )
+
+
+def check_sampling_section(section: GenerationParams, where: str = "sampling") -> None:
+    """``ValueError`` naming the key when a spec's ``sampling`` section breaks the rules a request obeys."""
+    anything = RequestLimits(vocab_size=2**62, max_model_len=2**62)  # the model's own limits apply per request
+    try:
+        generation_params({name: getattr(section, name) for name in SAMPLING_FIELDS}, anything,
+                          stop=_stop(section.stop))
+    except APIError as e:
+        raise ValueError(f"{where}.{e.param}: {e.message}" if e.param else f"{where}: {e.message}") from None
 
 
 def _top_k(body: dict, vocab_size: int) -> int:

@@ -29,9 +29,10 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -42,7 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed
-from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, choice_seed, chunk_body, completion_body,
+from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, check_sampling_section, choice_seed,
+                                 chunk_body, completion_body,
                                  context_error, decode_body, logprobs_object, models_body, parse_completion)
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class ServeConfig:
     target_ongoing_requests: float = 16.0
     max_ongoing_requests: int = 64
     max_queued_requests: int = 64
+    sampling: GenerationParams = field(default_factory=GenerationParams)
+    """Defaults for the sampling fields a request leaves out (OpenAI's unless set here); a request's own values
+    win. ``logprobs`` is per request only (its ``logprobs`` field)."""
 
     def __post_init__(self):
         if not self.model:
@@ -97,6 +102,10 @@ class ServeConfig:
             raise ValueError("request_timeout_s and target_ongoing_requests must be > 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
+        check_sampling_section(self.sampling)
+        if self.sampling.logprobs:
+            raise ValueError("sampling.logprobs: log-probabilities are asked for per request (its 'logprobs' field); "
+                             "remove sampling.logprobs")
 
 
 # FastAPI's own docs routes would answer without a key; the deployment serves them itself, behind _authorize.
@@ -170,8 +179,6 @@ class _Metrics:
 @serve.ingress(app)
 class LLMServer:
     def __init__(self, config: ServeConfig):
-        import torch
-
         self.config = config
         threads = config.threads or max(1, int(config.num_cpus))
         torch.set_num_threads(threads)
@@ -181,6 +188,9 @@ class LLMServer:
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len,
                                     max_sequences=config.max_sequences_per_request)
+        if config.sampling.max_tokens >= self.engine.max_model_len:
+            raise ValueError(f"sampling.max_tokens ({config.sampling.max_tokens}) leaves no room for a prompt in this "
+                             f"model's context of {self.engine.max_model_len} tokens; lower it")
         self.metrics = _Metrics(config.model_name)
         self.created = int(time.time())
         logger.info("serving %s as %r: %d KV slots, %.1f MiB KV cache, API keys %s", config.model,
@@ -264,7 +274,7 @@ class LLMServer:
         try:
             self._authorize(request)
             body = decode_body(await self._read_body(request))
-            parsed = parse_completion(body, self.config.model_name, self.limits)
+            parsed = parse_completion(body, self.config.model_name, self.limits, self.config.sampling)
             prompts = [self.engine.encode_prompt(p) for p in parsed.prompts]
             for tokens in prompts:
                 if len(tokens) + parsed.params.max_tokens > self.engine.max_model_len:

@@ -18,6 +18,7 @@ import os
 from typing import Optional
 
 import numpy as np
+import optuna
 
 from raystack.observability import SWEEP_DASHBOARD_TEMPLATE
 
@@ -100,7 +101,6 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
 def importances(sweep_dir: str, space, trials: list[dict]) -> dict:
     """``{"method": str, "values": {param: share}}``."""
     try:
-        import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         storage = space.optuna_storage or f"sqlite:///{os.path.join(sweep_dir, 'optuna.db')}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
+
 EOT = 256
 VOCAB_SIZE = 257
 SPECIAL_TOKENS = {"<|endoftext|>": EOT}
@@ -25,7 +27,6 @@ class ByteTokenizer:
 
     def encode_array(self, data: bytes):
         """``encode`` as a uint16 NumPy array (the hot path of corpus packing)."""
-        import numpy as np
 
         return np.frombuffer(bytes(data), dtype=np.uint8).astype(np.uint16)
 

@@ -8,10 +8,10 @@ import socket
 TINY_OVERRIDES = [
     "data.max_documents=30",
     "data.block_size=64",
-    "train.batch_size=8",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=5",
-    "train.eval_blocks=32",
+    "schedule.batch_size=8",
+    "schedule.micro_batch_size=4",
+    "schedule.warmup_steps=5",
+    "eval.blocks=32",
 ]
 
 

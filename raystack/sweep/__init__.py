@@ -2,7 +2,7 @@
 
 Contract:
 - A search space is data (``tune_spaces/*.yaml``, ``SweepSpace``): per parameter a distribution (``loguniform``,
-  ``uniform``, ``int``, ``choice``) over a dotted ``TrainJobConfig`` key (``train.lr``, ``model.n_embd``), the
+  ``uniform``, ``int``, ``choice``) over a dotted ``TrainJobConfig`` key (``optimizer.lr``, ``model.n_embd``), the
   metric and mode, the trial budget, concurrency, resources per trial, ASHA's settings and the base training
   config. Unknown keys, unknown distributions, empty bounds and parameters that are not training keys fail before
   any trial starts, naming the field.

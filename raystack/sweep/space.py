@@ -43,7 +43,7 @@ class SweepSpace:
     """Trial budget."""
     max_concurrent_trials: int = 2
     seed: int = 0
-    """Seeds TPE; trials also keep the base config's train.seed."""
+    """Seeds TPE; trials also keep the base config's seed."""
     n_startup_trials: int = 3
     """Random trials before TPE models the space."""
     cpus_per_trial: float = 1.0
@@ -114,8 +114,8 @@ class SweepSpace:
             if p.distribution == "int" and (p.low != int(p.low) or p.high != int(p.high)):
                 raise ValueError(f"{where}: int bounds must be integers, got {p.low}, {p.high}")
         if key.startswith("data.") or key in ("name", "storage_path", "export_path"):
-            raise ValueError(f"{where}: only model.*, train.* and scaling.* keys can be searched "
-                             "(every trial shares one packed corpus)")
+            raise ValueError(f"{where}: data.* and storage keys cannot be searched (every trial shares one packed "
+                             "corpus and the sweep's directory)")
         return p
 
     def base_config(self, sample: Optional[dict] = None):
@@ -135,16 +135,17 @@ class SweepSpace:
             raise ValueError(f"base + space do not make a valid training config: {e}") from None
         # A trial reports exactly at its evaluations, each with the metric and a checkpoint: Tune (and ASHA) need the
         # metric in every report, and a restored trial resumes from its last report.
-        if config.train.eval_every < 1:
-            raise ValueError("base.train.eval_every must be >= 1: trials report (and ASHA decides) at evaluations")
-        explicit = values.get("train") or {}
-        for key in ("log_every", "checkpoint_every"):  # follow eval_every; a different explicit value is refused
-            if explicit.get(key) is not None and explicit[key] != config.train.eval_every:
+        every = config.eval.every
+        if every < 1:
+            raise ValueError("base.eval.every must be >= 1: trials report (and ASHA decides) at evaluations")
+        for section in ("logging", "checkpoint"):  # follow eval.every; a different explicit value is refused
+            explicit = (values.get(section) or {}).get("every")
+            if explicit is not None and explicit != every:
                 raise ValueError(
-                    f"base.train.{key} is {explicit[key]}, but a trial reports and checkpoints at each evaluation "
-                    f"(Tune and ASHA need the metric in every report), so it follows base.train.eval_every "
-                    f"({config.train.eval_every}); remove base.train.{key} or set it to {config.train.eval_every}")
-        config.train.log_every = config.train.checkpoint_every = config.train.eval_every
+                    f"base.{section}.every is {explicit}, but a trial reports and checkpoints at each evaluation "
+                    f"(Tune and ASHA need the metric in every report), so it follows base.eval.every ({every}); "
+                    f"remove base.{section}.every or set it to {every}")
+        config.logging.every = config.checkpoint.every = every
         return config
 
     def optuna_space(self) -> dict:
@@ -160,7 +161,7 @@ class SweepSpace:
 
     @property
     def steps(self) -> int:
-        return self.base_config().train.steps
+        return self.base_config().schedule.steps
 
 
 def load_space(path: str, overrides=()) -> SweepSpace:

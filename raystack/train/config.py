@@ -1,11 +1,12 @@
-"""The training job's spec: ``TrainJobConfig`` and its sections (model, data, optimizer, scaling, storage), built from
-YAML and ``--set`` overrides by ``raystack.config.load_config`` and validated before any Ray work starts."""
+"""The training job's spec: ``TrainJobConfig`` and its sections (model, data, optimizer, schedule, eval, logging,
+checkpoint, scaling; the run's name, storage, seed and precision at the top), built from YAML and ``--set``
+overrides by ``raystack.config.load_config`` and validated before any Ray work starts."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from raystack import storage
 from raystack.config import load_config, to_dict
@@ -32,57 +33,84 @@ class ModelSection:
         return ModelConfig.from_preset(self.preset, **overrides)
 
 
+def _at_least(section: str, low: int, **values: int) -> None:
+    for name, value in values.items():
+        if value < low:
+            raise ValueError(f"{section + '.' if section else ''}{name} must be >= {low}, got {value}")
+
+
 @dataclass
-class OptimSection:
+class OptimizerSection:
+    """AdamW; weight decay applies to matrices and the embedding, not to norms."""
+
+    lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+
+    def __post_init__(self):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optimizer.lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("optimizer.weight_decay and optimizer.grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("optimizer.beta1 and optimizer.beta2 must be in [0, 1)")
+
+
+@dataclass
+class ScheduleSection:
+    """How long, how big each step, and the learning-rate curve: linear warmup, then cosine decay."""
+
     steps: int = 200
     """Optimizer steps in the whole run."""
     batch_size: int = 16
     """Global batch: sequences per optimizer step, summed over all workers."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one worker; the rest of its share is gradient accumulation."""
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at ``lr * min_lr_ratio``."""
     warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    """Max global gradient norm (0 = no clipping)."""
-    eval_every: int = 50
-    """Validation loss every N steps (and at the end); 0 = only at the end."""
-    eval_blocks: int = 64
-    """Validation blocks per evaluation (the same fixed blocks every time)."""
-    log_every: int = 10
-    """Report metrics every N steps."""
-    checkpoint_every: int = 50
-    """Checkpoint the full state every N steps (and at the end)."""
-    keep_checkpoints: int = 2
-    seed: int = 0
-    precision: str = "auto"
-    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
-    threads_per_worker: int = 0
-    """torch intra-op threads per worker; 0 = the worker's CPU allocation."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at ``optimizer.lr * min_lr_ratio``."""
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "micro_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "eval_blocks")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "threads_per_worker", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"train.lr must be a positive number, got {self.lr}")
+        _at_least("schedule", 1, steps=self.steps, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size)
+        _at_least("schedule", 0, warmup_steps=self.warmup_steps)
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("train.beta1 and train.beta2 must be in [0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class EvalSection:
+    every: int = 50
+    """Validation loss every N steps (and at the end); 0 = only at the end."""
+    blocks: int = 64
+    """Validation blocks per evaluation (the same fixed blocks every time)."""
+
+    def __post_init__(self):
+        _at_least("eval", 0, every=self.every)
+        _at_least("eval", 1, blocks=self.blocks)
+
+
+@dataclass
+class LoggingSection:
+    every: int = 10
+    """Report metrics (Ray, metrics.jsonl, Prometheus, the console) every N steps."""
+
+    def __post_init__(self):
+        _at_least("logging", 1, every=self.every)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 50
+    """Checkpoint the full state every N steps (and at the end)."""
+    keep: int = 2
+    """Checkpoints kept; older ones are deleted."""
+
+    def __post_init__(self):
+        _at_least("checkpoint", 1, every=self.every, keep=self.keep)
 
 
 @dataclass
@@ -96,6 +124,8 @@ class ScalingSection:
     """Worker-group restarts (from the latest checkpoint) before the run fails; -1 = unlimited."""
     placement_strategy: str = "PACK"
     """How workers spread over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node)."""
+    threads_per_worker: int = 0
+    """torch intra-op threads per worker; 0 = the worker's CPU allocation."""
 
     def __post_init__(self):
         workers = self.num_workers
@@ -110,6 +140,7 @@ class ScalingSection:
             raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise ValueError(f"scaling.max_failures must be >= -1, got {self.max_failures}")
+        _at_least("scaling", 0, threads_per_worker=self.threads_per_worker)
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError("scaling.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                              f"got {self.placement_strategy!r}")
@@ -127,13 +158,33 @@ class TrainJobConfig:
     """Where checkpoints, packed data, metrics and the artifact go: a local path or a URI shared by all nodes."""
     export_path: Optional[str] = None
     """Where the model artifact goes; default ``<storage_path>/<name>/model``."""
+    seed: int = 0
+    """Initial weights, data order and dropout."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
-    train: OptimSection = field(default_factory=OptimSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+
+    RENAMED: ClassVar[dict] = {  # the keys of the old ``train`` section, refused with their new spelling
+        **{f"train.{k}": f"schedule.{k}" for k in ("steps", "batch_size", "micro_batch_size", "warmup_steps",
+                                                    "min_lr_ratio")},
+        **{f"train.{k}": f"optimizer.{k}" for k in ("lr", "weight_decay", "beta1", "beta2", "grad_clip")},
+        "train.eval_every": "eval.every", "train.eval_blocks": "eval.blocks", "train.log_every": "logging.every",
+        "train.checkpoint_every": "checkpoint.every", "train.keep_checkpoints": "checkpoint.keep",
+        "train.seed": "seed", "train.precision": "precision", "train.threads_per_worker": "scaling.threads_per_worker",
+    }
 
     def __post_init__(self):
         storage.check_name("run", self.name)
+        _at_least("", 0, seed=self.seed)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         model = self.model.build()
         if self.data.block_size > model.max_seq_len:
             raise ValueError(

@@ -132,7 +132,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
         name=config.name,
         storage_path=storage.join(config.storage_path),  # absolute local path, or the URI itself
         failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
         callbacks=[MetricsLog(config.run_dir), StopWithoutCheckpoint(), *callbacks],
     )
     trainer = TorchTrainer(

@@ -18,21 +18,21 @@ from raystack.checkpoint import list_checkpoints, load_checkpoint, save_checkpoi
 from raystack.config import from_dict, to_dict
 from raystack.data import batch_indices, load_blocks
 from raystack.model import GPT, causal_lm_loss
-from raystack.train.config import OptimSection, TrainJobConfig
+from raystack.train.config import OptimizerSection, ScheduleSection, TrainJobConfig
 
 logger = logging.getLogger(__name__)
 
 
-def lr_at(step: int, cfg: OptimSection) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+def lr_at(step: int, peak: float, schedule: ScheduleSection) -> float:
+    """Linear warmup to ``peak`` over ``warmup_steps``, then cosine decay to ``peak * min_lr_ratio`` at ``steps``."""
+    if step < schedule.warmup_steps:
+        return peak * (step + 1) / schedule.warmup_steps
+    progress = (step - schedule.warmup_steps) / max(1, schedule.steps - schedule.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return peak * (schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * cosine)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerSection) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (and the embedding) only, not on norms."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -45,14 +45,15 @@ def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
 
-def train_step(model, optimizer, blocks: torch.Tensor, cfg: OptimSection, world_size: int, autocast) -> torch.Tensor:
+def train_step(model, optimizer, blocks: torch.Tensor, schedule: ScheduleSection, grad_clip: float, world_size: int,
+               autocast) -> torch.Tensor:
     """One optimizer step on this rank's ``blocks`` ``[n, block_size + 1]``; returns the rank's weighted loss,
     whose sum over ranks divided by ``world_size`` is the global batch's mean loss.
 
     Each micro-batch's mean loss is weighted by ``len(micro) * world_size / batch_size`` so that, after DDP averages
     gradients over ranks, the gradient is that of the mean loss over the whole global batch.
     """
-    chunks = blocks.split(cfg.micro_batch_size)
+    chunks = blocks.split(schedule.micro_batch_size)
     total = torch.zeros((), device=blocks.device)
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
@@ -60,11 +61,11 @@ def train_step(model, optimizer, blocks: torch.Tensor, cfg: OptimSection, world_
         with sync:
             with autocast():
                 loss = causal_lm_loss(model, chunk)
-            weighted = loss * (len(chunk) * world_size / cfg.batch_size)
+            weighted = loss * (len(chunk) * world_size / schedule.batch_size)
             weighted.backward()
         total += weighted.detach()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -75,16 +76,16 @@ def _module(model):
 
 
 @torch.no_grad()
-def evaluate(model, val_blocks: np.ndarray, cfg: OptimSection, rank: int, world_size: int, device, autocast):
-    """Mean token loss over the first ``eval_blocks`` validation blocks, summed over ranks."""
+def evaluate(model, val_blocks: np.ndarray, config: TrainJobConfig, rank: int, world_size: int, device, autocast):
+    """Mean token loss over the first ``eval.blocks`` validation blocks, summed over ranks."""
     module = _module(model)
     module.eval()
-    n = min(cfg.eval_blocks, len(val_blocks))
+    n, micro = min(config.eval.blocks, len(val_blocks)), config.schedule.micro_batch_size
     mine = val_blocks[rank_slice(n, rank, world_size)]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    for start in range(0, len(mine), cfg.micro_batch_size):
-        chunk = torch.from_numpy(mine[start:start + cfg.micro_batch_size].astype(np.int64)).to(device)
+    for start in range(0, len(mine), micro):
+        chunk = torch.from_numpy(mine[start:start + micro].astype(np.int64)).to(device)
         with autocast():
             loss_sum += causal_lm_loss(module, chunk, reduction="sum").double()
         count += chunk[:, 1:].numel()
@@ -108,9 +109,9 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     every report (rank 0's Prometheus gauges).
     """
     config = from_dict(TrainJobConfig, loop_config["config"])
-    cfg = config.train
-    torch.set_num_threads(cfg.threads_per_worker or max(1, int(config.scaling.cpus_per_worker)))
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    schedule = config.schedule
+    torch.set_num_threads(config.scaling.threads_per_worker or max(1, int(config.scaling.cpus_per_worker)))
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -118,48 +119,48 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     model, optimizer, start_step = _initial_state(config, rank, world_size, device, checkpoint)
     model = wrap(model, world_size)
     train_blocks, val_blocks, _ = load_blocks(loop_config["data_uri"])
-    share = rank_slice(cfg.batch_size, rank, world_size)
+    share = rank_slice(schedule.batch_size, rank, world_size)
     reporter = _Reporter(config, rank, world_size, device, start_step, train_blocks.shape[1] - 1,
                          _module(model).flops_per_token(train_blocks.shape[1] - 1), report, checkpoint_cls, gauges)
-    for step in range(start_step, cfg.steps):
-        lr = lr_at(step, cfg)
+    for step in range(start_step, schedule.steps):
+        lr = lr_at(step, config.optimizer.lr, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = batch_indices(step, cfg.batch_size, len(train_blocks), cfg.seed)[share]
+        ids = batch_indices(step, schedule.batch_size, len(train_blocks), config.seed)[share]
         blocks = torch.from_numpy(train_blocks[ids].astype(np.int64)).to(device, non_blocking=True)
-        reporter.add(train_step(model, optimizer, blocks, cfg, world_size, autocast))
+        reporter.add(train_step(model, optimizer, blocks, schedule, config.optimizer.grad_clip, world_size, autocast))
         reporter.maybe_report(step + 1, lr, model, optimizer,
-                              lambda: evaluate(model, val_blocks, cfg, rank, world_size, device, autocast))
+                              lambda: evaluate(model, val_blocks, config, rank, world_size, device, autocast))
 
 
 def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):
     """``(model, optimizer, start_step)``: fresh (the same initial weights on every rank) or restored from
     ``checkpoint``, with each rank's RNG stream set for what follows."""
-    cfg = config.train
-    torch.manual_seed(cfg.seed)
+    seed = config.seed
+    torch.manual_seed(seed)
     model = GPT(config.model.build()).to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, config.optimizer)
     if not checkpoint:
-        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # per-rank dropout streams
+        torch.manual_seed(seed * 1_000_003 + rank)  # per-rank dropout streams
         return model, optimizer, 0
     meta = _restore(checkpoint, model, optimizer, rank, device)
     start_step = meta["step"]
     if not meta["rng_restored"]:  # a resized group: ranks without saved RNG get a fresh, deterministic stream
-        torch.manual_seed(cfg.seed * 1_000_003 + start_step * 1_009 + rank)
+        torch.manual_seed(seed * 1_000_003 + start_step * 1_009 + rank)
     if rank == 0:
         print(f"[raystack] resumed from step {start_step} ({world_size} workers)", flush=True)
     return model, optimizer, start_step
 
 
 class _Reporter:
-    """Accumulates the loss over a report window; every ``log_every`` steps (and at evaluations and checkpoints)
+    """Accumulates the loss over a report window; every ``logging.every`` steps (and at evaluations and checkpoints)
     reports the window's figures to Ray, with a checkpoint when one is due, and shows them on rank 0."""
 
     def __init__(self, config: TrainJobConfig, rank: int, world_size: int, device, start_step: int, block_tokens: int,
                  flops_per_token: float, report, checkpoint_cls, gauges=None):
-        self.config, self.cfg, self.rank, self.world_size = config, config.train, rank, world_size
+        self.config, self.rank, self.world_size = config, rank, world_size
         self.start_step, self.report, self.checkpoint_cls = start_step, report, checkpoint_cls
-        self.tokens_per_step = config.train.batch_size * block_tokens
+        self.tokens_per_step = config.schedule.batch_size * block_tokens
         self.flops_per_token = flops_per_token
         self.gauges = gauges
         self.loss = torch.zeros((), device=device)
@@ -170,11 +171,11 @@ class _Reporter:
         self.steps += 1
 
     def maybe_report(self, done: int, lr: float, model, optimizer, evaluate) -> None:
-        cfg = self.cfg
-        last = done == cfg.steps
-        do_eval = last or (cfg.eval_every and done % cfg.eval_every == 0)
-        do_checkpoint = last or done % cfg.checkpoint_every == 0
-        if not (do_eval or do_checkpoint or done % cfg.log_every == 0):
+        config = self.config
+        last = done == config.schedule.steps
+        do_eval = last or (config.eval.every and done % config.eval.every == 0)
+        do_checkpoint = last or done % config.checkpoint.every == 0
+        if not (do_eval or do_checkpoint or done % config.logging.every == 0):
             return
         if self.world_size > 1:
             torch.distributed.all_reduce(self.loss)
@@ -188,7 +189,7 @@ class _Reporter:
             self.gauges.record(metrics)
         if self.rank == 0:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "val_loss", "lr"))
-            print(f"[raystack] step {done}/{cfg.steps} {shown} tokens/s {tokens_per_s:,.0f}", flush=True)
+            print(f"[raystack] step {done}/{config.schedule.steps} {shown} tokens/s {tokens_per_s:,.0f}", flush=True)
         if do_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(directory, done, _module(model), optimizer, rank=self.rank,

@@ -39,9 +39,10 @@ def table(tmp_path_factory):
     return directory
 
 
-def job(artifact, input, output, **extra) -> BatchConfig:
-    return from_dict(BatchConfig, {"model": artifact, "input": str(input), "output": str(output), "max_tokens": 8,
-                                   "batch_size": 16, "num_cpus": 0.5, "max_actors": 2, **extra})
+def job(artifact, input, output, sampling=None, **extra) -> BatchConfig:
+    return from_dict(BatchConfig, {"model": artifact, "input": str(input), "output": str(output),
+                                   "sampling": {"max_tokens": 8, **(sampling or {})}, "batch_size": 16,
+                                   "num_cpus": 0.5, "max_actors": 2, **extra})
 
 
 def read(output):
@@ -49,7 +50,7 @@ def read(output):
 
 
 def test_every_row_once_with_errors_in_place_and_identical_reruns(ray_session, artifact, table, tmp_path):
-    summary = run_batch(job(artifact, table, tmp_path / "first", temperature=0.9, top_k=40))
+    summary = run_batch(job(artifact, table, tmp_path / "first", {"temperature": 0.9, "top_k": 40}))
     first = read(tmp_path / "first")
     assert summary["rows"] == 200 and len(first) == 200 and sorted(first["id"]) == list(range(200))
     assert summary["errors"] == 3
@@ -60,7 +61,7 @@ def test_every_row_once_with_errors_in_place_and_identical_reruns(ray_session, a
     assert (ok["prompt_tokens"] == ok["prompt"].str.len()).all()
     assert (tmp_path / "first" / "_SUCCESS").exists()
 
-    run_batch(job(artifact, table, tmp_path / "second", temperature=0.9, top_k=40))
+    run_batch(job(artifact, table, tmp_path / "second", {"temperature": 0.9, "top_k": 40}))
     second = read(tmp_path / "second")
     assert first.equals(second)
 
@@ -112,8 +113,10 @@ def test_input_errors_are_clear(ray_session, artifact, tmp_path):
         run_batch(job(artifact, path, tmp_path / "o1"))
     with pytest.raises(DataError, match="does not exist"):
         run_batch(job(artifact, tmp_path / "missing.parquet", tmp_path / "o2"))
-    with pytest.raises(ConfigError, match=r"'temperature' must be in \[0.0, 2.0\], got -1.0"):
-        job(artifact, path, tmp_path / "o3", temperature=-1)
+    with pytest.raises(ConfigError, match=r"sampling.temperature: 'temperature' must be in \[0.0, 2.0\], got -1.0"):
+        job(artifact, path, tmp_path / "o3", {"temperature": -1})
+    with pytest.raises(ConfigError, match="config key 'temperature' is now 'sampling.temperature'"):
+        job(artifact, path, tmp_path / "o3", temperature=0.5)
 
 
 def test_a_killed_batch_actor_costs_no_row(ray_session, artifact, tmp_path):
@@ -121,7 +124,7 @@ def test_a_killed_batch_actor_costs_no_row(ray_session, artifact, tmp_path):
 
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"id": list(range(400)), "prompt": [f"row {i}:" for i in range(400)]}), path)
-    config = job(artifact, path, tmp_path / "out", max_tokens=24, batch_size=8, max_actors=1)
+    config = job(artifact, path, tmp_path / "out", {"max_tokens": 24}, batch_size=8, max_actors=1)
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", run_batch(config)), daemon=True)
     runner.start()

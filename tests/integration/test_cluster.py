@@ -159,9 +159,9 @@ def test_training_job_spreads_over_two_nodes_and_exports_to_shared_storage(clust
     submitted = raystack("submit", "train", "--address", cluster["url"], "--",
                          "--set", "name=two-nodes", "--set", f"storage_path={shared}",
                          "--set", "scaling.num_workers=2", "--set", "scaling.placement_strategy=STRICT_SPREAD",
-                         "--set", "train.steps=8", "--set", "train.checkpoint_every=4", "--set", "train.log_every=4",
+                         "--set", "schedule.steps=8", "--set", "checkpoint.every=4", "--set", "logging.every=4",
                          "--set", "data.max_documents=20", "--set", "data.block_size=64",
-                         "--set", "train.batch_size=8", env=cluster["env"])
+                         "--set", "schedule.batch_size=8", env=cluster["env"])
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
     followed = raystack("logs", job_id, "--follow", env=cluster["env"])

@@ -208,11 +208,17 @@ def test_deploy_job_serves_an_artifact_next_to_the_running_apps(server, ray_sess
     job = subprocess.run(
         [sys.executable, str(repo / "jobs" / "deploy.py"), "--config", str(repo / "serve_apps" / "llm.yaml"),
          "--model", artifact, "--name", "job", "--route-prefix", "/job", "--set", "num_cpus=0.5",
-         "--set", "model_name=from-job"], env=env, capture_output=True, text=True, timeout=600)  # a busy machine
+         "--set", "model_name=from-job", "--set", "sampling.max_tokens=2", "--set", "sampling.temperature=0"],
+        env=env, capture_output=True, text=True, timeout=600)  # a busy machine
     assert job.returncode == 0, job.stderr[-2000:]
     response = httpx.post(f"{server}/job/v1/completions", timeout=60,
                           json={"model": "from-job", "prompt": "hi", "max_tokens": 3})
     assert response.status_code == 200 and response.json()["model"] == "from-job"
+    # The app's sampling section fills what a request leaves out: 2 tokens, greedy (the same text twice).
+    bodies = [httpx.post(f"{server}/job/v1/completions", timeout=60, json={"model": "from-job", "prompt": "hi"}).json()
+              for _ in range(2)]
+    assert [b["usage"]["completion_tokens"] for b in bodies] == [2, 2], bodies
+    assert bodies[0]["choices"][0]["text"] == bodies[1]["choices"][0]["text"]
 
 
 def test_serve_metrics_reach_rays_prometheus_endpoint(server, ray_session):

@@ -23,8 +23,8 @@ from raystack.sweep import load_space, run_sweep
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SPACE = REPO / "tune_spaces" / "gpt_tiny.yaml"
-FAST = ["base.data.max_documents=30", "base.train.steps=30", "base.train.eval_every=5",
-        "base.train.checkpoint_every=5", "base.train.log_every=5", "scheduler.grace_period=5",
+FAST = ["base.data.max_documents=30", "base.schedule.steps=30", "base.eval.every=5",
+        "base.checkpoint.every=5", "base.logging.every=5", "scheduler.grace_period=5",
         "scheduler.reduction_factor=3", "num_samples=6"]
 
 
@@ -167,7 +167,8 @@ def test_data_parallel_trials_train_on_two_workers_and_free_them_when_stopped(ra
 
     base = yaml.safe_load(SPACE.read_text())["base"]
     base["data"]["max_documents"] = 30
-    base["train"].update(steps=10, eval_every=5)
+    base["schedule"]["steps"] = 10
+    base["eval"]["every"] = 5
     # Trials run one at a time, so the search (random, seed 0: lr 1e-5, 0.01, 1e-5, 1e-5) and ASHA's decisions
     # are deterministic: at step 5 trials 3 and 4 are below the 2/3 quantile of those before them and are stopped.
     space_file = tmp_path / "dp.yaml"
@@ -175,7 +176,7 @@ def test_data_parallel_trials_train_on_two_workers_and_free_them_when_stopped(ra
         "name": "dp", "num_samples": 4, "max_concurrent_trials": 1, "search": "random", "seed": 0,
         "workers_per_trial": 2, "cpus_per_trial": 1, "storage_path": str(tmp_path),
         "scheduler": {"grace_period": 5, "reduction_factor": 3}, "base": base,
-        "space": {"train.lr": {"distribution": "choice", "values": [0.01, 0.00001]}}}))
+        "space": {"optimizer.lr": {"distribution": "choice", "values": [0.01, 0.00001]}}}))
     space = load_space(space_file)
     placement_groups_before = set(ray.util.placement_group_table())
 
@@ -200,8 +201,8 @@ def test_data_parallel_trials_train_on_two_workers_and_free_them_when_stopped(ra
         reports = [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
         assert reports and all(r["world_size"] == 2 for r in reports), (d.name, trials)
     early = [t for t in trials if t["status"] == "STOPPED EARLY"]
-    assert len(early) == 2 and all(t["steps"] == 5 and t["params"]["train.lr"] == 0.00001 for t in early), trials
-    assert output.best_config == {"train.lr": 0.01}
+    assert len(early) == 2 and all(t["steps"] == 5 and t["params"]["optimizer.lr"] == 0.00001 for t in early), trials
+    assert output.best_config == {"optimizer.lr": 0.01}
     # Each trial's Train run holds its checkpoints; the best one became the artifact.
     assert sorted(p.name for p in (Path(output.sweep_dir) / "train_runs").iterdir()) == sorted(t["id"] for t in trials)
     assert "model.safetensors" in read_manifest(output.artifact)["files"]
@@ -221,7 +222,7 @@ def test_a_sweep_on_s3_keeps_its_study_and_dashboard_on_the_driver(ray_session, 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="sweeps")
     home = tmp_path / "home"
     space = load_space(SPACE, [*FAST, "num_samples=2", "storage_path=s3://sweeps", f"local_dir={home}",
-                               "name=remote", "base.train.steps=10"])
+                               "name=remote", "base.schedule.steps=10", "early_stopping=false"])  # no ASHA luck
     output = run_sweep(space)
     assert output.sweep_dir == str(home / "remote") and output.storage == "s3://sweeps/remote"
     fs = pafs.FileSystem.from_uri("s3://sweeps")[0]

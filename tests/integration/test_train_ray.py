@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 # Every run here uses the same shape so their losses can be compared exactly.
-RUN = ["train.steps=20", "train.log_every=1", "train.eval_every=10", "train.checkpoint_every=5",
+RUN = ["schedule.steps=20", "logging.every=1", "eval.every=10", "checkpoint.every=5",
        "scaling.num_workers=2"]
 
 
@@ -134,8 +134,8 @@ def test_elastic_one_to_two_workers_trains_and_exports_metrics(ray_session, tiny
     import httpx
     import ray
 
-    config = load_train_config(None, [*tiny_overrides, "train.steps=40", "train.log_every=4",
-                                      "train.checkpoint_every=20", "scaling.num_workers=[1,2]", "name=elastic"])
+    config = load_train_config(None, [*tiny_overrides, "schedule.steps=40", "logging.every=4",
+                                      "checkpoint.every=20", "scaling.num_workers=[1,2]", "name=elastic"])
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("output", fit(config)), daemon=True)
     runner.start()

@@ -7,6 +7,7 @@ import torch
 from raystack.batch import BatchConfig, Predictor, _refuse_overlap
 from raystack.checkpoint import save_artifact
 from raystack.data import DataError
+from raystack.engine import GenerationParams
 from raystack.model import GPT, ModelConfig
 
 
@@ -14,8 +15,8 @@ def test_hostile_row_values_fail_their_row_alone(tmp_path):
     torch.manual_seed(0)
     config = ModelConfig.from_preset("tiny")
     artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
-    predictor = Predictor(BatchConfig(model=artifact, input="in", output="out", max_tokens=4, batch_size=8,
-                                      num_cpus=1), "prompt")
+    predictor = Predictor(BatchConfig(model=artifact, input="in", output="out", batch_size=8, num_cpus=1,
+                                      sampling=GenerationParams(max_tokens=4, seed=0)), "prompt")
     batch = {
         "id": np.arange(7),
         "prompt": np.array(["a", "b", "c", "d", "e", "f", "g"], dtype=object),
@@ -57,13 +58,15 @@ def test_separate_outputs_are_accepted(tmp_path, monkeypatch):
     ("min_p", 1.5, r"'min_p' must be in \[0.0, 1.0\]"),
     ("top_k", -2, "'top_k'"),
     ("seed", 2**63, "'seed'"),
+    ("stop", ["a"] * 5, "'stop' takes at most 4"),
 ])
 def test_job_wide_sampling_values_obey_the_same_rules_as_a_rows(field, value, message):
     """One parser for the job's defaults, a row's columns and the HTTP API: what a row may not say, the job may
     not either."""
-    with pytest.raises(ValueError, match=message):
-        BatchConfig(model="m", input="in", output="out", **{field: value})
-    BatchConfig(model="m", input="in", output="out", temperature=2.0, top_k=-1, min_p=1.0, seed=2**63 - 1)
+    with pytest.raises(ValueError, match=f"^sampling.{field}: {message}"):
+        BatchConfig(model="m", input="in", output="out", sampling=GenerationParams(**{field: value}))
+    BatchConfig(model="m", input="in", output="out",
+                sampling=GenerationParams(temperature=2.0, top_k=-1, min_p=1.0, seed=2**63 - 1))
 
 
 def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):

@@ -59,8 +59,12 @@ def test_field_docs_come_from_the_attribute_docstrings():
     from raystack.train import TrainJobConfig
 
     rows = {key: (default, doc) for key, default, doc in describe(TrainJobConfig)}
-    assert rows["train.steps"] == ("200", "Optimizer steps in the whole run.")
+    assert rows["schedule.steps"] == ("200", "Optimizer steps in the whole run.")
     assert rows["model.preset"][0] == "'tiny'" and rows["scaling.num_workers"][1].startswith("Workers: an int")
+    from raystack.batch import BatchConfig  # a section its owner gives other defaults shows the owner's
+
+    rows = {key: default for key, default, _ in describe(BatchConfig)}
+    assert (rows["sampling.max_tokens"], rows["sampling.seed"], rows["sampling.top_p"]) == ("32", "0", "1.0")
 
 
 def test_one_precedence_rule_and_no_silent_winner(tmp_path, capsys):
@@ -68,12 +72,22 @@ def test_one_precedence_rule_and_no_silent_winner(tmp_path, capsys):
     from raystack.config import ConfigError, load_config
 
     path = tmp_path / "batch.yaml"
-    path.write_text("model: from-file\ninput: in\noutput: out\ntemperature: 0.5\n")
-    config = load_config(BatchConfig, path, ["temperature=0.7"], {"model": "from-flag", "mode": None})
-    assert (config.model, config.temperature, config.mode) == ("from-flag", 0.7, "generate")
+    path.write_text("model: from-file\ninput: in\noutput: out\nsampling: {temperature: 0.5, top_k: 5}\n")
+    config = load_config(BatchConfig, path, ["sampling.temperature=0.7"], {"model": "from-flag", "mode": None})
+    assert (config.model, config.sampling.temperature, config.sampling.top_k, config.mode) == (
+        "from-flag", 0.7, 5, "generate")
     with pytest.raises(ConfigError, match="--model 'a' and --set model='b' disagree"):
         load_config(BatchConfig, path, ["model=b"], {"model": "a"})
     assert cli.main(["batch", "--model", "a", "--set", "model=b", "--input", "i", "--output", "o"]) == 2
     assert "disagree" in capsys.readouterr().err
     assert cli.main(["deploy", "--model", "a", "--set", "model=b"]) == 2
     assert "--model 'a' and --set model='b' disagree" in capsys.readouterr().err
+
+
+def test_every_job_takes_its_spec_file_as_config():
+    """One grammar: ``raystack JOB [--config FILE] [--set key=value ...]``; tune's old ``--space`` still works."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["tune", "--config", "s.yaml"]).space == "s.yaml"
+    assert parser.parse_args(["tune", "--space", "s.yaml", "--set", "num_samples=2"]).space == "s.yaml"
+    for job in ("train", "batch", "deploy"):
+        assert parser.parse_args([job, "--config", "c.yaml", "--set", "a=1"]).overrides == ["a=1"]

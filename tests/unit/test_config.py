@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_defaults_are_valid_and_overrides_apply(tmp_path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("name: exp\ntrain:\n  lr: 0.001\nscaling:\n  num_workers: [1, 2]\n")
-    config = load_train_config(cfg_file, ["train.steps=7", "model.n_layer=3"])
+    cfg_file.write_text("name: exp\noptimizer:\n  lr: 0.001\nscaling:\n  num_workers: [1, 2]\n")
+    config = load_train_config(cfg_file, ["schedule.steps=7", "model.n_layer=3"])
     assert isinstance(config, TrainJobConfig)
-    assert (config.name, config.train.lr, config.train.steps) == ("exp", 0.001, 7)
+    assert (config.name, config.optimizer.lr, config.schedule.steps) == ("exp", 0.001, 7)
     assert config.scaling.num_workers == [1, 2]
     assert config.model.build().n_layer == 3
 
@@ -25,25 +25,32 @@ def test_defaults_are_valid_and_overrides_apply(tmp_path):
 def test_numbers_in_exponent_form_are_numbers(tmp_path):
     """``3e-4`` is a float as people (and YAML 1.2) write it, in files and in --set, not PyYAML 1.1's string."""
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("train:\n  lr: 3e-4\n  weight_decay: 1E-2\n")
-    config = load_train_config(cfg_file, ["train.beta2=9.9e-1", "train.grad_clip=2e0"])
-    assert (config.train.lr, config.train.weight_decay, config.train.beta2, config.train.grad_clip) == (
+    cfg_file.write_text("optimizer:\n  lr: 3e-4\n  weight_decay: 1E-2\n")
+    config = load_train_config(cfg_file, ["optimizer.beta2=9.9e-1", "optimizer.grad_clip=2e0"])
+    opt = config.optimizer
+    assert (opt.lr, opt.weight_decay, opt.beta2, opt.grad_clip) == (
         3e-4, 1e-2, 0.99, 2.0)
     assert parse_overrides(["a=1e5", "b=-2.5e-3", "c=1e", "d=e5", "e=[1e-3, 2]", "f=3"]) == {
         "a": 1e5, "b": -2.5e-3, "c": "1e", "d": "e5", "e": [1e-3, 2], "f": 3}
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", r"unknown config key 'train.lrr' \(did you mean 'lr'\?\)"),
+    ("optimizer.lrr=1", r"unknown config key 'optimizer.lrr' \(did you mean 'lr'\?\)"),
+    # The old ``train`` section's keys are refused with their new spelling.
+    ("train.lr=1", "config key 'train.lr' is now 'optimizer.lr'; rename it"),
+    ("train.eval_every=5", "'train.eval_every' is now 'eval.every'"),
+    ("train.threads_per_worker=1", "'train.threads_per_worker' is now 'scaling.threads_per_worker'"),
+    ("train.nope=1", "unknown config key 'train.nope': the 'train' section is gone, its keys are now under "
+                     "checkpoint, eval, logging, optimizer, precision, scaling, schedule, seed"),
     ("bogus=1", "unknown config key 'bogus'"),
-    ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
-    ("train.steps=0", "train.steps must be >= 1"),
-    ("train.lr=-1", "train.lr must be a positive number"),
+    ("schedule.steps=ten", "schedule.steps: expected an integer, got 'ten'"),
+    ("schedule.steps=0", "schedule.steps must be >= 1"),
+    ("optimizer.lr=-1", "optimizer.lr must be a positive number"),
     ("scaling.num_workers=[2, 1]", "scaling.num_workers must be an int or \\[min, max\\]"),
     ("model.preset=huge", "model.preset 'huge' is not one of"),
     ("data.block_size=4096", "data.block_size \\(4096\\) exceeds the model's max_seq_len"),
     ("data.val_fraction=1.5", "data.val_fraction must be in"),
-    ("train.precision=fp8", "train.precision must be auto, fp32 or bf16"),
+    ("precision=fp8", "precision must be auto, fp32 or bf16"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -52,7 +59,7 @@ def test_bad_values_name_the_key(override, message):
 
 def test_malformed_overrides_and_files(tmp_path):
     with pytest.raises(ConfigError, match="not of the form key=value"):
-        parse_overrides(["train.lr"])
+        parse_overrides(["optimizer.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_train_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
@@ -63,11 +70,11 @@ def test_malformed_overrides_and_files(tmp_path):
 
 def test_job_refuses_a_bad_key_before_starting_ray(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train.py"), "--set", "train.nope=1"],
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--set", "schedule.nope=1"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "raystack: error: unknown config key 'train.nope'" in result.stderr
+    assert "raystack: error: unknown config key 'schedule.nope'" in result.stderr
     assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr + result.stdout
 
 

@@ -118,3 +118,33 @@ def test_api_keys_fail_closed(tmp_path, monkeypatch):
         load_api_keys("RAYSTACK_API_KEYS", str(tmp_path / "empty"))
     monkeypatch.setenv("RAYSTACK_API_KEYS", "sk-1, sk-2")
     assert load_api_keys("RAYSTACK_API_KEYS", required=True) == [b"sk-1", b"sk-2"]
+
+
+def test_a_sampling_section_fills_only_what_a_request_leaves_out():
+    """The serve spec's ``sampling`` section (GenerationParams) is the default of every field a body omits or
+    sends as null; a body's own values win and are checked the same way."""
+    from raystack.engine import GenerationParams
+
+    defaults = GenerationParams(max_tokens=7, temperature=0.0, top_k=3, stop=["\n\n"], seed=11)
+    request = parse_completion({"model": "raystack", "prompt": "x", "top_k": None}, "raystack", LIMITS, defaults)
+    assert (request.params.max_tokens, request.params.temperature, request.params.top_k, request.params.stop,
+            request.params.seed) == (7, 0.0, 3, ["\n\n"], 11)
+    own = parse_completion({"model": "raystack", "prompt": "x", "max_tokens": 2, "temperature": 0.5, "stop": "a"},
+                           "raystack", LIMITS, defaults)
+    assert (own.params.max_tokens, own.params.temperature, own.params.top_k, own.params.stop) == (2, 0.5, 3, ["a"])
+    with pytest.raises(APIError, match="'temperature' must be in"):
+        parse_completion({"model": "raystack", "prompt": "x", "temperature": 9}, "raystack", LIMITS, defaults)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.temperature=3", r"sampling.temperature: 'temperature' must be in \[0.0, 2.0\]"),
+    ("sampling.top_p=0", r"sampling.top_p: 'top_p' must be in \(0.0, 1.0\]"),
+    ("sampling.logprobs=true", "sampling.logprobs: log-probabilities are asked for per request"),
+    ("sampling.tempreature=1", r"unknown config key 'sampling.tempreature' \(did you mean 'temperature'\?\)"),
+])
+def test_a_serve_specs_bad_sampling_section_is_refused_naming_the_key(override, message):
+    from raystack.config import ConfigError, load_config
+    from raystack.serving import ServeConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ServeConfig, None, [override, "model=m"])

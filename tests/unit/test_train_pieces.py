@@ -9,12 +9,12 @@ import torch
 
 from raystack.checkpoint import (CheckpointError, load_artifact, load_checkpoint, save_artifact, save_checkpoint)
 from raystack.model import GPT, ModelConfig
-from raystack.train import OptimSection, build_optimizer, lr_at, rank_slice, train_step
+from raystack.train import OptimizerSection, ScheduleSection, build_optimizer, lr_at, rank_slice, train_step
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
-    cfg = OptimSection(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    lrs = [lr_at(s, cfg) for s in range(100)]
+    schedule = ScheduleSection(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 1.0, schedule) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
@@ -33,7 +33,7 @@ def _grads(model):
 def test_gradient_is_the_global_mean_whatever_the_world_size():
     """Two simulated ranks (DDP averages their gradients) give one rank's gradient on the whole batch."""
     torch.manual_seed(0)
-    cfg = OptimSection(batch_size=6, micro_batch_size=2, grad_clip=0.0)
+    schedule = ScheduleSection(batch_size=6, micro_batch_size=2)
     blocks = torch.randint(0, 257, (6, 17))
     no_autocast = contextlib.nullcontext
 
@@ -45,7 +45,7 @@ def test_gradient_is_the_global_mean_whatever_the_world_size():
             optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the grads
             optimizer.step = lambda: None
             optimizer.zero_grad = lambda set_to_none=True: None
-            train_step(model, optimizer, blocks[rank_slice(6, rank, world)], cfg, world, no_autocast)
+            train_step(model, optimizer, blocks[rank_slice(6, rank, world)], schedule, 0.0, world, no_autocast)
             per_rank.append(_grads(model))
         return torch.stack(per_rank).mean(0)
 
@@ -56,14 +56,14 @@ def test_gradient_is_the_global_mean_whatever_the_world_size():
 def test_checkpoint_round_trip_restores_everything(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("tiny"))
-    optimizer = build_optimizer(model, OptimSection())
+    optimizer = build_optimizer(model, OptimizerSection())
     model.loss(torch.randint(0, 257, (2, 9))).backward()
     optimizer.step()
     save_checkpoint(str(tmp_path), step=42, model=model, optimizer=optimizer, rank=0)
     expected_draw = torch.rand(3)
 
     restored = GPT(ModelConfig.from_preset("tiny"))
-    restored_opt = build_optimizer(restored, OptimSection())
+    restored_opt = build_optimizer(restored, OptimizerSection())
     meta = load_checkpoint(str(tmp_path), restored, restored_opt)
     assert meta["step"] == 42 and meta["rng_restored"]
     assert torch.equal(torch.rand(3), expected_draw)  # RNG continues where it was saved
@@ -74,11 +74,11 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 
 def test_a_checkpoint_without_its_commit_marker_is_never_loaded(tmp_path):
     model = GPT(ModelConfig.from_preset("tiny"))
-    save_checkpoint(str(tmp_path), 1, model, build_optimizer(model, OptimSection()))
+    save_checkpoint(str(tmp_path), 1, model, build_optimizer(model, OptimizerSection()))
     os.remove(tmp_path / ".metadata")
     with pytest.raises(CheckpointError, match="commit marker"):
         load_checkpoint(str(tmp_path), model)
-    save_checkpoint(str(tmp_path), 1, model, build_optimizer(model, OptimSection()))
+    save_checkpoint(str(tmp_path), 1, model, build_optimizer(model, OptimizerSection()))
     os.remove(tmp_path / "optimizer.pt")
     with pytest.raises(CheckpointError, match="incomplete"):
         load_checkpoint(str(tmp_path), model)
@@ -134,7 +134,7 @@ def register(run, names):
 def _checkpoint_dirs(tmp_path, steps, config=None):
     """Registered checkpoints at ``steps`` in a run directory laid out as Ray Train's (``checkpoint_<time>``)."""
     model = GPT(config or ModelConfig.from_preset("tiny"))
-    optimizer = build_optimizer(model, OptimSection())
+    optimizer = build_optimizer(model, OptimizerSection())
     for i, step in enumerate(steps):
         with torch.no_grad():
             next(model.parameters()).fill_(float(step))
@@ -187,11 +187,11 @@ def test_check_resumable_refuses_other_shapes_and_runs_without_a_usable_checkpoi
     run.mkdir()
     model = GPT(config.model.build())
     save_checkpoint(str(run / "checkpoint_2026-11-23_17-00-00.000000"), 3, model,
-                    build_optimizer(model, OptimSection()), extra=_identity(config))
+                    build_optimizer(model, OptimizerSection()), extra=_identity(config))
     os.remove(run / "checkpoint_2026-11-23_17-00-00.000000" / "optimizer.pt")
     check_resumable(config)  # never registered (its upload was cut short): Ray Train starts afresh, and so may we
     save_checkpoint(str(run / "checkpoint_2026-11-23_17-00-00.000000"), 3, model,
-                    build_optimizer(model, OptimSection()), extra=_identity(config))
+                    build_optimizer(model, OptimizerSection()), extra=_identity(config))
     register(run, ["checkpoint_2026-11-23_17-00-00.000000"])
     check_resumable(config)  # the same shape and data: resumes
     wider = load_train_config(overrides=[f"storage_path={tmp_path}", "name=run",
