@@ -23,9 +23,8 @@ import time
 import urllib.error
 import urllib.request
 
-import ray
-from ray import serve
-from ray.serve.context import _get_global_client
+# Ray is imported inside the functions on purpose: Ray reads settings such as RAY_AUTH_MODE when it is imported,
+# and this module is what callers import to set the environment (apply_local_ray_env) before Ray starts.
 
 SERVE_TIMEOUTS = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",  # Ray's default 5 s: a proxy started on a busy node is killed
@@ -46,6 +45,9 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
 
     Returns the proxy's ``(host, port)``: those of the Serve instance already running on the cluster, if there is
     one (Serve then keeps its own HTTP options and ignores ``http_options``)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
     deadline = time.monotonic() + ready_timeout_s
     try:
         serve.start(http_options=http_options)
@@ -70,6 +72,8 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
 
 def init_ray(**kwargs) -> None:
     """Connect to (or start) Ray once; extra kwargs go to ``ray.init`` for a local start."""
+    import ray
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

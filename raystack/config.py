@@ -119,6 +119,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}; valid keys here: {sorted(fields)}")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
+            value = deep_merge(dataclasses.asdict(factory()), value)  # a section its owner gives other defaults
         kwargs[key] = _check_value(dotted, value, hints[key])
     try:
         return cls(**kwargs)

@@ -61,10 +61,13 @@ def test_field_docs_come_from_the_attribute_docstrings():
     rows = {key: (default, doc) for key, default, doc in describe(TrainJobConfig)}
     assert rows["schedule.steps"] == ("200", "Optimizer steps in the whole run.")
     assert rows["model.preset"][0] == "'tiny'" and rows["scaling.num_workers"][1].startswith("Workers: an int")
-    from raystack.batch import BatchConfig  # a section its owner gives other defaults shows the owner's
+    from raystack.batch import BatchConfig  # a section its owner gives other defaults has the owner's
+    from raystack.config import load_config
 
     rows = {key: default for key, default, _ in describe(BatchConfig)}
     assert (rows["sampling.max_tokens"], rows["sampling.seed"], rows["sampling.top_p"]) == ("32", "0", "1.0")
+    loaded = load_config(BatchConfig, None, ["model=m", "input=i", "output=o", "sampling.temperature=0.5"])
+    assert (loaded.sampling.max_tokens, loaded.sampling.seed, loaded.sampling.temperature) == (32, 0, 0.5)
 
 
 def test_one_precedence_rule_and_no_silent_winner(tmp_path, capsys):
