@@ -43,7 +43,7 @@ import torch
 
 from raystack import commit, storage
 from raystack.data import DataError, check_parquet_column, resolve_source
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, forward_threads, generate_text
 from raystack.model import causal_lm_loss
 from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check_sampling_section,
                                  generation_params)
@@ -82,7 +82,8 @@ class BatchConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int = 0
-    """torch threads per actor; 0 = num_cpus."""
+    """torch threads per actor; 0 = ``num_cpus`` to score, ``num_cpus - 1`` (at least 1) to generate (the engine's
+    event loop keeps a core: ``raystack.engine.forward_threads``)."""
 
     RENAMED: ClassVar[dict] = {name: f"sampling.{name}" for name in (*SAMPLING_FIELDS, "stop", "logprobs")}
 
@@ -161,7 +162,8 @@ class Predictor:
     def __init__(self, config: BatchConfig, input_column: str):
         self.config = config
         self.column = input_column
-        torch.set_num_threads(config.threads or max(1, int(config.num_cpus)))
+        default = forward_threads(config.num_cpus) if config.mode == "generate" else max(1, int(config.num_cpus))
+        torch.set_num_threads(config.threads or default)
         self.engine = Engine.from_artifact(config.model, EngineConfig(max_batch_size=config.batch_size))
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len)

@@ -25,6 +25,7 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import secrets
@@ -40,6 +41,10 @@ from raystack.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
+DECODE_SLACK = 4
+"""Free slots a decode step may compute over to read the running sequences' caches in place instead of gathering
+them (an idle row costs one token's forward; a gather copies every running row's whole cache, every layer)."""
+
 
 @dataclass
 class EngineConfig:
@@ -52,7 +57,7 @@ class EngineConfig:
     dtype: str = "auto"
     """``auto`` (bf16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``."""
     threads: int = 0
-    """torch intra-op threads for the forward passes; 0 = leave torch's default."""
+    """torch intra-op threads for the forward passes; 0 = leave torch's default. See ``forward_threads``."""
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -93,11 +98,21 @@ class GenerationParams:
     """In [0.01, 2]; > 1 makes tokens of the prompt and completion less likely (CTRL's rule)."""
     logprobs: bool = False
     """Return each generated token's log-probability."""
+    ignore_eos: bool = False
+    """Keep generating after the end-of-text token (vLLM's extension; benchmarks use it for a fixed length)."""
 
     @property
     def uses_penalties(self) -> bool:
         """Whether sampling needs the counts of generated tokens."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def forward_threads(cpus: float) -> int:
+    """Intra-op threads for an engine given ``cpus`` cores: one fewer than the cores, at least one. The forward runs
+    on the engine's worker thread while the event loop (HTTP, token streams, the scheduler's bookkeeping) runs on the
+    main thread; an OpenMP team as wide as the machine spin-waits on the core the event loop needs, and on 2 cores
+    that made the whole engine ~1.7x slower than one forward thread (benchmarks/serve_vs_hf.py, 2026-11-23)."""
+    return max(1, int(cpus) - 1)
 
 
 class SequenceFailed(RuntimeError):
@@ -162,7 +177,8 @@ class Engine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {limit}")
         self.cache = KVCache(model.config, self.config.max_batch_size, device=self.device, dtype=dtype)
-        self._free_slots = list(range(self.config.max_batch_size - 1, -1, -1))
+        self._free_slots = list(range(self.config.max_batch_size))  # a heap: the lowest free slot first, so the
+        # running sequences stay packed at the front and a decode step reads their caches in place (``_decode``)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: dict[int, _Sequence] = {}
         self._wakeup: Optional[asyncio.Event] = None
@@ -274,10 +290,10 @@ class Engine:
             seq = self._waiting.popleft()
             if seq.cancelled:
                 continue
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             self._running[seq.id] = seq
             prefills.append(seq)
-        decodes = [s for s in self._running.values() if s not in prefills]
+        decodes = sorted((s for s in self._running.values() if s not in prefills), key=lambda s: s.slot)
         results, failures = await loop.run_in_executor(self._executor, self._step, prefills, decodes)
         self.stats["steps"] += 1
         for seq, error in failures:
@@ -308,7 +324,7 @@ class Engine:
         seq.finished = True
         if seq.slot is not None:
             self._running.pop(seq.id, None)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             seq.slot = None
 
     @torch.inference_mode()
@@ -318,11 +334,16 @@ class Engine:
         Returns ``(results, failures)``: ``(seq, token, logprob)`` for the rows that ran and ``(seq,
         SequenceFailed)`` for those that failed on their own (a failing batch is retried one row at a time)."""
         rows, logits, failures = [], [], []
-        for seq in prefills:
-            out = self._isolated(self._prefill, seq, failures)
-            if out is not None:
-                rows.append(seq)
-                logits.append(out)
+        for group in _same_length(prefills):  # one forward per prompt length
+            try:
+                logits.append(self._prefill(group))
+                rows.extend(group)
+            except Exception:
+                for seq in group:
+                    out = self._isolated(self._prefill, [seq], failures)
+                    if out is not None:
+                        rows.append(seq)
+                        logits.append(out)
         if decodes:
             try:
                 logits.append(self._decode(decodes))
@@ -361,18 +382,35 @@ class Engine:
             failures.append((seq, SequenceFailed(f"generation failed: {e}", client_error=client)))
             return None
 
-    def _prefill(self, seq: _Sequence) -> torch.Tensor:
-        tokens = torch.tensor([seq.prompt], device=self.device)
-        positions = torch.arange(len(seq.prompt), device=self.device)[None]
+    def _prefill(self, group: list[_Sequence]) -> torch.Tensor:
+        """Prompts of one length, in one forward."""
+        tokens = torch.tensor([seq.prompt for seq in group], device=self.device)
+        positions = torch.arange(tokens.shape[1], device=self.device).expand(len(group), -1)
         out = self.model(tokens, positions=positions, cache=self.cache,
-                         slots=torch.tensor([seq.slot], device=self.device))
+                         slots=torch.tensor([seq.slot for seq in group], device=self.device))
         return out[:, -1]
 
     def _decode(self, decodes: list[_Sequence]) -> torch.Tensor:
-        tokens = torch.tensor([[s.generated[-1]] for s in decodes], device=self.device)
-        positions = torch.tensor([[s.position] for s in decodes], device=self.device)
-        slots = torch.tensor([s.slot for s in decodes], device=self.device)
-        return self.model(tokens, positions=positions, cache=self.cache, slots=slots)[:, -1]
+        """One token for each of ``decodes`` (in slot order). When their slots are packed (at most
+        ``DECODE_SLACK`` free slots among them), the forward runs over the whole slot range and reads the caches in
+        place, the free slots decoding an idle row (position -1) whose output is dropped; otherwise the rows' caches
+        are gathered."""
+        first, last = decodes[0].slot, decodes[-1].slot
+        width = last - first + 1
+        if width > len(decodes) + DECODE_SLACK:
+            tokens = torch.tensor([[s.generated[-1]] for s in decodes], device=self.device)
+            positions = torch.tensor([[s.position] for s in decodes], device=self.device)
+            slots = torch.tensor([s.slot for s in decodes], device=self.device)
+            return self.model(tokens, positions=positions, cache=self.cache, slots=slots)[:, -1]
+        token_ids, position_ids = [0] * width, [-1] * width
+        for s in decodes:
+            token_ids[s.slot - first], position_ids[s.slot - first] = s.generated[-1], s.position
+        tokens = torch.tensor(token_ids, device=self.device)[:, None]
+        positions = torch.tensor(position_ids, device=self.device)[:, None]
+        out = self.model(tokens, positions=positions, cache=self.cache, slots=slice(first, last + 1))[:, -1]
+        if width == len(decodes):
+            return out
+        return out[torch.tensor([s.slot - first for s in decodes], device=self.device)]
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[Optional[float]]]:
         params = self._sampling_params(rows, logits.shape[1])
@@ -404,7 +442,7 @@ class Engine:
         if seq.counts is not None:
             seq.counts[token] += 1
         finish = None
-        if token == self.tokenizer.eot_id:
+        if token == self.tokenizer.eot_id and not seq.params.ignore_eos:
             finish = "stop"
         else:
             seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]))
@@ -430,6 +468,13 @@ class Engine:
             self._release(seq)
 
 
+def _same_length(prefills: list[_Sequence]) -> list[list[_Sequence]]:
+    groups: dict[int, list[_Sequence]] = {}
+    for seq in prefills:
+        groups.setdefault(len(seq.prompt), []).append(seq)
+    return list(groups.values())
+
+
 def _find_stop(text: str, stops: list[str]) -> Optional[int]:
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
@@ -448,4 +493,5 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
             "prompt_tokens": len(tokens)}
 
 
-__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "generate_text"]
+__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "forward_threads",
+           "generate_text"]

@@ -6,6 +6,10 @@ Contract:
   tokens sit at absolute ``positions[b]`` of KV-cache slot ``slots[b]``; their keys/values are written into the
   cache and they attend to every earlier position of that slot. Prefill and decode are the same call, so logits from
   decoding token by token equal the full forward's within float tolerance (tests/unit/test_model.py proves it).
+  ``slots`` is a tensor of slot ids (the rows' caches are gathered), or a ``slice`` of consecutive slots, one per
+  row, whose caches are read in place (a view, no copy: the engine's decode step). A row at position -1 is idle: it
+  writes into the last cache position, which no sequence reads (the engine never feeds a token there), and its
+  output is garbage.
 
 Architecture: pre-norm (RMSNorm) blocks, causal attention through ``F.scaled_dot_product_attention``, rotary
 position embeddings, a GELU MLP (4x), no biases, input and output embeddings tied.
@@ -115,7 +119,7 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, H, T, D]`` by angle tables ``[B or 1, 1, T, D/2]`` (rotate-half convention)."""
+    """Rotate ``x`` ``[..., T, D]`` by angle tables broadcasting to ``[..., T, D/2]`` (rotate-half convention)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.type_as(x)
@@ -131,27 +135,37 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, positions=None, cache: KVCache | None = None, slots=None):
+    def forward(self, x, cos, sin, positions=None, cache: KVCache | None = None, slots=None, visible=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).transpose(1, 3)  # [B, H, 3, T, D]
+        qk = apply_rope(qkv[:, :, :2], cos[:, :, None], sin[:, :, None])  # q and k rotated in one pass
+        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
         dropout = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-            # Write this step's keys/values at (slot, position); [B, T] index pairs broadcast over heads.
-            k_cache[slots[:, None], :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[slots[:, None], :, positions] = v.transpose(1, 2).to(v_cache.dtype)
-            # Attend over the prefix every row needs, masking each row's future (and other rows' lengths).
-            span = int(positions.max()) + 1
-            keys = k_cache[slots, :, :span].to(q.dtype)
-            values = v_cache[slots, :, :span].to(q.dtype)
-            visible = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
+            y = self._cached_attention(q, k, v, positions, cache, slots, visible)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.proj(y), dropout, self.training)
+
+    def _cached_attention(self, q, k, v, positions, cache: KVCache, slots, visible):
+        """Write this step's keys/values at (slot, position) and attend over each row's first ``span`` positions
+        where ``visible`` ``[B, 1, T, span]`` (each row's past, not its future nor other rows' lengths)."""
+        span = visible.shape[-1]
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+        if isinstance(slots, slice):  # consecutive slots: the cache rows are views, nothing is gathered
+            k_cache, v_cache = k_cache[slots], v_cache[slots]
+            rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        else:
+            rows = slots[:, None]
+        # [B, T] index pairs broadcast over heads.
+        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        if isinstance(slots, slice):
+            keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
+        else:
+            keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible)
 
 
 class RMSNorm(nn.Module):
@@ -174,8 +188,8 @@ class Block(nn.Module):
         self.fc_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, positions=None, cache=None, slots=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, slots)
+    def forward(self, x, cos, sin, positions=None, cache=None, slots=None, visible=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, slots, visible)
         mlp = self.fc_proj(F.gelu(self.fc(self.mlp_norm(x))))
         return x + F.dropout(mlp, self.dropout, self.training)
 
@@ -219,9 +233,13 @@ class GPT(nn.Module):
             if positions is None or slots is None:
                 raise ValueError("an incremental forward needs positions [B, T] and slots [B]")
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        visible = None
+        if cache is not None:  # the attention mask, once per forward (one host sync for its width), not per layer
+            span = int(positions.max()) + 1
+            visible = (torch.arange(span, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None]
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin, positions, cache, slots)
+            x = block(x, cos, sin, positions, cache, slots, visible)
         return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ them raise anything else: invalid UTF-8, lone surrogates, deep nesting, integers
 that overflow are all a 400.
 
 Ranges follow the OpenAI API (temperature [0, 2], top_p (0, 1], penalties [-2, 2], logprobs 0-5, up to 4 stop
-sequences, unknown arguments refused); ``top_k``, ``min_p`` and ``repetition_penalty`` are the usual vLLM extensions.
+sequences, unknown arguments refused); ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` are the usual
+vLLM extensions.
 Every number is checked in the precision the engine uses: integers must fit in int64, and a non-zero float must
 stay non-zero and normal as a float32 (``|x| >= 1.18e-38``), since ``top_p = 1e-50`` would otherwise reach the
 sampler as 0. ``top_k`` at or beyond the vocabulary keeps every token, like 0 and -1. ``repetition_penalty`` is in
@@ -34,7 +35,7 @@ from raystack.tokenizer import EOT
 KNOWN_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "echo",
     "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user", "seed", "suffix",
-    "top_k", "min_p", "repetition_penalty",
+    "top_k", "min_p", "repetition_penalty", "ignore_eos",
 }
 MAX_N = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -290,7 +291,7 @@ def parse_completion(body: Any, model_name: str, limits: RequestLimits,
 
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty")
+                   "frequency_penalty", "repetition_penalty", "ignore_eos")
 """The per-sequence sampling fields a request body or a batch row may carry, by OpenAI's (and vLLM's) names."""
 
 
@@ -318,6 +319,7 @@ def generation_params(values: dict, limits: RequestLimits, defaults: Optional[Ge
         frequency_penalty=_number(values, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(values, "repetition_penalty", 1.0, 0.01, 2.0),
         logprobs=base.logprobs if logprobs is None else logprobs,
+        ignore_eos=_boolean(values, "ignore_eos"),
     )
 
 

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, forward_threads
 from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, check_sampling_section, choice_seed,
                                  chunk_body, completion_body,
                                  context_error, decode_body, logprobs_object, models_body, parse_completion)
@@ -78,7 +78,8 @@ class ServeConfig:
     num_gpus: float = 0.0
     """GPUs per replica (0 on CPU machines)."""
     threads: int = 0
-    """torch threads per replica; 0 = ``num_cpus``."""
+    """torch threads per replica; 0 = ``num_cpus - 1`` (at least 1: the event loop keeps a core, see
+    ``raystack.engine.forward_threads``)."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 16.0
@@ -151,6 +152,42 @@ async def _internal_error(request: Request, error: Exception):
     return _error_response(APIError(500, "internal server error", type="server_error"))
 
 
+async def _ready_pieces(queue: asyncio.Queue):
+    """The stream's pieces in batches: the next one (waited for), plus every piece already queued behind it: the
+    first token goes out at once, and a consumer slower than the engine gets fewer, fuller chunks without a timer.
+    Ends at the ``None`` sentinel; a ``SequenceFailed`` is yielded alone."""
+    while (piece := await queue.get()) is not None:
+        if isinstance(piece, SequenceFailed):
+            yield piece
+            return
+        ready = [piece]
+        while not queue.empty():
+            piece = queue.get_nowait()
+            if piece is None or isinstance(piece, SequenceFailed):
+                yield ready
+                if piece is not None:
+                    yield piece
+                return
+            ready.append(piece)
+        yield ready
+
+
+def _coalesce(pieces: list[dict]) -> list[dict]:
+    """One chunk per choice for a batch of ready pieces: the texts of a choice joined in order, its finish_reason
+    kept. Pieces carrying logprobs stay one chunk per token (each chunk's logprobs describe its own tokens)."""
+    if any(piece["logprobs"] is not None for piece in pieces):
+        return pieces
+    merged: dict[int, dict] = {}
+    for piece in pieces:
+        if piece["index"] in merged:
+            into = merged[piece["index"]]
+            into["text"] += piece["text"]
+            into["finish_reason"] = piece["finish_reason"] or into["finish_reason"]
+        else:
+            merged[piece["index"]] = dict(piece)
+    return list(merged.values())
+
+
 class _Metrics:
     def __init__(self, model_name: str):
         from ray.util import metrics
@@ -180,7 +217,7 @@ class _Metrics:
 class LLMServer:
     def __init__(self, config: ServeConfig):
         self.config = config
-        threads = config.threads or max(1, int(config.num_cpus))
+        threads = config.threads or forward_threads(config.num_cpus)
         torch.set_num_threads(threads)
         self.engine = Engine.from_artifact(config.model, EngineConfig(
             max_batch_size=config.max_batch_size, max_model_len=config.max_model_len, threads=threads))
@@ -375,11 +412,12 @@ class LLMServer:
         try:
             try:
                 async with asyncio.timeout(self.config.request_timeout_s):
-                    while (choice := await queue.get()) is not None:
-                        if isinstance(choice, SequenceFailed):
-                            error = _sequence_error(choice)
+                    async for ready in _ready_pieces(queue):
+                        if isinstance(ready, SequenceFailed):
+                            error = _sequence_error(ready)
                             break
-                        yield _sse(chunk_body(parsed, [choice]))
+                        # Everything ready goes out together: one message through Serve's proxy, not one per token.
+                        yield "".join(_sse(chunk_body(parsed, [choice])) for choice in _coalesce(ready))
             except TimeoutError:
                 error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
                                  type="timeout")

@@ -46,6 +46,9 @@ def sample_cpu(logits: torch.Tensor, params: SamplingParams, return_logprobs: bo
     plain = sampled & ~filtered
     if sampled.any():
         u = uniform(params.seed, params.step).to(torch.float64)
+    if bool(filtered.all()):  # the usual batch: every row filtered alike, no row selection to pay for
+        tokens, logprobs = _sample_filtered(x, row_max, params, u, k_on, p_on, m_on)
+        return SampleOutput(tokens, logprobs if return_logprobs else None)
     if plain.any():
         rows = torch.nonzero(plain)[:, 0]
         tok, lp = _sample_unfiltered(x[rows], row_max[rows], temperature[rows], u[rows])

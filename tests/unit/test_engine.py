@@ -77,6 +77,36 @@ def test_a_request_joining_mid_batch_gets_the_tokens_it_gets_alone(model):
     assert joined["tokens"] == alone["tokens"]
 
 
+@pytest.mark.parametrize("slack", [0, 8])
+def test_churning_slots_give_every_request_its_tokens_alone(model, monkeypatch, slack):
+    """Requests of one prompt length (prefilled together) finish at different steps, leaving free slots among the
+    running ones that later requests refill: with the caches read in place over the slot range (idle rows in the
+    holes, slack 8) and gathered (slack 0), every request gets the tokens it gets alone."""
+    import raystack.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DECODE_SLACK", slack)
+    first = [(f"ab{i}d", GenerationParams(max_tokens=3 + 5 * (i % 4), temperature=0.9, seed=i)) for i in range(6)]
+    later = [(f"later {i}", GenerationParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=10 + i))
+             for i in range(4)]
+
+    async def scenario():
+        engine = make_engine(model, slots=6)
+        early = [asyncio.ensure_future(generate_text(engine, *r)) for r in first]
+        await asyncio.sleep(0)
+        while engine.active == 6:  # the first short ones finish: holes open among the running slots
+            await asyncio.sleep(0.001)
+        together = await asyncio.gather(*early, *(generate_text(engine, *r) for r in later))
+        decodes = engine.stats["steps"]
+        await engine.shutdown()
+        return together, decodes
+
+    together, _ = run(scenario())
+    for (prompt, params), got in zip(first + later, together):
+        alone_engine = make_engine(model, slots=6)
+        alone = run(generate_text(alone_engine, prompt, params))
+        assert got["tokens"] == alone["tokens"] and got["text"] == alone["text"], prompt
+
+
 def test_max_tokens_and_stop_strings(model):
     async def scenario():
         engine = make_engine(model)
@@ -160,10 +190,10 @@ def test_a_forward_failure_of_one_row_fails_that_request_alone(model, monkeypatc
         engine = make_engine(model)
         prefill, decode = engine._prefill, engine._decode
 
-        def poisoned_prefill(seq):
-            if seq.prompt == list(b"poison"):
+        def poisoned_prefill(group):  # prompts of one length prefill together; a fault fails only its row
+            if any(seq.prompt == list(b"poison") for seq in group):
                 raise RuntimeError("simulated kernel fault in one row")
-            return prefill(seq)
+            return prefill(group)
 
         def poisoned_decode(seqs):
             if any(s.prompt == list(b"late poison") and len(s.generated) == 3 for s in seqs):
@@ -192,7 +222,7 @@ def test_health_reflects_a_broken_engine_and_recovers(model, monkeypatch):
         engine = make_engine(model)
         working = engine._prefill
 
-        def broken(seq):
+        def broken(group):
             raise RuntimeError("device lost")
 
         monkeypatch.setattr(engine, "_prefill", broken)
@@ -207,3 +237,26 @@ def test_health_reflects_a_broken_engine_and_recovers(model, monkeypatch):
 
     failed, healed = run(go())
     assert isinstance(failed, SequenceFailed) and len(healed["tokens"]) == 4
+
+
+def test_ignore_eos_generates_past_the_end_of_text_token(model):
+    """A model that always says end-of-text: stops at once, or runs to max_tokens with ignore_eos."""
+    class AlwaysEot(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, *args, **kwargs):
+            logits = self.inner(*args, **kwargs)
+            return logits.index_fill(-1, torch.tensor([ByteTokenizer().eot_id]), 1e4)
+
+    async def scenario():
+        engine = Engine(AlwaysEot(model), ByteTokenizer(), EngineConfig(max_batch_size=2))
+        stops = await generate_text(engine, "a", GenerationParams(max_tokens=9, seed=0))
+        runs = await generate_text(engine, "a", GenerationParams(max_tokens=9, seed=0, ignore_eos=True))
+        await engine.shutdown()
+        return stops, runs
+
+    stops, runs = run(scenario())
+    assert (len(stops["tokens"]), stops["finish_reason"]) == (1, "stop")
+    assert (len(runs["tokens"]), runs["finish_reason"], runs["text"]) == (9, "length", "")

@@ -148,3 +148,9 @@ def test_a_serve_specs_bad_sampling_section_is_refused_naming_the_key(override, 
 
     with pytest.raises(ConfigError, match=message):
         load_config(ServeConfig, None, [override, "model=m"])
+
+
+def test_ignore_eos_is_a_boolean_extension():
+    assert parse(ignore_eos=True).params.ignore_eos is True and parse().params.ignore_eos is False
+    with pytest.raises(APIError, match="'ignore_eos' must be a boolean"):
+        parse(ignore_eos=1)

@@ -21,6 +21,23 @@ def test_philox_matches_the_published_known_answer():
     assert 0 <= float(u.min()) and float(u.max()) <= 1 and abs(float(u.mean()) - 0.5) < 0.05
 
 
+def test_numpy_uniforms_equal_the_torch_philox_bit_for_bit():
+    """The CPU path draws through NumPy; the torch form (the one Triton's tl.philox is tested against) must agree."""
+    from raystack.sampling.philox import uniform_numpy
+
+    g = torch.Generator().manual_seed(0)
+    seed = torch.cat([torch.randint(-2**63, 2**63 - 1, (2000,), generator=g, dtype=torch.int64),
+                      torch.tensor([0, -1, 2**63 - 1, -2**63, 2**32, 2**32 - 1])])
+    step = torch.randint(0, 2**31, (len(seed),), generator=g)
+    bits = philox4x32(seed, step)[0]
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    expected = signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    got = torch.from_numpy(uniform_numpy(seed.numpy(), step.numpy()))
+    assert torch.equal(got, expected)
+    assert torch.equal(uniform(seed, step), expected)
+
+
 @pytest.mark.parametrize("make_logits", [lambda B: torch.randn(B, 1000) * 3, lambda B: tie_logits(B, 1000)],
                          ids=["random", "ties"])
 def test_cpu_support_equals_reference_over_a_parameter_grid(make_logits):

@@ -57,6 +57,45 @@ def http_request(body: dict) -> Request:
                    receive)
 
 
+def sse_payloads(messages: list[str]) -> list[str]:
+    """The ``data:`` payloads of an SSE stream, however its events were split into messages."""
+    events = "".join(messages).split("\n\n")
+    assert events[-1] == "" and all(e.startswith("data: ") for e in events[:-1])
+    return [e[len("data: "):] for e in events[:-1]]
+
+
+def test_a_slow_reader_gets_every_ready_token_in_one_message_and_the_same_text():
+    """The first token goes out alone and at once; after that, a message carries every piece that was ready when
+    the previous one had gone, so a reader slower than the engine gets fewer, fuller messages. Each event is still
+    one OpenAI chunk of one choice, and the text is the non-streamed text."""
+    server = make_server(poison_after=10**6)
+    body = {"model": "raystack", "prompt": ["def a", "def b"], "n": 1, "max_tokens": 30, "seed": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+    async def go():
+        response = await server.completions(http_request(body))
+        messages = []
+        async for message in response.body_iterator:
+            messages.append(message)
+            await asyncio.sleep(0.05)  # a slow client (or proxy): the engine runs ahead meanwhile
+        whole = await server.completions(http_request({**body, "stream": False, "stream_options": None}))
+        await server.engine.shutdown()
+        return messages, whole
+
+    messages, whole = asyncio.run(go())
+    payloads = sse_payloads(messages)
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert payloads[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 60
+    assert messages[0].count("data: ") <= 2  # the first step's tokens (one per prompt) go out at once
+    assert len(messages) < 30, len(messages)  # coalesced: far fewer messages than tokens
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1])
+    for index in (0, 1):
+        streamed = "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == index)
+        assert streamed == whole["choices"][index]["text"]
+        finals = [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"][0]["index"] == index]
+        assert finals[-1] == "length" and set(finals[:-1]) == {None}
+
+
 def test_a_stream_that_fails_midway_sends_an_error_event_then_done():
     server = make_server(poison_after=3)
     body = {"model": "raystack", "prompt": "poison pill", "max_tokens": 12, "stream": True, "seed": 1,
@@ -72,7 +111,7 @@ def test_a_stream_that_fails_midway_sends_an_error_event_then_done():
 
     events, after = asyncio.run(go())
     assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
-    payloads = [e[len("data: "):].strip() for e in events]
+    payloads = sse_payloads(events)
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
     assert error["type"] == "server_error" and error["message"] and set(error) == {"message", "type", "param", "code"}
