@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 Number = Union[int, float]
@@ -122,20 +123,25 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
             raise ValueError(f"{f.name} must have shape {list(expected)}, got {list(value.shape)}")
     if params.prompt_mask is not None and params.counts is None:
         raise ValueError("prompt_mask needs counts (pass zeros when nothing was generated yet)")
+    on_cpu = params.temperature.device.type == "cpu"  # NumPy there: these few checks cost their dispatch
+    xp = np if on_cpu else torch
+    v = {f.name: getattr(params, f.name).numpy() if on_cpu else getattr(params, f.name)
+         for f in fields(params) if f.name not in ("counts", "prompt_mask")}
     checks = [
-        ("temperature", ~torch.isfinite(params.temperature) | (params.temperature < 0), "a finite number >= 0"),
-        ("top_k", params.top_k < -1, "-1, 0 (off) or a positive integer"),
-        ("top_p", ~((params.top_p > 0) & (params.top_p <= 1)), "in (0, 1]"),
-        ("min_p", ~((params.min_p >= 0) & (params.min_p < 1)), "in [0, 1)"),
-        ("repetition_penalty", ~torch.isfinite(params.repetition_penalty) | (params.repetition_penalty <= 0),
+        ("temperature", ~xp.isfinite(v["temperature"]) | (v["temperature"] < 0), "a finite number >= 0"),
+        ("top_k", v["top_k"] < -1, "-1, 0 (off) or a positive integer"),
+        ("top_p", ~((v["top_p"] > 0) & (v["top_p"] <= 1)), "in (0, 1]"),
+        ("min_p", ~((v["min_p"] >= 0) & (v["min_p"] < 1)), "in [0, 1)"),
+        ("repetition_penalty", ~xp.isfinite(v["repetition_penalty"]) | (v["repetition_penalty"] <= 0),
          "a finite number > 0"),
-        ("presence_penalty", ~torch.isfinite(params.presence_penalty), "finite"),
-        ("frequency_penalty", ~torch.isfinite(params.frequency_penalty), "finite"),
+        ("presence_penalty", ~xp.isfinite(v["presence_penalty"]), "finite"),
+        ("frequency_penalty", ~xp.isfinite(v["frequency_penalty"]), "finite"),
     ]
     for name, bad, rule in checks:
-        row = _first_bad_row(bad)
-        if row is not None:
-            raise SamplingParamError(f"{name} must be {rule}; row {row} has {getattr(params, name)[row].item()!r}")
+        if not bad.any():
+            continue
+        row = int(np.flatnonzero(bad)[0]) if on_cpu else _first_bad_row(bad)
+        raise SamplingParamError(f"{name} must be {rule}; row {row} has {getattr(params, name)[row].item()!r}")
     if params.counts is not None and _first_bad_row((params.counts < 0).any(-1)) is not None:
         raise ValueError(f"counts must be >= 0; row {_first_bad_row((params.counts < 0).any(-1))} has a negative count")
     if check_nan:

@@ -35,6 +35,8 @@ def test_numpy_uniforms_equal_the_torch_philox_bit_for_bit():
     expected = signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
     got = torch.from_numpy(uniform_numpy(seed.numpy(), step.numpy()))
     assert torch.equal(got, expected)
+    few = [torch.from_numpy(uniform_numpy(seed[i:i + 3].numpy(), step[i:i + 3].numpy())) for i in (0, 2003)]
+    assert torch.equal(torch.cat(few), torch.cat([expected[0:3], expected[2003:2006]]))  # the row-by-row form
     assert torch.equal(uniform(seed, step), expected)
 
 

@@ -1,0 +1,290 @@
+"""raystack's engine against Hugging Face ``generate``: in process and over HTTP, side by side in one run.
+
+    python benchmarks/serve_vs_hf.py [--presets issue,small] [--concurrency 1,8,32,64] [--threads 2] [--no-http]
+
+For each model shape (``issue``: 4 layers x 128 wide x 4 heads, the shape issue 13 measured; ``small``: raystack's
+``small`` preset), random weights, byte vocabulary, 64-token prompts, 128 new tokens (end-of-text ignored on every
+path, so all do the same work), top_p 0.9:
+
+- ``hf``: ``transformers.GPT2LMHeadModel.generate``, a static batch of ``c`` prompts, in process (the baseline);
+- ``engine``: raystack's ``Engine``, ``c`` concurrent requests, in process;
+- ``http`` / ``http-stream``: ``c`` concurrent requests to raystack on Ray Serve over loopback HTTP, non-streamed and
+  streamed (one replica holding the same CPU budget).
+
+Printed per path and concurrency: output tokens/s and its ratio to ``hf`` at the same concurrency, TTFT p50/p99,
+TPOT (time per output token after the first), ITL p99 (between streamed chunks, or steps for ``hf``), and goodput
+(share of requests with TTFT < 1 s and TPOT < 50 ms): the metrics of ``vllm bench serve``. Every path gets the
+same cores: HF runs ``--threads`` intra-op threads; the engine's forward runs ``--threads - 1`` beside its event loop
+(``raystack.engine.forward_threads``); the HTTP replica holds ``--threads`` CPUs. Each measurement is the best of
+``--repeats`` runs (the machines are noisy); ratios are what to read, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from raystack.checkpoint import save_artifact  # noqa: E402
+from raystack.engine import Engine, EngineConfig, GenerationParams, forward_threads  # noqa: E402
+from raystack.model import GPT, ModelConfig  # noqa: E402
+from raystack.tokenizer import ByteTokenizer  # noqa: E402
+
+SHAPES = {"issue": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=256),
+          "small": ModelConfig.from_preset("small").to_dict()}
+
+
+@dataclass
+class Request:
+    """One request's clock: start, each output event's arrival (a token, or a chunk of tokens), tokens."""
+    start: float
+    events: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+@dataclass
+class Run:
+    seconds: float
+    requests: list[Request]
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def summarize(run: Run) -> dict:
+    ttft = [r.events[0] - r.start for r in run.requests if r.events]
+    tpot = [(r.events[-1] - r.events[0]) / (r.tokens - 1) for r in run.requests if r.tokens > 1]
+    itl = [b - a for r in run.requests for a, b in zip(r.events, r.events[1:])]
+    good = sum(1 for r in run.requests if r.events and r.events[0] - r.start < 1.0
+               and (r.tokens <= 1 or (r.events[-1] - r.events[0]) / (r.tokens - 1) < 0.05))
+    return {"tokens_per_s": run.tokens_per_s(), "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+            "tpot": statistics.mean(tpot) if tpot else float("nan"), "itl_p99": percentile(itl, 0.99),
+            "goodput": good / len(run.requests)}
+
+
+def prompts(count: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, 256, (count, length), generator=g).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paths
+
+
+def run_hf(model, batch: list[list[int]], new_tokens: int) -> Run:
+    """A static batch through ``generate``; a streamer records when each step's tokens exist."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(batch)
+    clock = Clock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.9, top_k=0,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=256,
+                             streamer=clock)
+    seconds = time.perf_counter() - start
+    steps = clock.times[1:]  # the first put is the prompt
+    produced = out.shape[1] - ids.shape[1]
+    return Run(seconds, [Request(start, list(steps), produced) for _ in batch])
+
+
+async def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int) -> Run:
+    async def one(i: int, prompt: list[int]) -> Request:
+        request = Request(time.perf_counter())
+        params = GenerationParams(max_tokens=new_tokens, top_p=0.9, seed=i, ignore_eos=True)
+        async for _ in engine.generate(prompt, params):
+            request.events.append(time.perf_counter())
+            request.tokens += 1
+        return request
+
+    start = time.perf_counter()
+    requests = await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))
+    return Run(time.perf_counter() - start, list(requests))
+
+
+async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bool) -> Run:
+    import httpx
+
+    async def one(client, i: int, prompt: list[int]) -> Request:
+        body = {"model": "raystack", "prompt": prompt, "max_tokens": new_tokens, "top_p": 0.9, "seed": i,
+                "ignore_eos": True, "stream": stream}
+        request = Request(time.perf_counter())
+        if not stream:
+            response = await client.post(f"{url}/v1/completions", json=body)
+            response.raise_for_status()
+            request.events.append(time.perf_counter())  # non-streamed: the first token arrives with the last
+            request.tokens = response.json()["usage"]["completion_tokens"]
+            return request
+        body["stream_options"] = {"include_usage": True}
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    request.tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and (not request.events or request.events[-1] != time.perf_counter()):
+                    request.events.append(time.perf_counter())
+        return request
+
+    limits = httpx.Limits(max_connections=len(batch) + 4, max_keepalive_connections=len(batch) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        requests = await asyncio.gather(*(one(client, i, p) for i, p in enumerate(batch)))
+    return Run(time.perf_counter() - start, list(requests))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def best(runs: list[Run]) -> Run:
+    return max(runs, key=Run.tokens_per_s)
+
+
+def hf_model(config: ModelConfig):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.n_embd,
+                    n_layer=config.n_layer, n_head=config.n_head, bos_token_id=256, eos_token_id=256)
+    return GPT2LMHeadModel(hf).eval()
+
+
+def start_http(artifact: str, cpus: int, slots: int) -> str:
+    import socket
+
+    import ray
+    from ray import serve
+
+    from raystack.cluster import init_ray, start_serve
+    from raystack.serving import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if not ray.is_initialized():
+        init_ray(num_cpus=cpus + 2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    host, port = start_serve({"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": artifact, "max_batch_size": slots, "num_cpus": cpus, "min_replicas": 1,
+                         "max_replicas": 1, "max_ongoing_requests": 4 * slots, "max_queued_requests": 4 * slots,
+                         "max_sequences_per_request": slots, "max_queued_sequences": 8 * slots}),
+              name="bench", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def measure_shape(name: str, args, rows: list) -> None:
+    config = ModelConfig(**SHAPES[name])
+    torch.manual_seed(0)
+    model = GPT(config)
+    hf = hf_model(config)
+    slots = max(args.concurrency)
+    torch.set_num_threads(args.threads)
+    engine_threads = forward_threads(args.threads)
+    engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=slots, threads=engine_threads))
+    torch.set_num_threads(args.threads)  # HF's, until the engine's runs set theirs
+    url = None
+    if args.http:
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact = save_artifact(str(Path(tmp) / "model"), config, model.state_dict())
+            url = start_http(artifact, args.threads, slots)
+            asyncio.run(run_http(url, prompts(2, args.prompt_tokens), 4, stream=True))  # warm the replica
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(run_engine(engine, prompts(2, args.prompt_tokens), 4))
+    for c in args.concurrency:
+        batch = prompts(c, args.prompt_tokens)
+        results = {}
+        torch.set_num_threads(args.threads)
+        results["hf"] = best([run_hf(hf, batch, args.new_tokens) for _ in range(args.repeats)])
+        torch.set_num_threads(engine_threads)
+        results["engine"] = best([loop.run_until_complete(run_engine(engine, batch, args.new_tokens))
+                                  for _ in range(args.repeats)])
+        if url:
+            for stream in (False, True):
+                results["http-stream" if stream else "http"] = best(
+                    [asyncio.run(run_http(url, batch, args.new_tokens, stream)) for _ in range(args.repeats)])
+        base = results["hf"].tokens_per_s()
+        for path, run in results.items():
+            figures = summarize(run)
+            rows.append((name, path, c, figures, figures["tokens_per_s"] / base))
+            print_row(rows[-1])
+    loop.run_until_complete(engine.shutdown())
+    if url:
+        from ray import serve
+
+        serve.delete("bench")
+
+
+def print_row(row) -> None:
+    name, path, c, f, ratio = row
+    print(f"{name:6s} {path:12s} c={c:<3d} {f['tokens_per_s']:9,.0f} tok/s  {ratio:5.2f}x hf   "
+          f"TTFT p50 {f['ttft_p50'] * 1e3:7.1f} ms p99 {f['ttft_p99'] * 1e3:7.1f} ms   TPOT {f['tpot'] * 1e3:6.2f} ms   "
+          f"ITL p99 {f['itl_p99'] * 1e3:7.1f} ms   goodput {f['goodput']:.0%}", flush=True)
+
+
+def verdicts(rows: list) -> None:
+    """The goals of issue 13, from this run's figures."""
+    at = {(name, path, c): (f, ratio) for name, path, c, f, ratio in rows}
+    for name in sorted({r[0] for r in rows}):
+        checks = [("engine", 32, 1.5), ("http-stream", 32, 1.0), ("http", 32, 1.2)]
+        for path, c, goal in checks:
+            if (name, path, c) in at:
+                ratio = at[(name, path, c)][1]
+                print(f"goal {name} {path} c=32 >= {goal}x hf: {ratio:.2f}x  {'met' if ratio >= goal else 'NOT met'}")
+        if (name, "http-stream", 1) in at and (name, "engine", 1) in at:
+            gap = (at[(name, "http-stream", 1)][0]["ttft_p50"] - at[(name, "engine", 1)][0]["ttft_p50"]) * 1e3
+            print(f"goal {name} c=1 HTTP TTFT p50 within 10 ms of the engine's: {gap:+.1f} ms  "
+                  f"{'met' if gap <= 10 else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="issue,small", help=f"comma-separated, of {sorted(SHAPES)}")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="cores per path")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-http", dest="http", action="store_false")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    print(f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.threads} cores per path; prompts "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new, top_p 0.9; best of {args.repeats}", flush=True)
+    rows: list = []
+    for name in args.presets.split(","):
+        measure_shape(name, args, rows)
+    verdicts(rows)
+
+
+if __name__ == "__main__":
+    main()
