@@ -16,7 +16,7 @@ TPOT (time per output token after the first), ITL p99 (between streamed chunks, 
 (share of requests with TTFT < 1 s and TPOT < 50 ms): the metrics of ``vllm bench serve``. Every path gets the
 same cores: HF runs ``--threads`` intra-op threads; the engine's forward runs ``--threads - 1`` beside its event loop
 (``raystack.engine.forward_threads``); the HTTP replica holds ``--threads`` CPUs. Each measurement is the best of
-``--repeats`` runs (the machines are noisy); ratios are what to read, not absolute times.
+``--repeats`` runs, the paths interleaved (the machines are noisy); ratios are what to read, not absolute times.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def start_http(artifact: str, cpus: int, slots: int) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if not ray.is_initialized():
-        init_ray(num_cpus=cpus + 2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+        init_ray(num_cpus=cpus + 2, include_dashboard=False, object_store_memory=200 * 1024**2)
     host, port = start_serve({"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": artifact, "max_batch_size": slots, "num_cpus": cpus, "min_replicas": 1,
                          "max_replicas": 1, "max_ongoing_requests": 4 * slots, "max_queued_requests": 4 * slots,
@@ -212,7 +212,6 @@ def measure_shape(name: str, args, rows: list) -> None:
     torch.set_num_threads(args.threads)
     engine_threads = forward_threads(args.threads)
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=slots, threads=engine_threads))
-    torch.set_num_threads(args.threads)  # HF's, until the engine's runs set theirs
     url = None
     if args.http:
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,18 +220,20 @@ def measure_shape(name: str, args, rows: list) -> None:
             asyncio.run(run_http(url, prompts(2, args.prompt_tokens), 4, stream=True))  # warm the replica
     loop = asyncio.new_event_loop()
     loop.run_until_complete(run_engine(engine, prompts(2, args.prompt_tokens), 4))
+    paths = {"hf": lambda batch: run_hf(hf, batch, args.new_tokens),
+             "engine": lambda batch: loop.run_until_complete(run_engine(engine, batch, args.new_tokens))}
+    if url:
+        paths["http"] = lambda batch: asyncio.run(run_http(url, batch, args.new_tokens, stream=False))
+        paths["http-stream"] = lambda batch: asyncio.run(run_http(url, batch, args.new_tokens, stream=True))
     for c in args.concurrency:
         batch = prompts(c, args.prompt_tokens)
-        results = {}
-        torch.set_num_threads(args.threads)
-        results["hf"] = best([run_hf(hf, batch, args.new_tokens) for _ in range(args.repeats)])
-        torch.set_num_threads(engine_threads)
-        results["engine"] = best([loop.run_until_complete(run_engine(engine, batch, args.new_tokens))
-                                  for _ in range(args.repeats)])
-        if url:
-            for stream in (False, True):
-                results["http-stream" if stream else "http"] = best(
-                    [asyncio.run(run_http(url, batch, args.new_tokens, stream)) for _ in range(args.repeats)])
+        runs: dict = {path: [] for path in paths}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path alike
+            for path, measure in paths.items():
+                torch.set_num_threads(args.threads if path == "hf" else engine_threads)
+                runs[path].append(measure(batch))
+                time.sleep(0.2)  # let the last path's OpenMP threads go idle before the next starts
+        results = {path: best(r) for path, r in runs.items()}
         base = results["hf"].tokens_per_s()
         for path, run in results.items():
             figures = summarize(run)
@@ -246,10 +247,15 @@ def measure_shape(name: str, args, rows: list) -> None:
 
 
 def print_row(row) -> None:
+    """Non-streamed HTTP has no per-token clock: its TTFT is the whole latency, TPOT and ITL are not defined."""
     name, path, c, f, ratio = row
+    per_token = path != "http"
+    tpot = f"{f['tpot'] * 1e3:6.2f} ms" if per_token else "     -   "
+    itl = f"{f['itl_p99'] * 1e3:7.1f} ms" if per_token else "      -   "
+    goodput = f"{f['goodput']:.0%}" if per_token else "-"
     print(f"{name:6s} {path:12s} c={c:<3d} {f['tokens_per_s']:9,.0f} tok/s  {ratio:5.2f}x hf   "
-          f"TTFT p50 {f['ttft_p50'] * 1e3:7.1f} ms p99 {f['ttft_p99'] * 1e3:7.1f} ms   TPOT {f['tpot'] * 1e3:6.2f} ms   "
-          f"ITL p99 {f['itl_p99'] * 1e3:7.1f} ms   goodput {f['goodput']:.0%}", flush=True)
+          f"TTFT p50 {f['ttft_p50'] * 1e3:7.1f} ms p99 {f['ttft_p99'] * 1e3:7.1f} ms   TPOT {tpot}   "
+          f"ITL p99 {itl}   goodput {goodput}", flush=True)
 
 
 def verdicts(rows: list) -> None:
@@ -274,7 +280,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="cores per path")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-http", dest="http", action="store_false")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

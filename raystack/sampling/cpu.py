@@ -1,7 +1,7 @@
 """The CPU fast path of the sampling op: the semantics of ``reference.py`` without sorting the vocabulary.
 
 Every filter keeps a top set by ``z``, so all survivors are among the C largest ``z`` for a C found by partial
-selection (``torch.topk``, O(V) per row): C grows until the candidates provably hold every survivor (top-k: the
+selection (``np.argpartition``, O(V) per row): C grows until the candidates provably hold every survivor (top-k: the
 whole top-k set including boundary ties; top-p: the mass strictly above the C-th candidate already reaches
 ``p * total``; min-p: the C-th candidate is below ``log min_p``). The exact top-k / top-p / min-p rules then run on
 those C candidates (sorted by the selection), and the draw is the inverse CDF over the survivors in token-index
