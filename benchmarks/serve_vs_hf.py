@@ -9,13 +9,14 @@ path, so all do the same work), top_p 0.9:
 - ``hf``: ``transformers.GPT2LMHeadModel.generate``, a static batch of ``c`` prompts, in process (the baseline);
 - ``engine``: raystack's ``Engine``, ``c`` concurrent requests, in process;
 - ``http`` / ``http-stream``: ``c`` concurrent requests to raystack on Ray Serve over loopback HTTP, non-streamed and
-  streamed (one replica holding the same CPU budget).
+  streamed (one replica holding the same CPU budget);
+- ``engine-int8`` (``--int8``): the engine with int8 weights in its linear layers, with the held-out loss of both
+  (nats per byte on the Python standard library's ``json`` package source; random weights unless ``--model``).
 
 Printed per path and concurrency: output tokens/s and its ratio to ``hf`` at the same concurrency, TTFT p50/p99,
 TPOT (time per output token after the first), ITL p99 (between streamed chunks, or steps for ``hf``), and goodput
 (share of requests with TTFT < 1 s and TPOT < 50 ms): the metrics of ``vllm bench serve``. Every path gets the
-same cores: HF runs ``--threads`` intra-op threads; the engine's forward runs ``--threads - 1`` beside its event loop
-(``raystack.engine.forward_threads``); the HTTP replica holds ``--threads`` CPUs. Each measurement is the best of
+same cores: HF and the engine run ``--threads`` intra-op threads; the HTTP replica holds ``--threads`` CPUs. Each measurement is the best of
 ``--repeats`` runs, the paths interleaved (the machines are noisy); ratios are what to read, not absolute times.
 """
 
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raystack.checkpoint import save_artifact  # noqa: E402
-from raystack.engine import Engine, EngineConfig, GenerationParams, forward_threads  # noqa: E402
+from raystack.engine import Engine, EngineConfig, GenerationParams  # noqa: E402
 from raystack.model import GPT, ModelConfig  # noqa: E402
 from raystack.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -172,6 +173,20 @@ def best(runs: list[Run]) -> Run:
     return max(runs, key=Run.tokens_per_s)
 
 
+def held_out_loss(model) -> float:
+    """Mean next-byte loss (nats per byte) over the standard library's json package source, in context-long blocks."""
+    import sysconfig
+
+    from raystack.model import causal_lm_loss
+
+    text = b"".join(path.read_bytes() for path in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py")))
+    block = model.config.max_seq_len
+    ids = torch.tensor(list(text[: len(text) // (block + 1) * (block + 1)])).view(-1, block + 1)
+    with torch.inference_mode():
+        return sum(causal_lm_loss(model, chunk, reduction="sum").item() for chunk in ids.split(16)) / (
+            ids.shape[0] * block)
+
+
 def hf_model(config: ModelConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -204,13 +219,19 @@ def start_http(artifact: str, cpus: int, slots: int) -> str:
 
 
 def measure_shape(name: str, args, rows: list) -> None:
-    config = ModelConfig(**SHAPES[name])
-    torch.manual_seed(0)
-    model = GPT(config)
+    if args.model:
+        from raystack.checkpoint import load_artifact
+
+        model = load_artifact(args.model)[0]
+        config = model.config
+    else:
+        config = ModelConfig(**SHAPES[name])
+        torch.manual_seed(0)
+        model = GPT(config)
     hf = hf_model(config)
     slots = max(args.concurrency)
     torch.set_num_threads(args.threads)
-    engine_threads = forward_threads(args.threads)
+    engine_threads = args.threads if args.engine_threads is None else args.engine_threads
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=slots, threads=engine_threads))
     url = None
     if args.http:
@@ -222,6 +243,14 @@ def measure_shape(name: str, args, rows: list) -> None:
     loop.run_until_complete(run_engine(engine, prompts(2, args.prompt_tokens), 4))
     paths = {"hf": lambda batch: run_hf(hf, batch, args.new_tokens),
              "engine": lambda batch: loop.run_until_complete(run_engine(engine, batch, args.new_tokens))}
+    if args.int8:
+        engine8 = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=slots, threads=engine_threads,
+                                                              quantize="int8"))
+        loop.run_until_complete(run_engine(engine8, prompts(2, args.prompt_tokens), 4))
+        paths["engine-int8"] = lambda batch: loop.run_until_complete(run_engine(engine8, batch, args.new_tokens))
+        exact, quantized = held_out_loss(engine.model), held_out_loss(engine8.model)
+        print(f"{name}: held-out loss float32 {exact:.4f} nats/byte, int8 {quantized:.4f} "
+              f"({(quantized / exact - 1) * 100:+.2f}%)", flush=True)
     if url:
         paths["http"] = lambda batch: asyncio.run(run_http(url, batch, args.new_tokens, stream=False))
         paths["http-stream"] = lambda batch: asyncio.run(run_http(url, batch, args.new_tokens, stream=True))
@@ -282,6 +311,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="cores per path")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-http", dest="http", action="store_false")
+    parser.add_argument("--int8", action="store_true", help="add the engine with int8 weights, and its quality cost")
+    parser.add_argument("--engine-threads", type=int, help="the engine's intra-op threads (default: --threads)")
+    parser.add_argument("--model", help="a model artifact to measure instead of random weights (one shape)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     print(f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.threads} cores per path; prompts "

@@ -43,7 +43,7 @@ import torch
 
 from raystack import commit, storage
 from raystack.data import DataError, check_parquet_column, resolve_source
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, forward_threads, generate_text
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
 from raystack.model import causal_lm_loss
 from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check_sampling_section,
                                  generation_params)
@@ -81,9 +81,10 @@ class BatchConfig:
     max_actors: int = 2
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    quantize: str = "none"
+    """``none`` or ``int8`` (int8 weights in the linear layers, CPU actors; ``raystack.engine.EngineConfig``)."""
     threads: int = 0
-    """torch threads per actor; 0 = ``num_cpus`` to score, ``num_cpus - 1`` (at least 1) to generate (the engine's
-    event loop keeps a core: ``raystack.engine.forward_threads``)."""
+    """torch threads per actor; 0 = num_cpus."""
 
     RENAMED: ClassVar[dict] = {name: f"sampling.{name}" for name in (*SAMPLING_FIELDS, "stop", "logprobs")}
 
@@ -97,6 +98,8 @@ class BatchConfig:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         check_sampling_section(self.sampling)
 
 
@@ -162,9 +165,9 @@ class Predictor:
     def __init__(self, config: BatchConfig, input_column: str):
         self.config = config
         self.column = input_column
-        default = forward_threads(config.num_cpus) if config.mode == "generate" else max(1, int(config.num_cpus))
-        torch.set_num_threads(config.threads or default)
-        self.engine = Engine.from_artifact(config.model, EngineConfig(max_batch_size=config.batch_size))
+        torch.set_num_threads(config.threads or max(1, int(config.num_cpus)))
+        self.engine = Engine.from_artifact(config.model, EngineConfig(max_batch_size=config.batch_size,
+                                                                      quantize=config.quantize))
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len)
         self.loop = asyncio.new_event_loop()

@@ -29,6 +29,7 @@ import heapq
 import itertools
 import logging
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -57,7 +58,11 @@ class EngineConfig:
     dtype: str = "auto"
     """``auto`` (bf16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``."""
     threads: int = 0
-    """torch intra-op threads for the forward passes; 0 = leave torch's default. See ``forward_threads``."""
+    """torch intra-op threads for the forward passes; 0 = leave torch's default."""
+    quantize: str = "none"
+    """``none``, or ``int8``: the transformer's linear layers with int8 weights (PyTorch's dynamic quantization,
+    CPU only; the tied output embedding stays float32). Faster where matrix work dominates (``small`` and up), not
+    at tiny shapes; benchmarks/serve_vs_hf.py --int8 prints both speed and held-out loss."""
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -68,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
 
 
 @dataclass
@@ -107,12 +114,17 @@ class GenerationParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
-def forward_threads(cpus: float) -> int:
-    """Intra-op threads for an engine given ``cpus`` cores: one fewer than the cores, at least one. The forward runs
-    on the engine's worker thread while the event loop (HTTP, token streams, the scheduler's bookkeeping) runs on the
-    main thread; an OpenMP team as wide as the machine spin-waits on the core the event loop needs, and on 2 cores
-    that made the whole engine ~1.7x slower than one forward thread (benchmarks/serve_vs_hf.py, 2026-11-23)."""
-    return max(1, int(cpus) - 1)
+def quantize_int8(model: GPT) -> GPT:
+    """``model`` with int8 weights in its linear layers (dynamic quantization: activations are quantized per call),
+    for CPU inference. Refused on CUDA, where PyTorch's dynamic quantization does not run."""
+    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
+        raise ValueError("quantize: int8 runs on CPU with float32 weights (PyTorch's dynamic quantization); "
+                         "use quantize: none with device cuda or dtype bfloat16")
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice (torchao is its successor)
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class SequenceFailed(RuntimeError):
@@ -171,6 +183,8 @@ class Engine:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)  # process-wide: once, not on every decode step
         self.model = model.to(device=self.device, dtype=dtype).eval()
+        if self.config.quantize == "int8":
+            self.model = quantize_int8(self.model)
         self.tokenizer = tokenizer
         limit = model.config.max_seq_len
         self.max_model_len = self.config.max_model_len or limit
@@ -493,5 +507,4 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
             "prompt_tokens": len(tokens)}
 
 
-__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "forward_threads",
-           "generate_text"]
+__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "generate_text"]

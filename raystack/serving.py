@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, forward_threads
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed
 from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, check_sampling_section, choice_seed,
                                  chunk_body, completion_body,
                                  context_error, decode_body, logprobs_object, models_body, parse_completion)
@@ -78,8 +78,9 @@ class ServeConfig:
     num_gpus: float = 0.0
     """GPUs per replica (0 on CPU machines)."""
     threads: int = 0
-    """torch threads per replica; 0 = ``num_cpus - 1`` (at least 1: the event loop keeps a core, see
-    ``raystack.engine.forward_threads``)."""
+    """torch threads per replica; 0 = ``num_cpus``."""
+    quantize: str = "none"
+    """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 16.0
@@ -104,6 +105,8 @@ class ServeConfig:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
         check_sampling_section(self.sampling)
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.sampling.logprobs:
             raise ValueError("sampling.logprobs: log-probabilities are asked for per request (its 'logprobs' field); "
                              "remove sampling.logprobs")
@@ -217,10 +220,11 @@ class _Metrics:
 class LLMServer:
     def __init__(self, config: ServeConfig):
         self.config = config
-        threads = config.threads or forward_threads(config.num_cpus)
+        threads = config.threads or max(1, int(config.num_cpus))
         torch.set_num_threads(threads)
         self.engine = Engine.from_artifact(config.model, EngineConfig(
-            max_batch_size=config.max_batch_size, max_model_len=config.max_model_len, threads=threads))
+            max_batch_size=config.max_batch_size, max_model_len=config.max_model_len, threads=threads,
+            quantize=config.quantize))
         self.keys = load_api_keys(config.api_key_env, config.api_key_file, config.require_api_key)
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len,

@@ -260,3 +260,29 @@ def test_ignore_eos_generates_past_the_end_of_text_token(model):
     stops, runs = run(scenario())
     assert (len(stops["tokens"]), stops["finish_reason"]) == (1, "stop")
     assert (len(runs["tokens"]), runs["finish_reason"], runs["text"]) == (9, "length", "")
+
+
+def test_int8_weights_keep_the_models_predictions_and_generate(model):
+    """quantize: int8 swaps the linear layers for int8-weight ones; next-token log-probabilities stay close to the
+    float32 model's and generation works end to end (the speed and held-out loss cost: benchmarks/serve_vs_hf.py)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    peaked = copy.deepcopy(model)  # larger weights: a confident model, so a broken quantization would show
+    with torch.no_grad():
+        for p in peaked.parameters():
+            if p.dim() == 2:
+                p.mul_(6)
+    engine = Engine(peaked, ByteTokenizer(), EngineConfig(max_batch_size=2, quantize="int8"))
+    assert not any(type(m) is torch.nn.Linear for m in engine.model.modules())
+    assert type(peaked.blocks[0].fc) is torch.nn.Linear  # the caller's model is left as it was
+    tokens = torch.tensor([list(b"def main():\n    return 1")])
+    with torch.inference_mode():
+        exact, quantized = F.softmax(peaked(tokens), -1), F.softmax(engine.model(tokens), -1)
+    assert exact.max(-1).values.mean() > 10 / 257  # far from uniform (1/257)
+    assert (exact - quantized).abs().max() < 0.1 and (exact.argmax(-1) == quantized.argmax(-1)).float().mean() > 0.9
+    out = run(generate_text(engine, "import ", GenerationParams(max_tokens=6, seed=0)))
+    assert len(out["tokens"]) >= 1
+    with pytest.raises(ValueError, match="quantize must be none or int8"):
+        EngineConfig(quantize="int4")
