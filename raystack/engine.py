@@ -204,7 +204,6 @@ class Engine:
 
     @classmethod
     def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
-
         model, tokenizer = load_artifact(uri)
         return cls(model, tokenizer, config)
 

@@ -72,7 +72,7 @@ def test_batch_to_s3_commits_replaces_whole_and_survives_a_killed_job(ray_sessio
 
     # As the user ran it: the job script, a fresh s3:// output.
     job = [sys.executable, str(REPO / "jobs" / "batch_infer.py"), "--model", model, "--input", f"s3://{bucket}/in/",
-           "--output", f"s3://{bucket}/out/", "--set", "max_tokens=4", "--set", "num_cpus=0.5"]
+           "--output", f"s3://{bucket}/out/", "--set", "sampling.max_tokens=4", "--set", "num_cpus=0.5"]
     first = subprocess.run(job, env=env_for_jobs(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     old = read_output(f"s3://{bucket}/out")
@@ -86,7 +86,7 @@ def test_batch_to_s3_commits_replaces_whole_and_survives_a_killed_job(ray_sessio
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
 
     # --overwrite, killed mid-way: the old output stays whole and readable.
-    killed = subprocess.Popen([*job, "--overwrite", "--set", "max_tokens=48", "--set", "batch_size=4"],
+    killed = subprocess.Popen([*job, "--overwrite", "--set", "sampling.max_tokens=48", "--set", "batch_size=4"],
                               env=env_for_jobs(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -103,7 +103,7 @@ def test_batch_to_s3_commits_replaces_whole_and_survives_a_killed_job(ray_sessio
     # The re-run completes: every id once, the new parameters, the crashed attempt's staging gone.
     summary = run_batch(from_dict(BatchConfig, {"model": model, "input": f"s3://{bucket}/in/",
                                                 "output": f"s3://{bucket}/out/", "overwrite": True,
-                                                "max_tokens": 2, "num_cpus": 0.5}))
+                                                "sampling": {"max_tokens": 2}, "num_cpus": 0.5}))
     new = read_output(f"s3://{bucket}/out")
     assert summary == {"output": f"s3://{bucket}/out/", "rows": 60, "errors": 0}
     assert sorted(new["id"]) == list(range(60)) and (new["completion_tokens"] <= 2).all()
