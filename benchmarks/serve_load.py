@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import statistics
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.sse import sse_chunks  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,10 +38,7 @@ async def one_request(client, url: str, i: int, max_tokens: int) -> tuple[float,
             "seed": i, "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(response):
             if first is None:
                 first = time.perf_counter() - start
             if chunk.get("usage"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.sse import sse_chunks  # noqa: E402
 from raystack.checkpoint import save_artifact  # noqa: E402
 from raystack.engine import Engine, EngineConfig, GenerationParams  # noqa: E402
 from raystack.model import GPT, ModelConfig  # noqa: E402
@@ -148,13 +148,10 @@ async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bo
         body["stream_options"] = {"include_usage": True}
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(response):  # a chunk may carry several tokens (coalesced)
                 if chunk.get("usage"):
                     request.tokens = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"] and (not request.events or request.events[-1] != time.perf_counter()):
+                elif chunk["choices"]:
                     request.events.append(time.perf_counter())
         return request
 
