@@ -43,7 +43,8 @@ import torch
 
 from raystack import commit, storage
 from raystack.data import DataError, check_parquet_column, resolve_source
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
+from raystack.engine import (Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize,
+                             generate_text)
 from raystack.model import causal_lm_loss
 from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check_sampling_section,
                                  generation_params)
@@ -98,8 +99,7 @@ class BatchConfig:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        check_quantize(self.quantize)
         check_sampling_section(self.sampling)
 
 

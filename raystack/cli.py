@@ -154,7 +154,6 @@ RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest
 
 def project_root() -> str:
     """The directory holding jobs/: the working directory if it has one, else the checkout raystack came from."""
-
     for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
         if (candidate / "jobs" / "train.py").is_file():
             return str(candidate)

@@ -154,7 +154,6 @@ def resolve_sources(config: DataConfig) -> ResolvedSources:
 def check_parquet_column(source: str, fs, paths: list[str], column: str, setting: str) -> list[str]:
     """The column names all ``paths`` share (read from footers only); ``DataError`` naming the file when one is
     unreadable or lacks ``column``, and ``setting``, the option that picks another column."""
-
     common: Optional[list[str]] = None
     for path in paths:
         try:

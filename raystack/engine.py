@@ -73,8 +73,7 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        check_quantize(self.quantize)
 
 
 @dataclass
@@ -112,6 +111,12 @@ class GenerationParams:
     def uses_penalties(self) -> bool:
         """Whether sampling needs the counts of generated tokens."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def check_quantize(value: str) -> None:
+    """The one check of a ``quantize`` setting (engine, serve and batch specs)."""
+    if value not in ("none", "int8"):
+        raise ValueError(f"quantize must be none or int8, got {value!r}")
 
 
 def quantize_int8(model: GPT) -> GPT:
@@ -506,4 +511,4 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
             "prompt_tokens": len(tokens)}
 
 
-__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "generate_text"]
+__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "check_quantize", "generate_text"]

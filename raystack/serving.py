@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize
 from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, check_sampling_section, choice_seed,
                                  chunk_body, completion_body,
                                  context_error, decode_body, logprobs_object, models_body, parse_completion)
@@ -105,8 +105,7 @@ class ServeConfig:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
         check_sampling_section(self.sampling)
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        check_quantize(self.quantize)
         if self.sampling.logprobs:
             raise ValueError("sampling.logprobs: log-probabilities are asked for per request (its 'logprobs' field); "
                              "remove sampling.logprobs")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raystack.sampling import SampleOutput, SamplingParams
+from raystack.sampling import SampleOutput, SamplingParams, neg_log_min_p
 from raystack.sampling.philox import uniform_numpy
 from raystack.sampling.reference import apply_penalties
 
@@ -127,12 +127,6 @@ def _sample_unfiltered(x, row_max, temperature, u):
     return index, logprob.astype(np.float32)
 
 
-def _neg_log_min_p(min_p: np.ndarray) -> np.ndarray:
-    """float32 ``-log(min_p)`` (``inf`` where off): ``raystack.sampling.neg_log_min_p`` in NumPy."""
-    safe = np.where(min_p > 0, min_p.astype(np.float64), 1.0)
-    return np.where(min_p > 0, -np.log(safe), np.inf).astype(np.float32)
-
-
 def _top(z: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``size`` largest z per row, sorted descending (values, token ids): partial selection, then a sort of
     the selection only."""
@@ -174,7 +168,7 @@ def _survivors(x, row_max, p: _Rows):
     total = np.zeros(len(z), dtype=np.float64)
     if needs_total.any():
         total[needs_total] = np.exp(z[needs_total]).astype(np.float64).sum(axis=1)
-    nlm = _neg_log_min_p(p.min_p)
+    nlm = neg_log_min_p(torch.from_numpy(p.min_p)).numpy()  # the kernel's and the reference's cut, bit for bit
     values, ids = _candidates(z, p, total, nlm)
     C = values.shape[1]
 

@@ -48,8 +48,9 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def _uniform_python(seed: int, step: int) -> float:
-    """One row's uniform in plain Python integers: for a handful of rows, cheaper than any array's dispatch."""
+def _uniform_python(seed: int, step: int) -> int:
+    """One row's Philox word folded to a non-negative int32 (what ``uniform`` scales to [0, 1]), in plain Python
+    integers: for a handful of rows, cheaper than any array's dispatch."""
     k0, k1 = seed & _MASK, (seed >> 32) & _MASK
     c0, c1, c2, c3 = step & _MASK, 0, 0, 0
     for _ in range(10):
