@@ -10,9 +10,9 @@ selection and draw from the cumulative sum over the whole vocabulary. Cost: a fe
 scale, selection), the rest is on ``[B, C]``.
 
 It runs in NumPy: at serving sizes (tens of rows, a few hundred to a few thousand tokens) the op is ~60 element-wise
-steps whose cost is their dispatch, a few microseconds each in NumPy against ~10-20 in torch; it took ~2 ms of a
-6 ms decode step at batch 1 in torch. Penalties, when a row has counts, are applied in torch first (the reference's
-own function).
+steps whose cost is their dispatch, cheaper per step in NumPy than in torch (benchmarks/sampling.py, B=1 V=32k:
+2.1x the sort-based sampler in torch, 6.8x in NumPy; README "Measured"). Penalties, when a row has counts, are
+applied in torch first (the reference's own function).
 """
 
 from __future__ import annotations
