@@ -6,6 +6,8 @@ fast path (``cpu.py``) otherwise; ``reference.py`` is the sort-based definition 
 
 Semantics, in this order (every implementation follows them exactly):
 
+0. **Logit bias** (OpenAI's ``logit_bias``): ``logit_bias[b, v]`` is added to row b's logits first, before
+   everything below (so a bias of -100 forbids a token and +100 forces it, greedy or not).
 1. **Penalties** (vLLM / OpenAI definitions) from ``counts[b, v]``, the number of times row b generated token v:
    repetition (``r``, 1 = off): a seen token's logit ``l`` becomes ``l / r`` if ``l > 0`` else ``l * r`` (seen = generated,
    or in ``prompt_mask`` when given); then frequency ``l -= f * count`` and presence ``l -= p * (count > 0)``.
@@ -59,12 +61,14 @@ class SamplingParams:
     frequency_penalty: torch.Tensor
     counts: Optional[torch.Tensor] = None
     prompt_mask: Optional[torch.Tensor] = None
+    logit_bias: Optional[torch.Tensor] = None
+    """float32 ``[B, V]`` added to the logits before anything else (rows without a bias hold zeros)."""
 
     @classmethod
     def build(cls, batch: int, *, temperature: Union[Number, Sequence[Number]] = 1.0, top_k=0, top_p=1.0,
               min_p=0.0, seed=0, step=0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
               counts: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
-              device=None) -> "SamplingParams":
+              logit_bias: Optional[torch.Tensor] = None, device=None) -> "SamplingParams":
         """Scalars broadcast to every row; sequences give one value per row."""
 
         def column(value, dtype):
@@ -78,7 +82,7 @@ class SamplingParams:
             repetition_penalty=column(repetition_penalty, torch.float32),
             presence_penalty=column(presence_penalty, torch.float32),
             frequency_penalty=column(frequency_penalty, torch.float32),
-            counts=counts, prompt_mask=prompt_mask,
+            counts=counts, prompt_mask=prompt_mask, logit_bias=logit_bias,
         )
 
     def to(self, device) -> "SamplingParams":
@@ -118,7 +122,7 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
         value = getattr(params, f.name)
         if value is None:
             continue
-        expected = (B, V) if f.name in ("counts", "prompt_mask") else (B,)
+        expected = (B, V) if f.name in ("counts", "prompt_mask", "logit_bias") else (B,)
         if tuple(value.shape) != expected:
             raise ValueError(f"{f.name} must have shape {list(expected)}, got {list(value.shape)}")
     if params.prompt_mask is not None and params.counts is None:
@@ -126,7 +130,7 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
     on_cpu = params.temperature.device.type == "cpu"  # NumPy there: these few checks cost their dispatch
     xp = np if on_cpu else torch
     v = {f.name: getattr(params, f.name).numpy() if on_cpu else getattr(params, f.name)
-         for f in fields(params) if f.name not in ("counts", "prompt_mask")}
+         for f in fields(params) if f.name not in ("counts", "prompt_mask", "logit_bias")}
     checks = [
         ("temperature", ~xp.isfinite(v["temperature"]) | (v["temperature"] < 0), "a finite number >= 0"),
         ("top_k", v["top_k"] < -1, "-1, 0 (off) or a positive integer"),
@@ -137,6 +141,9 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
         ("presence_penalty", ~xp.isfinite(v["presence_penalty"]), "finite"),
         ("frequency_penalty", ~xp.isfinite(v["frequency_penalty"]), "finite"),
     ]
+    if params.logit_bias is not None and not bool(torch.isfinite(params.logit_bias).all()):
+        row = _first_bad_row(~torch.isfinite(params.logit_bias).all(-1))
+        raise SamplingParamError(f"logit_bias must be finite; row {row} is not")
     for name, bad, rule in checks:
         if not bad.any():
             continue

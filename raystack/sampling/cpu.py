@@ -11,8 +11,8 @@ scale, selection), the rest is on ``[B, C]``.
 
 It runs in NumPy: at serving sizes (tens of rows, a few hundred to a few thousand tokens) the op is ~60 element-wise
 steps whose cost is their dispatch, cheaper per step in NumPy than in torch (benchmarks/sampling.py, B=1 V=32k:
-2.1x the sort-based sampler in torch, 6.8x in NumPy; README "Measured"). Penalties, when a row has counts, are
-applied in torch first (the reference's own function).
+2.1x the sort-based sampler in torch, 6.8x in NumPy; README "Measured"). Penalties (when a row has counts)
+and the logit bias are applied in torch first (the reference's own function).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class _Rows:
 
 def _logits(logits: torch.Tensor, params: SamplingParams) -> np.ndarray:
     x = logits.to(torch.float32)
-    if params.has_penalties:
+    if params.has_penalties or params.logit_bias is not None:
         x = apply_penalties(x, params)
     return np.ascontiguousarray(x.numpy())
 

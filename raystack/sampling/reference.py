@@ -13,7 +13,10 @@ from raystack.sampling.philox import uniform
 
 
 def apply_penalties(logits: torch.Tensor, params) -> torch.Tensor:
-    """Repetition (divide positive / multiply negative logits of seen tokens), then frequency and presence."""
+    """The logit bias, then repetition (divide positive / multiply negative logits of seen tokens), then frequency
+    and presence."""
+    if params.logit_bias is not None:
+        logits = logits + params.logit_bias.to(logits.dtype)
     if params.counts is None:
         return logits
     counts = params.counts.to(logits.dtype)

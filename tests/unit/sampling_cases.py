@@ -36,3 +36,22 @@ def g_test_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> floa
     g = 2 * torch.sum(torch.where(obs > 0, obs * torch.log(obs / exp), 0.0))
     df = int(support.sum()) - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), g / 2)) if df > 0 else 1.0
+
+
+def bias_case(B: int = 6, V: int = 600, seed: int = 8) -> tuple[torch.Tensor, SamplingParams]:
+    """Logits and parameters where the logit bias decides: rows that force a token (+100), rows that forbid the
+    argmax (-100, greedy and sampled), a mild bias under top-k/top-p, penalties on top, and a row with no bias."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * 2
+    bias = torch.zeros(B, V)
+    bias[0, 17] = 100.0  # forced, sampled
+    bias[1, logits[1].argmax()] = -100.0  # the argmax forbidden, greedy
+    bias[2, 5] = 100.0  # forced, greedy
+    bias[3, :50] = torch.linspace(-3, 3, 50)  # a mild bias under the filters
+    bias[4, logits[4].topk(3).indices] = -100.0  # the top three forbidden, top-k 5
+    counts = torch.zeros(B, V, dtype=torch.int32)
+    counts[:, 40:60] = 1
+    params = SamplingParams.build(B, temperature=[1.0, 0.0, 0.0, 0.8, 1.1, 0.9], top_k=[0, 0, 0, 20, 5, 0],
+                                  top_p=[1.0, 1.0, 1.0, 0.9, 1.0, 0.95], repetition_penalty=1.1,
+                                  counts=counts, logit_bias=bias, seed=list(range(30, 30 + B)), step=2)
+    return logits, params

@@ -9,7 +9,7 @@ from raystack.sampling import SamplingParams, sample
 from raystack.sampling.cpu import survivors_cpu
 from raystack.sampling.philox import philox4x32, uniform
 from raystack.sampling.reference import filter_logits, filtered_probs, sample_reference
-from tests.unit.sampling_cases import g_test_p_value, grid_params, tie_logits
+from tests.unit.sampling_cases import bias_case, g_test_p_value, grid_params, tie_logits
 
 
 def test_philox_matches_the_published_known_answer():
@@ -103,6 +103,22 @@ def test_penalties_follow_the_vllm_definitions():
     torch.testing.assert_close(apply_penalties(logits, params)[1], manual)
     assert torch.equal(survivors_cpu(logits, params), filter_logits(logits.double(), params))
     assert torch.equal(sample(logits, params, backend="cpu").tokens, sample_reference(logits.double(), params)[0])
+
+
+def test_logit_bias_forces_and_forbids_tokens_before_everything_else():
+    logits, params = bias_case()
+    out = sample(logits, params, return_logprobs=True, backend="cpu")
+    tokens, logprobs = sample_reference(logits.double(), params)
+    assert torch.equal(out.tokens, tokens)
+    torch.testing.assert_close(out.logprobs.double(), logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(survivors_cpu(logits, params), filter_logits(logits.double(), params))
+    assert out.tokens[0] == 17 and out.tokens[2] == 5  # +100 forces, sampled or greedy
+    assert out.tokens[1] != logits[1].argmax()  # -100 forbids the greedy choice
+    assert out.tokens[4] not in logits[4].topk(3).indices
+    bad = params.logit_bias.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="logit_bias must be finite; row 3"):
+        sample(logits, SamplingParams(**{**vars(params), "logit_bias": bad}), backend="cpu")
 
 
 @pytest.mark.parametrize("case", [

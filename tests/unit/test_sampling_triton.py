@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from raystack.sampling import SamplingParams, sample  # noqa: E402
 from raystack.sampling.reference import filter_logits, filtered_probs  # noqa: E402
 from raystack.sampling.triton_kernel import sample_triton  # noqa: E402
-from tests.unit.sampling_cases import g_test_p_value, grid_params, tie_logits  # noqa: E402
+from tests.unit.sampling_cases import bias_case, g_test_p_value, grid_params, tie_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,6 +64,15 @@ def test_kernel_tokens_and_logprobs_equal_the_cpu_path_at_any_block_size():
         out = sample_triton(logits.to(DEVICE), params, return_logprobs=True, block=block)
         assert torch.equal(out.tokens.cpu(), cpu.tokens), f"block {block}"
         torch.testing.assert_close(out.logprobs.cpu(), cpu.logprobs, rtol=0, atol=1e-5)
+
+
+def test_kernel_applies_the_logit_bias_as_the_cpu_path_and_reference_do():
+    logits, params = bias_case()
+    cpu = sample(logits, params, return_logprobs=True, backend="cpu")
+    out, cut = sample_triton(logits.to(DEVICE), params, return_logprobs=True, block=256, return_cut=True)
+    assert torch.equal(out.tokens.cpu(), cpu.tokens)
+    torch.testing.assert_close(out.logprobs.cpu(), cpu.logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(kernel_support(logits, params, cut), filter_logits(logits.double(), params))
 
 
 def test_kernel_row_result_does_not_depend_on_batch_or_position():
