@@ -11,6 +11,9 @@ Contract:
   batched decode forward over all active slots, and samples every row with its own parameters through
   ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
   do not depend on what else is in the batch. The forward passes run in a worker thread, never on the event loop.
+- Log-probabilities (``GenerationParams.logprobs`` / ``top_logprobs``) are the model's own: the log-softmax of its
+  logits before the logit bias, penalties, temperature and filters. ``engine.score(prompt_tokens, top)`` gives the
+  same for every prompt token (what ``echo`` with ``logprobs`` returns, and how evaluation harnesses score text).
 - Closing the iterator (client gone, timeout: ``asyncio`` cancellation) frees the request's slot at the next step.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
@@ -41,6 +44,9 @@ from raystack.sampling import SamplingParamError, SamplingParams, sample
 from raystack.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (vLLM's default limit)."""
 
 DECODE_SLACK = 4
 """Free slots a decode step may compute over to read the running sequences' caches in place instead of gathering
@@ -103,7 +109,13 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     """In [0.01, 2]; > 1 makes tokens of the prompt and completion less likely (CTRL's rule)."""
     logprobs: bool = False
-    """Return each generated token's log-probability."""
+    """Return each generated token's log-probability under the model's own distribution: the log-softmax of its
+    logits before the logit bias, penalties, temperature and filters (vLLM's default, ``raw_logprobs``), so a score
+    does not depend on how the token was drawn."""
+    top_logprobs: int = 0
+    """With ``logprobs``: also the ``top_logprobs`` most likely tokens at each step (0 to ``MAX_TOP_LOGPROBS``)."""
+    logit_bias: Optional[dict[int, float]] = None
+    """Token id -> bias added to its logit before everything else (OpenAI's ``logit_bias``, in [-100, 100])."""
     ignore_eos: bool = False
     """Keep generating after the end-of-text token (vLLM's extension; benchmarks use it for a fixed length)."""
 
@@ -149,12 +161,23 @@ class TokenEvent:
     logprob: Optional[float]
     finish_reason: Optional[str] = None
     completion_tokens: int = 0
+    top_logprobs: Optional[list[tuple[int, float]]] = None
+    """With ``top_logprobs``: the most likely (token, log-probability) pairs at this step, most likely first."""
+
+
+@dataclass
+class PromptLogprob:
+    """One prompt token's log-probability given the tokens before it (None for the first: nothing precedes it)."""
+
+    token: int
+    logprob: Optional[float]
+    top_logprobs: Optional[list[tuple[int, float]]] = None
 
 
 class _Sequence:
     _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: GenerationParams, seed: int):
+    def __init__(self, prompt: list[int], params: GenerationParams, seed: int, vocab_size: int):
         self.id = next(self._ids)
         self.prompt = prompt
         self.params = params
@@ -165,6 +188,11 @@ class _Sequence:
         self.cancelled = False
         self.finished = False
         self.counts: Optional[torch.Tensor] = None
+        self.bias: Optional[torch.Tensor] = None  # the logit bias as a dense row, built once
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for token, value in params.logit_bias.items():
+                self.bias[token] = value
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # decoded completion so far
         self.emitted = 0  # characters of self.text already released
@@ -240,7 +268,7 @@ class Engine:
         """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``)."""
         self.check_request(len(prompt_tokens), params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = _Sequence(list(prompt_tokens), params, seed)
+        seq = _Sequence(list(prompt_tokens), params, seed, self.tokenizer.vocab_size)
         self._ensure_loop()
         self._waiting.append(seq)
         self.stats["requests"] += 1
@@ -258,6 +286,26 @@ class Engine:
                 seq.cancelled = True  # the scheduler frees its slot at the next step
                 if self._wakeup is not None:
                     self._wakeup.set()
+
+    async def score(self, prompt_tokens: list[int], top_logprobs: int = 0) -> list[PromptLogprob]:
+        """The log-probability of each prompt token given those before it (the model's own distribution, as
+        ``GenerationParams.logprobs``), with the ``top_logprobs`` most likely alternatives: one forward over the
+        prompt on the engine's worker thread, between decode steps, outside the KV cache."""
+        if not 1 <= len(prompt_tokens) <= self.max_model_len:
+            raise ValueError(f"a scored prompt needs 1 to {self.max_model_len} tokens, got {len(prompt_tokens)}")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score, list(prompt_tokens), top_logprobs)
+
+    @torch.inference_mode()
+    def _score(self, tokens: list[int], top: int) -> list[PromptLogprob]:
+        ids = torch.tensor([tokens], device=self.device)
+        logprobs = torch.log_softmax(self.model(ids)[0, :-1].float(), -1)  # position i predicts token i + 1
+        chosen = logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        alternatives = _top(logprobs, top)
+        out = [PromptLogprob(tokens[0], None, None)]
+        for i, token in enumerate(tokens[1:]):
+            out.append(PromptLogprob(token, chosen[i], alternatives[i] if alternatives else None))
+        return out
 
     def check_request(self, prompt_len: int, max_tokens: int) -> None:
         if max_tokens < 1:
@@ -316,9 +364,9 @@ class Engine:
         self.stats["steps"] += 1
         for seq, error in failures:
             self._fail(seq, error)
-        for seq, token, logprob in results:
+        for seq, token, logprobs in results:
             try:
-                self._advance(seq, token, logprob)
+                self._advance(seq, token, logprobs)
             except Exception as e:
                 logger.exception("sequence %d failed after sampling", seq.id)
                 self._fail(seq, SequenceFailed(f"generation failed: {e!r}"))
@@ -377,16 +425,33 @@ class Engine:
             return [], failures
         batch = torch.cat(logits).float()
         try:
-            tokens, logprobs = self._sample(rows, batch)
+            tokens = self._sample(rows, batch)
         except Exception:
             logger.exception("sampling a batch of %d rows failed; sampling them one at a time", len(rows))
-            results = []
+            kept, tokens = [], []
             for i, seq in enumerate(rows):
                 out = self._isolated(self._sample, [seq], failures, batch[i:i + 1])
                 if out is not None:
-                    results.append((seq, out[0][0], out[1][0]))
-            return results, failures
-        return list(zip(rows, tokens, logprobs)), failures
+                    kept.append(i)
+                    tokens.append(out[0])
+            rows, batch = [rows[i] for i in kept], batch[kept]
+        return list(zip(rows, tokens, self._logprobs(rows, batch, tokens))), failures
+
+    @staticmethod
+    def _logprobs(rows: list[_Sequence], logits: torch.Tensor, tokens: list[int]) -> list:
+        """``(logprob, top_logprobs)`` per row: the model's own log-softmax (before bias, penalties and filters)
+        for the rows that asked, ``(None, None)`` for the rest."""
+        wanted = [i for i, seq in enumerate(rows) if seq.params.logprobs]
+        out = [(None, None)] * len(rows)
+        if not wanted:
+            return out
+        logprobs = torch.log_softmax(logits[wanted], -1)
+        chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device))[:, 0].tolist()
+        top = _top(logprobs, max(rows[i].params.top_logprobs for i in wanted))
+        for j, i in enumerate(wanted):
+            k = rows[i].params.top_logprobs
+            out[i] = (chosen[j], top[j][:k] if k else None)
+        return out
 
     def _isolated(self, fn, seq_or_rows, failures, *args):
         """``fn(seq_or_rows, *args)``, or None after recording the row's failure."""
@@ -430,11 +495,8 @@ class Engine:
             return out
         return out[torch.tensor([s.slot - first for s in decodes], device=self.device)]
 
-    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[Optional[float]]]:
-        params = self._sampling_params(rows, logits.shape[1])
-        output = sample(logits, params, return_logprobs=any(s.params.logprobs for s in rows))
-        logprobs = output.logprobs.tolist() if output.logprobs is not None else [None] * len(rows)
-        return output.tokens.tolist(), logprobs
+    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        return sample(logits, self._sampling_params(rows, logits.shape[1])).tokens.tolist()
 
     def _sampling_params(self, rows: list[_Sequence], vocab: int) -> SamplingParams:
         p = [s.params for s in rows]
@@ -442,14 +504,17 @@ class Engine:
         if any(x.uses_penalties for x in p):
             counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
                                   for s in rows]).to(self.device)
+        bias = None
+        if any(s.bias is not None for s in rows):
+            bias = torch.stack([s.bias if s.bias is not None else torch.zeros(vocab) for s in rows]).to(self.device)
         return SamplingParams.build(
             len(rows), temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
             top_p=[x.top_p for x in p], min_p=[min(x.min_p, 0.99999994) for x in p],  # API min_p=1: only the max
             seed=[s.seed for s in rows], step=[len(s.generated) for s in rows],
             repetition_penalty=[x.repetition_penalty for x in p], presence_penalty=[x.presence_penalty for x in p],
-            frequency_penalty=[x.frequency_penalty for x in p], counts=counts, device=self.device)
+            frequency_penalty=[x.frequency_penalty for x in p], counts=counts, logit_bias=bias, device=self.device)
 
-    def _advance(self, seq: _Sequence, token: int, logprob: Optional[float]) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprobs: tuple) -> None:
         if seq.cancelled:
             self._release(seq)
             return
@@ -481,9 +546,17 @@ class Engine:
             release_to = max(seq.emitted, len(seq.text) - hold)
         delta = seq.text[seq.emitted:release_to]
         seq.emitted = max(seq.emitted, release_to)
-        seq.queue.put_nowait(TokenEvent(token, delta, logprob, finish, len(seq.generated)))
+        seq.queue.put_nowait(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1]))
         if finish is not None:
             self._release(seq)
+
+
+def _top(logprobs: torch.Tensor, k: int) -> Optional[list[list[tuple[int, float]]]]:
+    """Per row of ``logprobs`` ``[R, V]``, its ``k`` most likely ``(token, logprob)`` pairs (None when k is 0)."""
+    if k <= 0:
+        return None
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 def _same_length(prefills: list[_Sequence]) -> list[list[_Sequence]]:
@@ -511,4 +584,5 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
             "prompt_tokens": len(tokens)}
 
 
-__all__ = ["Engine", "EngineConfig", "GenerationParams", "SequenceFailed", "TokenEvent", "check_quantize", "generate_text"]
+__all__ = ["Engine", "EngineConfig", "GenerationParams", "MAX_TOP_LOGPROBS", "PromptLogprob", "SequenceFailed",
+           "TokenEvent", "check_quantize", "generate_text"]

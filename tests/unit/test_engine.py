@@ -57,6 +57,53 @@ def test_batched_generation_equals_one_at_a_time(model):
     assert batched[2]["logprobs"][0] is not None and batched[2]["logprobs"][0] <= 0
 
 
+def test_logprobs_are_the_models_own_and_scores_equal_the_forward_pass(model):
+    """Generated tokens' logprobs and top alternatives, and a scored prompt, equal log_softmax of a plain forward
+    over the whole text; the logit bias steers the draw without changing what the logprobs report."""
+    prompt = "def main():"
+    params = GenerationParams(max_tokens=10, temperature=0.9, top_k=40, seed=3, logprobs=True, top_logprobs=5,
+                              logit_bias={ord("x"): 4.0}, ignore_eos=True)
+
+    async def scenario():
+        engine = make_engine(model)
+        events = [e async for e in engine.generate(engine.encode_prompt(prompt), params)]
+        scored = await engine.score(engine.encode_prompt(prompt) + [e.token for e in events], top_logprobs=3)
+        await engine.shutdown()
+        return events, scored
+
+    events, scored = run(scenario())
+    ids = ByteTokenizer().encode(prompt) + [e.token for e in events]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    n = len(ByteTokenizer().encode(prompt))
+    for i, event in enumerate(events):
+        row = expected[n - 1 + i]
+        assert abs(event.logprob - row[event.token].item()) < 1e-4
+        assert [t for t, _ in event.top_logprobs] == row.topk(5).indices.tolist()
+        assert all(abs(v - row[t].item()) < 1e-4 for t, v in event.top_logprobs)
+    assert scored[0].logprob is None and scored[0].token == ids[0]
+    for i in range(1, len(ids)):
+        assert abs(scored[i].logprob - expected[i - 1, ids[i]].item()) < 1e-4
+        assert [t for t, _ in scored[i].top_logprobs] == expected[i - 1].topk(3).indices.tolist()
+
+
+def test_logit_bias_forces_and_forbids_tokens(model):
+    async def scenario():
+        engine = make_engine(model)
+        tokens = engine.encode_prompt("a = ")
+        forced = await generate_text(engine, tokens, GenerationParams(max_tokens=6, temperature=1.0, seed=1,
+                                                                      logit_bias={ord("z"): 100.0}))
+        greedy = await generate_text(engine, tokens, GenerationParams(max_tokens=6, temperature=0.0))
+        banned = await generate_text(engine, tokens, GenerationParams(
+            max_tokens=6, temperature=0.0, logit_bias={t: -100.0 for t in set(greedy["tokens"])}))
+        await engine.shutdown()
+        return forced, greedy, banned
+
+    forced, greedy, banned = run(scenario())
+    assert forced["text"] == "zzzzzz"
+    assert not set(banned["tokens"]) & set(greedy["tokens"])
+
+
 def test_a_request_joining_mid_batch_gets_the_tokens_it_gets_alone(model):
     late = ("while True:", GenerationParams(max_tokens=20, temperature=0.9, top_k=30, seed=7))
 
