@@ -13,7 +13,9 @@ Model artifact (a directory, local path or object-store URI, committed by ``rays
     _SUCCESS                    the manifest, written last: the files below with their sizes and sha256
     <attempt>/config.json       ``ModelConfig`` fields plus ``{"format": "raystack-gpt", "format_version": 1}``
     <attempt>/model.safetensors weights (never a pickle)
-    <attempt>/tokenizer.json    the tokenizer description
+    <attempt>/tokenizer.json    the tokenizer, in Hugging Face ``tokenizers`` format (``raystack.tokenizer``)
+    <attempt>/tokenizer_config.json  its ``transformers`` config (chat template included): ``AutoTokenizer``
+                                loads the attempt directory as it is, or what ``raystack tokenizer`` exports
 ``load_artifact`` reads only what the manifest lists and checks every checksum: an artifact that was never
 committed, or whose files were truncated or replaced, is refused with a ``CheckpointError``; re-exporting to the
 same location replaces it at one step.
@@ -181,6 +183,8 @@ def save_artifact(uri: str, model_config: ModelConfig, weights: dict[str, torch.
     attempt = commit.begin(uri)
     attempt.write("model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in weights.items()}))
     attempt.write("tokenizer.json", json.dumps(ByteTokenizer().to_dict(), indent=2).encode())
+    attempt.write("tokenizer_config.json",
+                  json.dumps(ByteTokenizer.hf_tokenizer_config(max_length=model_config.max_seq_len), indent=2).encode())
     attempt.write("config.json", json.dumps(config, indent=2).encode())
     attempt.commit(meta={"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION})
     return uri if storage.is_uri(uri) else attempt.root
@@ -189,6 +193,28 @@ def save_artifact(uri: str, model_config: ModelConfig, weights: dict[str, torch.
 def export_checkpoint(checkpoint_dir: str, model_config: ModelConfig, uri: str) -> str:
     read_checkpoint_meta(checkpoint_dir)
     return save_artifact(uri, model_config, load_file(os.path.join(checkpoint_dir, "model.safetensors")))
+
+
+def artifact_tokenizer_files(uri: str) -> dict[str, bytes]:
+    """The tokenizer files of the artifact at ``uri`` (tokenizer.json, and tokenizer_config.json when the artifact
+    has one: older artifacts do not), checksums checked."""
+    try:
+        manifest = commit.read_manifest(uri)
+        if manifest is None:
+            raise CheckpointError(f"{uri!r} is not a committed model artifact (no {commit.MANIFEST} manifest)")
+        names = [n for n in ("tokenizer.json", "tokenizer_config.json") if n in manifest["files"]]
+        _, files = commit.read_files(uri, names)
+    except commit.CommitError as e:
+        raise CheckpointError(f"model artifact: {e}") from None
+    try:
+        ByteTokenizer.from_dict(json.loads(files["tokenizer.json"]))
+    except ValueError as e:
+        raise CheckpointError(f"model artifact {uri!r}: tokenizer.json: {e}") from None
+    if "tokenizer_config.json" not in files:
+        files["tokenizer_config.json"] = json.dumps(ByteTokenizer.hf_tokenizer_config(), indent=2).encode()
+    if json.loads(files["tokenizer.json"]) != ByteTokenizer().to_dict():  # an older artifact's description
+        files["tokenizer.json"] = json.dumps(ByteTokenizer().to_dict(), indent=2).encode()
+    return files
 
 
 def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, ByteTokenizer]:

@@ -125,6 +125,19 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    from raystack.checkpoint import artifact_tokenizer_files
+
+    files = artifact_tokenizer_files(args.model)
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    print(f"[raystack] wrote {', '.join(sorted(files))} to {out}: load it with "
+          f"transformers.AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_sweep_report(args) -> int:
     from raystack.config import ConfigError, from_dict
     from raystack.sweep import SweepSpace
@@ -337,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                       help="override one space field, e.g. --set num_samples=12")
     tune.set_defaults(func=cmd_tune)
+
+    tokenizer = sub.add_parser("tokenizer", help="write a model artifact's tokenizer as Hugging Face files "
+                                                 "(tokenizer.json, tokenizer_config.json) into a directory")
+    tokenizer.add_argument("model", help="model artifact path or URI")
+    tokenizer.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
+    tokenizer.set_defaults(func=cmd_tokenizer)
 
     report = sub.add_parser("sweep-report", help="write a sweep's dashboard.html")
     report.add_argument("sweep_dir", help="the sweep directory (<storage_path>/<name>)")

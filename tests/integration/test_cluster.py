@@ -176,7 +176,7 @@ def test_training_job_spreads_over_two_nodes_and_exports_to_shared_storage(clust
     assert unknown.returncode == 2 and "refused:" in unknown.stderr and "Traceback" not in unknown.stderr
     artifact = shared / "two-nodes" / "model"
     manifest = read_manifest(str(artifact))
-    assert sorted(manifest["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(manifest["files"]) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     config = artifact / manifest["files"]["config.json"]["path"]
     assert json.loads(config.read_text())["format"] == "raystack-gpt"
 

@@ -91,7 +91,7 @@ def test_artifact_round_trip_and_clear_errors(tmp_path):
     manifest = json.loads((tmp_path / "art" / "_SUCCESS").read_text())
     assert sorted(os.listdir(location)) == sorted(["_SUCCESS", manifest["attempt"]])
     assert sorted(os.listdir(tmp_path / "art" / manifest["attempt"])) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     loaded, tokenizer = load_artifact(location)
     tokens = torch.tensor([tokenizer.encode("hello")])
     torch.testing.assert_close(loaded(tokens), model.eval()(tokens))
