@@ -6,9 +6,24 @@ that into a ``CompletionRequest``; both raise only ``APIError``, with the HTTP s
 them raise anything else: invalid UTF-8, lone surrogates, deep nesting, integers of thousands of digits and numbers
 that overflow are all a 400.
 
-Ranges follow the OpenAI API (temperature [0, 2], top_p (0, 1], penalties [-2, 2], logprobs 0-5, up to 4 stop
-sequences, unknown arguments refused); ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` are the usual
-vLLM extensions.
+Ranges follow the OpenAI API (temperature [0, 2], top_p (0, 1], penalties [-2, 2], logit_bias values [-100, 100],
+up to 4 stop sequences, unknown arguments refused); ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos``
+are the usual vLLM extensions, and so is ``logprobs`` up to 20 (OpenAI stops at 5; vLLM's default limit is 20).
+
+Log-probabilities are those of the model's own distribution: the log-softmax of its logits *before* the logit bias,
+penalties, temperature and top-k/top-p/min-p (vLLM's default, ``raw_logprobs``), so a score does not depend on how
+a token was drawn and a greedy token is the top alternative. ``logprobs: k`` returns the chosen token's and the k
+most likely alternatives (``top_logprobs``, which also hold the chosen token: up to k + 1 entries, as OpenAI);
+``text_offset`` counts characters of the returned text (a multi-byte character's continuation bytes share its
+offset). ``echo`` with ``logprobs`` scores the prompt too (its first token's log-probability is null), and
+``echo`` with ``max_tokens: 0`` scores a prompt without generating. ``best_of`` > ``n`` draws best_of candidates
+and returns the n with the highest total log-probability (not streamable, as OpenAI). A null prompt is OpenAI's
+default, ``<|endoftext|>``: a new document.
+
+``/v1/chat/completions`` (``parse_chat``) renders ``messages`` with the model's chat template (Jinja, as Hugging
+Face renders them; ``raystack.tokenizer.DEFAULT_CHAT_TEMPLATE`` unless the artifact or the serve spec brings one)
+and generates from there with the same sampling fields, ``max_completion_tokens`` as ``max_tokens``, and
+``logprobs: true`` + ``top_logprobs`` in the chat shape.
 Every number is checked in the precision the engine uses: integers must fit in int64, and a non-zero float must
 stay non-zero and normal as a float32 (``|x| >= 1.18e-38``), since ``top_p = 1e-50`` would otherwise reach the
 sampler as 0. ``top_k`` at or beyond the vocabulary keeps every token, like 0 and -1. ``repetition_penalty`` is in
@@ -21,6 +36,8 @@ longer than the context, checked before any prompt is tokenized.
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import json
 import math
 import struct
@@ -29,8 +46,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raystack.engine import GenerationParams
-from raystack.tokenizer import EOT
+from raystack.engine import MAX_TOP_LOGPROBS, GenerationParams
+from raystack.tokenizer import EOT, EOT_TEXT
 
 KNOWN_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "echo",
@@ -132,6 +149,8 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     logprobs: Optional[int] = None
+    best_of: int = 1
+    """Candidates drawn per prompt; the ``n`` with the highest total log-probability are returned."""
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -190,7 +209,7 @@ def _is_text(value: str) -> bool:
 
 def _prompts(value: Any, limits: RequestLimits) -> list:
     if value is None:
-        raise _bad("prompt", "you must provide a 'prompt' parameter")
+        return [[EOT]]  # OpenAI's default prompt, <|endoftext|>: the model starts a new document
     if isinstance(value, str):
         return [_text_prompt(value, limits)]
     if isinstance(value, list) and value:
@@ -255,39 +274,66 @@ def parse_completion(body: Any, model_name: str, limits: RequestLimits,
         raise APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
     n = _integer(body, "n", 1, 1, MAX_N)
-    sequences = _prompt_count(body.get("prompt")) * n
+    best_of = _integer(body, "best_of", None, 1, MAX_N)
+    if best_of is not None and best_of < n:
+        raise _bad("best_of", f"'best_of' ({best_of}) must be at least 'n' ({n})")
+    best_of = best_of or n
+    sequences = _prompt_count(body.get("prompt")) * best_of
     if sequences > limits.max_sequences:
         raise _bad("n", f"this request asks for {sequences} sequences (prompts x n); this server takes at most "
                         f"{limits.max_sequences} per request: send fewer prompts or a smaller 'n'",
                    code="too_many_sequences")
     prompts = _prompts(body.get("prompt"), limits)
-    best_of = _integer(body, "best_of", None, 1, MAX_N)
-    if best_of is not None and best_of != n:
-        raise _bad("best_of", "'best_of' is supported only equal to 'n'")
     if body.get("suffix") not in (None, ""):
-        raise _bad("suffix", "'suffix' is not supported by this model")
-    logit_bias = body.get("logit_bias")
-    if logit_bias not in (None, {}):
-        raise _bad("logit_bias", "'logit_bias' is not supported by this server")
+        raise _bad("suffix", "'suffix' is not supported by this model (it has no fill-in-the-middle training)")
+    _check_user(body)
+    stream = _boolean(body, "stream")
+    if stream and best_of > n:
+        raise _bad("best_of", "'best_of' greater than 'n' cannot be streamed (the best are known only at the end)")
+    options = body.get("stream_options")
+    include_usage = _stream_options(options, stream)
+    logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    echo = _boolean(body, "echo")
+    stop = None if body.get("stop") is None else _stop(body["stop"])
+    score_only = echo and body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
+    values = {**body, "max_tokens": 1} if score_only else body  # echo + max_tokens 0: score the prompt only
+    params = generation_params(values, limits, defaults, stop=stop, logprobs=logprobs is not None or best_of > n)
+    params = dataclasses.replace(params, max_tokens=0 if score_only else params.max_tokens,
+                                 top_logprobs=logprobs or 0, logit_bias=_logit_bias(body, limits.vocab_size))
+    return CompletionRequest(model, prompts, params, n=n, stream=stream, include_usage=include_usage, echo=echo,
+                             logprobs=logprobs, best_of=best_of)
+
+
+def _check_user(body: dict) -> None:
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _bad("user", "'user' must be a string")
-    stream = _boolean(body, "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _bad("stream_options", "'stream_options' must be an object with only 'include_usage'")
-        include_usage = _boolean(options, "include_usage")
-    logprobs = _integer(body, "logprobs", None, 0, 5)
-    echo = _boolean(body, "echo")
-    if echo and logprobs is not None:
-        raise _bad("echo", "'echo' together with 'logprobs' is not supported")
-    stop = None if body.get("stop") is None else _stop(body["stop"])
-    params = generation_params(body, limits, defaults, stop=stop, logprobs=logprobs is not None)
-    return CompletionRequest(model, prompts, params, n=n, stream=stream, include_usage=include_usage, echo=echo,
-                             logprobs=logprobs)
+
+
+def _stream_options(options: Any, stream: bool) -> bool:
+    """``include_usage`` of a request's ``stream_options``."""
+    if options is None:
+        return False
+    if not stream:
+        raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise _bad("stream_options", "'stream_options' must be an object with only 'include_usage'")
+    return _boolean(options, "include_usage")
+
+
+def _logit_bias(body: dict, vocab_size: int) -> Optional[dict[int, float]]:
+    """OpenAI's ``logit_bias``: an object from token ids (as strings, JSON's only keys) to a bias in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("logit_bias", "'logit_bias' must be an object mapping token ids to a bias in [-100, 100]")
+    bias = {}
+    for key, amount in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19 else -1
+        if not 0 <= token < vocab_size:
+            raise _bad("logit_bias", f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {key[:40]!r}")
+        bias[token] = _number({"logit_bias": amount}, "logit_bias", 0.0, -100.0, 100.0)
+    return bias or None
 
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -331,6 +377,10 @@ def check_sampling_section(section: GenerationParams, where: str = "sampling") -
                           stop=_stop(section.stop))
     except APIError as e:
         raise ValueError(f"{where}.{e.param}: {e.message}" if e.param else f"{where}: {e.message}") from None
+    for name in ("top_logprobs", "logit_bias"):
+        if getattr(section, name):
+            raise ValueError(f"{where}.{name}: set per request (its own '{name}' field), not as a default; "
+                             f"remove {where}.{name}")
 
 
 def _top_k(body: dict, vocab_size: int) -> int:
@@ -354,13 +404,63 @@ def token_string(token: int) -> str:
     return chr(token) if token < 128 else f"bytes:\\x{token:02x}"
 
 
-def logprobs_object(tokens: list[int], logprobs: list[float], text_offset_start: int) -> dict:
-    offsets, offset = [], text_offset_start
-    for token in tokens:
-        offsets.append(offset)
-        offset += 1 if token < 128 else 0
-    return {"tokens": [token_string(t) for t in tokens], "token_logprobs": logprobs, "top_logprobs": None,
+class TextOffsets:
+    """``text_offset`` of byte tokens: the index, in characters of the returned text, of the character each token's
+    byte belongs to, decoded as the engine decodes (UTF-8, invalid bytes as U+FFFD). Keeps its decoder between calls,
+    so a stream's chunks continue where the previous one ended; special tokens sit at the current offset."""
+
+    def __init__(self, start: int = 0):
+        self.restart(start)
+
+    def restart(self, start: int) -> None:
+        """Count from ``start`` with a fresh decoder (the completion after an echoed prompt)."""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decided = start
+
+    @property
+    def end(self) -> int:
+        """Characters of the text so far, a pending partial character counted (it decodes to one at the end)."""
+        return self.decided + bool(self.decoder.getstate()[0])
+
+    def __call__(self, tokens: list[int]) -> list[int]:
+        offsets = []
+        for token in tokens:
+            if token < 256:
+                self.decided += len(self.decoder.decode(bytes([token])))
+                offsets.append(self.decided if self.decoder.getstate()[0] else self.decided - 1)
+            else:
+                offsets.append(self.decided)
+        return offsets
+
+
+def top_logprobs_dict(token: int, logprob: Optional[float], top: Optional[list]) -> Optional[dict]:
+    """OpenAI's per-token ``top_logprobs`` entry: the alternatives and the chosen token (up to k + 1 entries)."""
+    if logprob is None:
+        return None
+    entries = {token_string(t): v for t, v in top or []}
+    entries.setdefault(token_string(token), logprob)
+    return entries
+
+
+def logprobs_object(tokens: list[int], logprobs: list, tops: Optional[list], offsets: list[int]) -> dict:
+    """The completions ``logprobs`` object for ``tokens``; ``tops`` holds each token's alternatives (or None) and
+    ``offsets`` their ``text_offset`` (``TextOffsets``)."""
+    tops = tops if tops is not None else [None] * len(tokens)
+    return {"tokens": [token_string(t) for t in tokens], "token_logprobs": list(logprobs),
+            "top_logprobs": [top_logprobs_dict(t, lp, top) for t, lp, top in zip(tokens, logprobs, tops)],
             "text_offset": offsets}
+
+
+def token_bytes(token: int) -> list[int]:
+    return [] if token >= 256 else [token]
+
+
+def chat_logprobs_content(tokens: list[int], logprobs: list, tops: list, k: int) -> list[dict]:
+    """The chat ``logprobs.content`` list: token, logprob, bytes and ``top_logprobs`` (k entries) per token."""
+    return [{"token": token_string(t), "logprob": lp, "bytes": token_bytes(t),
+             "top_logprobs": [{"token": token_string(a), "logprob": v, "bytes": token_bytes(a)}
+                              for a, v in (top or [])[:k]]}
+            for t, lp, top in zip(tokens, logprobs, tops)]
 
 
 def completion_body(request: CompletionRequest, choices: list[dict], prompt_tokens: int, completion_tokens: int):
@@ -381,3 +481,192 @@ def chunk_body(request: CompletionRequest, choices: list[dict], usage: Optional[
 def models_body(model_name: str, created: int) -> dict:
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                         "owned_by": "raystack"}]}
+
+
+# -- chat completions ----------------------------------------------------------------------------------------------
+
+CHAT_FIELDS = {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+    "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "user", "top_k", "min_p", "repetition_penalty", "ignore_eos",
+    # OpenAI fields accepted only at their no-op value (anything else: a 400 saying it is unsupported)
+    "tools", "tool_choice", "parallel_tool_calls", "response_format", "store", "metadata", "modalities",
+}
+CHAT_NO_OPS = {"tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+               "response_format": ({"type": "text"},), "store": (False,), "modalities": (["text"],)}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_MESSAGES = 1024
+
+
+@dataclass
+class ChatRequest(CompletionRequest):
+    """A chat completion: ``prompts`` holds the one rendered conversation; ``logprobs`` the top count or None."""
+
+    request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+
+
+class ChatTemplate:
+    """A Jinja chat template compiled once, rendered as ``transformers``' ``apply_chat_template`` does (sandboxed,
+    ``trim_blocks``/``lstrip_blocks``, ``raise_exception``); ``ValueError`` at start for one that does not compile."""
+
+    def __init__(self, source: str):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat_template does not compile: {e}") from None
+        self.source = source
+
+    def render(self, messages: list[dict]) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=EOT_TEXT,
+                                        eos_token=EOT_TEXT)
+        except jinja2.exceptions.TemplateError as e:  # the template refused these messages
+            raise _bad("messages", f"the chat template refused these messages: {str(e)[:300]}") from None
+
+
+def _messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    if len(value) > MAX_MESSAGES:
+        raise _bad("messages", f"'messages' holds {len(value)} messages; at most {MAX_MESSAGES}")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(where, f"'{where}' must be an object with 'role' and 'content'")
+        unknown = sorted(set(message) - {"role", "content", "name"})
+        if unknown:
+            raise _bad(f"{where}.{unknown[0][:100]}", f"'{where}' has an unsupported field {unknown[0][:100]!r} "
+                                                      "(this server takes role, content and name)")
+        role = message.get("role")
+        if role is None:
+            raise _bad(f"{where}.role", f"'{where}.role' is required: one of {', '.join(CHAT_ROLES)}")
+        if role not in CHAT_ROLES:
+            shown = role[:40] if isinstance(role, str) else type(role).__name__
+            raise _bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {shown!r}"
+                                        + (" (tool calls are not supported)" if role in ("tool", "function") else ""))
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _bad(f"{where}.name", f"'{where}.name' must be a string")
+        out.append({"role": role, "content": _content(message.get("content"), f"{where}.content"),
+                    **({"name": name} if name is not None else {})})
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's text: a string, or a list of ``{"type": "text", "text": ...}`` parts joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _bad(f"{where}[{j}]", f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": "
+                                            f"...}}; this model reads text only, got {str(kind)[:40]!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    if value is None:
+        raise _bad(where, f"'{where}' is required (a string)")
+    raise _bad(where, f"'{where}' must be a string or a list of text parts, got {type(value).__name__}")
+
+
+def parse_chat(body: Any, model_name: str, limits: RequestLimits, template: ChatTemplate,
+               defaults: Optional[GenerationParams] = None, stop: tuple = ()) -> ChatRequest:
+    """``body`` of ``POST /v1/chat/completions`` as a ``ChatRequest`` whose one prompt is the rendered conversation;
+    ``stop`` (the template's turn markers) is added to the request's own stop strings."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - CHAT_FIELDS)
+    if unknown:
+        raise _bad(unknown[0][:200], f"Unrecognized request argument supplied: {unknown[0][:200]}")
+    for name, allowed in CHAT_NO_OPS.items():
+        if body.get(name) is not None and body[name] not in allowed:
+            raise _bad(name, f"'{name}' is not supported by this server (only {json.dumps(allowed[0])})")
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise _bad("metadata", "'metadata' must be an object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise _bad("model", "you must provide a 'model' parameter (a string)")
+    if model != model_name:
+        raise APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    n = _integer(body, "n", 1, 1, MAX_N)
+    if n > limits.max_sequences:
+        raise _bad("n", f"this request asks for {n} sequences; this server takes at most {limits.max_sequences}",
+                   code="too_many_sequences")
+    prompt = _text_prompt(template.render(_messages(body.get("messages"))), limits)
+    _check_user(body)
+    stream = _boolean(body, "stream")
+    include_usage = _stream_options(body.get("stream_options"), stream)
+    logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    values = dict(body)
+    if body.get("max_completion_tokens") is not None:
+        values["max_tokens"] = _integer(body, "max_completion_tokens", None, 1)
+    own_stop = [] if body.get("stop") is None else _stop(body["stop"])
+    base = defaults or GenerationParams()
+    params = generation_params(values, limits, defaults, stop=[*(own_stop or base.stop), *stop], logprobs=logprobs)
+    params = dataclasses.replace(params, top_logprobs=top or 0, logit_bias=_logit_bias(body, limits.vocab_size))
+    return ChatRequest(model, [prompt], params, n=n, stream=stream, include_usage=include_usage,
+                       logprobs=(top or 0) if logprobs else None)
+
+
+# -- /tokenize and /detokenize (vLLM's routes) ---------------------------------------------------------------------
+
+def _optional_model(body: Any, model_name: str, fields: set) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise _bad(unknown[0][:200], f"Unrecognized request argument supplied: {unknown[0][:200]}")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        shown = model[:200] if isinstance(model, str) else type(model).__name__
+        raise APIError(404, f"The model '{shown}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    return body
+
+
+def parse_tokenize(body: Any, model_name: str, limits: RequestLimits, template: ChatTemplate) -> tuple[str, bool]:
+    """vLLM's ``POST /tokenize`` body: ``prompt`` (text) or ``messages`` (rendered with the chat template), and
+    ``return_token_strs``; returns the text to tokenize and whether to return token strings."""
+    body = _optional_model(body, model_name, {"model", "prompt", "messages", "add_special_tokens",
+                                              "add_generation_prompt", "return_token_strs"})
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        _boolean(body, name)  # accepted; the byte tokenizer adds no special tokens, the template always prompts
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise _bad("prompt", "send exactly one of 'prompt' (a string) and 'messages' (a chat)")
+    if body.get("messages") is not None:
+        text = template.render(_messages(body["messages"]))
+    elif isinstance(body["prompt"], str):
+        text = body["prompt"]
+    else:
+        raise _bad("prompt", "'prompt' must be a string")
+    if len(text) > 4 * limits.max_model_len:  # bounds the work; the count says how far over the context it is
+        raise _bad("prompt", f"'prompt' is longer than {4 * limits.max_model_len} characters")
+    return text, _boolean(body, "return_token_strs")
+
+
+def parse_detokenize(body: Any, model_name: str, limits: RequestLimits) -> list[int]:
+    """vLLM's ``POST /detokenize`` body: ``tokens``, a list of token ids."""
+    body = _optional_model(body, model_name, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                               and 0 <= t < limits.vocab_size for t in tokens):
+        raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {limits.vocab_size})")
+    if len(tokens) > 4 * limits.max_model_len:
+        raise _bad("tokens", f"'tokens' holds more than {4 * limits.max_model_len} ids")
+    return tokens

@@ -1,11 +1,12 @@
 """The Ray Serve application: an OpenAI-compatible HTTP API over the continuous-batching engine.
 
-Routes: ``POST /v1/completions`` (``stream: true`` sends server-sent events ending with ``data: [DONE]``),
-``GET /v1/models``, ``GET /health`` (never needs a key). One deployment, ``LLMServer``, is both the FastAPI ingress
-and the engine's home, so a request costs one hop from Serve's proxy. It autoscales on ongoing requests
-(``min_replicas``..``max_replicas``, ``target_ongoing_requests``); ``max_ongoing_requests`` and
-``max_queued_requests`` bound the work in flight, and past them Serve answers 503 at once instead of queueing
-without bound. ``check_health`` fails a replica whose engine loop died, so Serve replaces it.
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (OpenAI's shapes; ``stream: true`` sends
+server-sent events ending with ``data: [DONE]``; ``raystack.openai_api`` says what each field does),
+``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /v1/models``, ``GET /health`` (never needs a key).
+One deployment, ``LLMServer``, is both the FastAPI ingress and the engine's home, so a request costs one hop from
+Serve's proxy. It autoscales on ongoing requests (``min_replicas``..``max_replicas``, ``target_ongoing_requests``);
+``max_ongoing_requests`` and ``max_queued_requests`` bound the work in flight, and past them Serve answers 503 at
+once instead of queueing without bound. ``check_health`` fails a replica whose engine loop died, so Serve replaces it.
 
 API keys: from the environment variable named by ``api_key_env`` (comma-separated) and/or the file
 ``api_key_file`` (one per line), read on each replica. When any is set, every route but ``/health`` needs
@@ -42,10 +43,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
+from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize
-from raystack.openai_api import (APIError, CompletionRequest, RequestLimits, check_sampling_section, choice_seed,
-                                 chunk_body, completion_body,
-                                 context_error, decode_body, logprobs_object, models_body, parse_completion)
+from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, RequestLimits, chat_logprobs_content,
+                                 check_sampling_section, choice_seed, chunk_body, completion_body, context_error,
+                                 decode_body, logprobs_object, models_body, parse_chat, parse_completion,
+                                 parse_detokenize, parse_tokenize, TextOffsets, token_string)
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,14 @@ class ServeConfig:
     max_queued_requests: int = 64
     sampling: GenerationParams = field(default_factory=GenerationParams)
     """Defaults for the sampling fields a request leaves out (OpenAI's unless set here); a request's own values
-    win. ``logprobs`` is per request only (its ``logprobs`` field)."""
+    win. ``logprobs``, ``top_logprobs`` and ``logit_bias`` are per request only."""
+    chat_template: str = ""
+    """Jinja chat template of ``/v1/chat/completions`` (Hugging Face's format: ``messages``,
+    ``add_generation_prompt``); empty = the artifact's (its tokenizer_config.json), else raystack's plain
+    ``role: content`` lines (``raystack.tokenizer.DEFAULT_CHAT_TEMPLATE``)."""
+    chat_stop: list[str] = field(default_factory=lambda: ["\nuser:", "\nsystem:", "\nassistant:"])
+    """Stop strings added to every chat request: the template's turn markers, so a base model ends its turn
+    instead of writing the next speaker's."""
 
     def __post_init__(self):
         if not self.model:
@@ -109,6 +119,10 @@ class ServeConfig:
         if self.sampling.logprobs:
             raise ValueError("sampling.logprobs: log-probabilities are asked for per request (its 'logprobs' field); "
                              "remove sampling.logprobs")
+        if self.chat_template:
+            ChatTemplate(self.chat_template)  # refuse one that does not compile before any replica starts
+        if not all(isinstance(s, str) and s for s in self.chat_stop):
+            raise ValueError("chat_stop must be a list of non-empty strings")
 
 
 # FastAPI's own docs routes would answer without a key; the deployment serves them itself, behind _authorize.
@@ -174,20 +188,131 @@ async def _ready_pieces(queue: asyncio.Queue):
         yield ready
 
 
-def _coalesce(pieces: list[dict]) -> list[dict]:
-    """One chunk per choice for a batch of ready pieces: the texts of a choice joined in order, its finish_reason
-    kept. Pieces carrying logprobs stay one chunk per token (each chunk's logprobs describe its own tokens)."""
-    if any(piece["logprobs"] is not None for piece in pieces):
-        return pieces
-    merged: dict[int, dict] = {}
+@dataclass
+class _Job:
+    """One sequence of a request: choice slot ``index`` of prompt ``prompt_index``."""
+
+    index: int
+    prompt_index: int
+    prompt: object  # the prompt as sent: text or token ids
+    tokens: list
+    params: GenerationParams
+
+
+@dataclass
+class _Piece:
+    """Text of one choice released together, with its tokens' log-probabilities when they were asked for."""
+
+    index: int
+    text: str
+    finish_reason: Optional[str]
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    tops: list = field(default_factory=list)
+    echoed: int = 0
+    """How many of ``tokens`` are the echoed prompt's (their text is the prompt's, decoded apart)."""
+    generated: int = 0
+    cumulative: float = 0.0
+    """Total log-probability of the generated tokens (``best_of``'s ranking)."""
+
+    def add(self, token: int, logprob: Optional[float], top) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.tops.append(top)
+
+
+def _coalesce(pieces: list[_Piece]) -> list[_Piece]:
+    """One piece per choice for a batch of ready pieces: a choice's texts and tokens joined in order, its
+    finish_reason kept."""
+    merged: dict[int, _Piece] = {}
     for piece in pieces:
-        if piece["index"] in merged:
-            into = merged[piece["index"]]
-            into["text"] += piece["text"]
-            into["finish_reason"] = piece["finish_reason"] or into["finish_reason"]
-        else:
-            merged[piece["index"]] = dict(piece)
+        into = merged.get(piece.index)
+        if into is None:
+            merged[piece.index] = dataclasses.replace(piece, tokens=list(piece.tokens),
+                                                      logprobs=list(piece.logprobs), tops=list(piece.tops))
+            continue
+        into.text += piece.text
+        into.finish_reason = piece.finish_reason or into.finish_reason
+        into.tokens += piece.tokens
+        into.logprobs += piece.logprobs
+        into.tops += piece.tops
     return list(merged.values())
+
+
+def _best(results: list[_Piece], n: int, best_of: int) -> list[_Piece]:
+    """Per prompt, the ``n`` of its ``best_of`` candidates with the highest total log-probability (all of them, in
+    order, when best_of == n), numbered ``prompt * n + rank`` as the response's choice indices."""
+    chosen = []
+    for start in range(0, len(results), best_of):
+        candidates = results[start:start + best_of]
+        if best_of > n:
+            candidates = sorted(candidates, key=lambda r: -r.cumulative)[:n]
+        for rank, result in enumerate(candidates):
+            chosen.append(dataclasses.replace(result, index=start // best_of * n + rank))
+    return chosen
+
+
+class _Shape:
+    """The response shapes of one request: OpenAI's completions or chat completions, whole or streamed."""
+
+    def __init__(self, parsed: CompletionRequest, chat: bool):
+        self.parsed, self.chat = parsed, chat
+        self.offsets: dict[int, TextOffsets] = {}  # per streamed choice, carried from chunk to chunk
+
+    def _logprobs(self, piece: _Piece, streamed: bool):
+        if self.parsed.logprobs is None:
+            return None
+        if self.chat:
+            return {"content": chat_logprobs_content(piece.tokens, piece.logprobs, piece.tops, self.parsed.logprobs)}
+        counter = self.offsets.setdefault(piece.index, TextOffsets()) if streamed else TextOffsets()
+        offsets = counter(piece.tokens[:piece.echoed])
+        if piece.echoed:
+            counter.restart(counter.end)  # the completion's text is decoded apart from the prompt's
+        offsets += counter(piece.tokens[piece.echoed:])
+        return logprobs_object(piece.tokens, piece.logprobs, piece.tops, offsets)
+
+    def choice(self, piece: _Piece) -> dict:
+        if self.chat:
+            return {"index": piece.index, "message": {"role": "assistant", "content": piece.text, "refusal": None},
+                    "logprobs": self._logprobs(piece, False), "finish_reason": piece.finish_reason}
+        return {"text": piece.text, "index": piece.index, "logprobs": self._logprobs(piece, False),
+                "finish_reason": piece.finish_reason}
+
+    def body(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+        body = completion_body(self.parsed, choices, prompt_tokens, completion_tokens)
+        if self.chat:
+            body["object"] = "chat.completion"
+        return body
+
+    def opening(self, indices: list[int]) -> str:
+        """What a stream sends before any token: the chat role of every choice (nothing for completions)."""
+        if not self.chat:
+            return ""
+        return "".join(_sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}])) for i in indices)
+
+    def chunk(self, pieces: list[_Piece], usage: Optional[dict] = None) -> dict:
+        if self.chat:
+            choices = [{"index": p.index, "delta": {"content": p.text} if p.text else {},
+                        "logprobs": self._logprobs(p, True), "finish_reason": p.finish_reason} for p in pieces]
+        else:
+            choices = [{"text": p.text, "index": p.index, "logprobs": self._logprobs(p, True),
+                        "finish_reason": p.finish_reason} for p in pieces]
+        return self._chunk(choices, usage)
+
+    def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> dict:
+        body = chunk_body(self.parsed, choices, usage)
+        if self.chat:
+            body["object"] = "chat.completion.chunk"
+        return body
+
+
+def _artifact_chat_template(model: str) -> str:
+    """The chat template an artifact brings (tokenizer_config.json), or raystack's default."""
+    from raystack.checkpoint import artifact_tokenizer_files
+
+    config = json.loads(artifact_tokenizer_files(model)["tokenizer_config.json"])
+    return config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
 
 
 class _Metrics:
@@ -231,6 +356,7 @@ class LLMServer:
         if config.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens ({config.sampling.max_tokens}) leaves no room for a prompt in this "
                              f"model's context of {self.engine.max_model_len} tokens; lower it")
+        self.chat_template = ChatTemplate(config.chat_template or _artifact_chat_template(config.model))
         self.metrics = _Metrics(config.model_name)
         self.created = int(time.time())
         logger.info("serving %s as %r: %d KV slots, %.1f MiB KV cache, API keys %s", config.model,
@@ -311,15 +437,51 @@ class LLMServer:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
         try:
             self._authorize(request)
-            body = decode_body(await self._read_body(request))
-            parsed = parse_completion(body, self.config.model_name, self.limits, self.config.sampling)
+            text, strings = parse_tokenize(decode_body(await self._read_body(request)), self.config.model_name,
+                                           self.limits, self.chat_template)
+        except APIError as error:
+            return _error_response(error)
+        tokens = self.engine.tokenizer.encode(text)
+        body = {"count": len(tokens), "max_model_len": self.engine.max_model_len, "tokens": tokens}
+        if strings:
+            body["token_strs"] = [token_string(t) for t in tokens]
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        try:
+            self._authorize(request)
+            tokens = parse_detokenize(decode_body(await self._read_body(request)), self.config.model_name,
+                                      self.limits)
+        except APIError as error:
+            return _error_response(error)
+        return {"prompt": self.engine.tokenizer.decode(tokens)}
+
+    def _parse(self, body, chat: bool) -> CompletionRequest:
+        if chat:
+            return parse_chat(body, self.config.model_name, self.limits, self.chat_template, self.config.sampling,
+                              stop=tuple(self.config.chat_stop))
+        return parse_completion(body, self.config.model_name, self.limits, self.config.sampling)
+
+    async def _serve(self, request: Request, chat: bool):
+        try:
+            self._authorize(request)
+            parsed = self._parse(decode_body(await self._read_body(request)), chat)
             prompts = [self.engine.encode_prompt(p) for p in parsed.prompts]
             for tokens in prompts:
                 if len(tokens) + parsed.params.max_tokens > self.engine.max_model_len:
                     raise context_error(len(tokens), parsed.params.max_tokens, self.engine.max_model_len)
-            sequences = len(prompts) * parsed.n
+            sequences = len(prompts) * parsed.best_of
             if self.engine.queue_depth + sequences > self.config.max_queued_sequences:
                 raise APIError(503, f"this replica has {self.engine.queue_depth} sequences waiting for a slot (limit "
                                     f"{self.config.max_queued_sequences}); retry shortly", type="server_error",
@@ -327,10 +489,11 @@ class LLMServer:
         except APIError as error:
             self.metrics.requests.inc(tags={"status": str(error.status)})
             return _error_response(error)
-        jobs = [(i * parsed.n + j, prompt, tokens, self._params_for(parsed, j))
-                for i, (prompt, tokens) in enumerate(zip(parsed.prompts, prompts)) for j in range(parsed.n)]
+        shape = _Shape(parsed, chat)
+        jobs = [_Job(i * parsed.best_of + j, i, prompt, tokens, self._params_for(parsed, j))
+                for i, (prompt, tokens) in enumerate(zip(parsed.prompts, prompts)) for j in range(parsed.best_of)]
         if parsed.stream:  # counted in raystack_requests_total once it ends, by its outcome
-            return StreamingResponse(self._stream(parsed, jobs), media_type="text/event-stream")
+            return StreamingResponse(self._stream(parsed, shape, jobs), media_type="text/event-stream")
         tasks = [asyncio.ensure_future(self._complete(job, parsed)) for job in jobs]
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
@@ -340,11 +503,13 @@ class LLMServer:
                              type="timeout")
         except SequenceFailed as failed:
             error = _sequence_error(failed)
+        except ValueError as e:  # a prompt the engine cannot score (checked above; kept as a 400, never a 500)
+            error = APIError(400, str(e), param="prompt")
         else:
             self.metrics.requests.inc(tags={"status": "200"})
-            choices = [r[0] for r in results]
+            choices = [shape.choice(result) for result in _best(results, parsed.n, parsed.best_of)]
             prompt_tokens = sum(len(t) for t in prompts)
-            return completion_body(parsed, choices, prompt_tokens, sum(r[1] for r in results))
+            return shape.body(choices, prompt_tokens, sum(r.generated for r in results))
         finally:
             for task in tasks:
                 task.cancel()  # one choice failed or timed out: free the others' slots too
@@ -356,45 +521,60 @@ class LLMServer:
         # n samples of one prompt: distinct, still reproducible, and never an int64 overflow
         return dataclasses.replace(parsed.params, seed=choice_seed(parsed.params.seed, j))
 
-    async def _complete(self, job, parsed: CompletionRequest):
-        index, prompt, tokens, params = job
+    async def _echo(self, job: "_Job", parsed: CompletionRequest) -> Optional[_Piece]:
+        """The echoed prompt as the first piece of a completion (with its scores when logprobs are asked)."""
+        if not parsed.echo:
+            return None
+        text = job.prompt if isinstance(job.prompt, str) else self.engine.tokenizer.decode(job.tokens)
+        piece = _Piece(job.index, text, None)
+        if parsed.logprobs is not None:
+            for scored in await self.engine.score(job.tokens, parsed.logprobs):
+                piece.add(scored.token, scored.logprob, scored.top_logprobs)
+            piece.echoed = len(piece.tokens)
+        return piece
+
+    async def _complete(self, job: "_Job", parsed: CompletionRequest) -> "_Piece":
         start = time.monotonic()
-        text, out_tokens, logprobs, finish = [], [], [], None
+        result = await self._echo(job, parsed) or _Piece(job.index, "", None)
+        result.generated, result.finish_reason = 0, "length"  # max_tokens 0 (echo only): nothing generated
         self._record_gauges()
-        async for event in self.engine.generate(tokens, params):
-            if not out_tokens:
-                self.metrics.ttft.observe(time.monotonic() - start)
-            text.append(event.text)
-            out_tokens.append(event.token)
-            logprobs.append(event.logprob)
-            finish = event.finish_reason
-        self.metrics.tokens.inc(len(out_tokens))
+        if job.params.max_tokens:
+            async for event in self.engine.generate(job.tokens, job.params):
+                if not result.generated:
+                    self.metrics.ttft.observe(time.monotonic() - start)
+                result.text += event.text
+                result.add(event.token, event.logprob, event.top_logprobs)
+                result.generated += 1
+                result.cumulative += event.logprob or 0.0
+                result.finish_reason = event.finish_reason
+        self.metrics.tokens.inc(result.generated)
         self._record_gauges()
-        prefix = prompt if parsed.echo and isinstance(prompt, str) else ""
-        choice = {"text": prefix + "".join(text), "index": index, "finish_reason": finish,
-                  "logprobs": logprobs_object(out_tokens, logprobs, 0) if parsed.logprobs is not None else None}
-        return choice, len(out_tokens)
+        return result
 
-    async def _stream(self, parsed: CompletionRequest, jobs):
-        """SSE: one chunk per released piece of text per choice, then usage (on request) and ``[DONE]``."""
+    async def _stream(self, parsed: CompletionRequest, shape: "_Shape", jobs: list["_Job"]):
+        """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``."""
         queue: asyncio.Queue = asyncio.Queue()
-        usage = {"prompt_tokens": sum(len(t) for _, _, t, _ in jobs[:: parsed.n]), "completion_tokens": 0}
+        usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0}
 
-        async def pump(job):
-            index, prompt, tokens, params = job
+        async def pump(job: _Job):
             start, first = time.monotonic(), True
-            if parsed.echo and isinstance(prompt, str):
-                await queue.put({"text": prompt, "index": index, "logprobs": None, "finish_reason": None})
-            async for event in self.engine.generate(tokens, params):
+            echoed = await self._echo(job, parsed)
+            if echoed is not None:
+                await queue.put(echoed)
+            if not job.params.max_tokens:
+                await queue.put(_Piece(job.index, "", "length"))
+                return
+            async for event in self.engine.generate(job.tokens, job.params):
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     first = False
                 usage["completion_tokens"] += 1
                 self.metrics.tokens.inc()
-                lp = (logprobs_object([event.token], [event.logprob], 0) if parsed.logprobs is not None else None)
-                if event.text or event.finish_reason or lp:
-                    await queue.put({"text": event.text, "index": index, "logprobs": lp,
-                                     "finish_reason": event.finish_reason})
+                piece = _Piece(job.index, event.text, event.finish_reason)
+                if parsed.logprobs is not None:
+                    piece.add(event.token, event.logprob, event.top_logprobs)
+                if event.text or event.finish_reason or piece.tokens:
+                    await queue.put(piece)
 
         async def run_all():
             pumps = [asyncio.ensure_future(pump(job)) for job in jobs]
@@ -414,13 +594,16 @@ class LLMServer:
         error, status = None, "499"  # the status counted if the client goes away before the end (nginx's code)
         try:
             try:
+                opening = shape.opening([job.index for job in jobs])
+                if opening:
+                    yield opening
                 async with asyncio.timeout(self.config.request_timeout_s):
                     async for ready in _ready_pieces(queue):
                         if isinstance(ready, SequenceFailed):
                             error = _sequence_error(ready)
                             break
                         # Everything ready goes out together: one message through Serve's proxy, not one per token.
-                        yield "".join(_sse(chunk_body(parsed, [choice])) for choice in _coalesce(ready))
+                        yield "".join(_sse(shape.chunk([choice])) for choice in _coalesce(ready))
             except TimeoutError:
                 error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
                                  type="timeout")
@@ -431,7 +614,7 @@ class LLMServer:
                 yield _sse(error.body())
             elif parsed.include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield _sse(chunk_body(parsed, [], usage))
+                yield _sse(shape.chunk([], usage))
             yield "data: [DONE]\n\n"
         finally:
             self.metrics.requests.inc(tags={"status": status})

@@ -154,3 +154,103 @@ def test_ignore_eos_is_a_boolean_extension():
     assert parse(ignore_eos=True).params.ignore_eos is True and parse().params.ignore_eos is False
     with pytest.raises(APIError, match="'ignore_eos' must be a boolean"):
         parse(ignore_eos=1)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logprobs": 21}, "logprobs"),
+    ({"logit_bias": {"300": 1}}, "logit_bias"),         # beyond the vocabulary
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"a": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": "x"}}, "logit_bias"),
+    ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"logit_bias": {"9" * 400: 1}}, "logit_bias"),
+    ({"best_of": 1, "n": 2}, "best_of"),
+    ({"best_of": 3, "stream": True}, "best_of"),
+    ({"max_tokens": 0}, "max_tokens"),                  # 0 only scores an echoed prompt
+    ({"suffix": "x"}, "suffix"),
+])
+def test_client_fields_are_checked(fields, param):
+    with pytest.raises(APIError) as error:
+        parse(**fields)
+    assert error.value.status == 400 and error.value.param == param, error.value.message
+
+
+def test_logprobs_echo_logit_bias_best_of_and_a_null_prompt_parse():
+    request = parse(logprobs=20, echo=True, logit_bias={"65": 100, "10": -100.0}, best_of=3, n=2)
+    assert request.logprobs == 20 and request.params.top_logprobs == 20 and request.params.logprobs
+    assert request.params.logit_bias == {65: 100.0, 10: -100.0} and request.best_of == 3 and request.n == 2
+    assert parse(best_of=3).params.logprobs  # best_of ranks by log-probability, asked for or not
+    assert parse(echo=True, max_tokens=0, logprobs=1).params.max_tokens == 0
+    null = parse_completion({"model": "raystack", "prompt": None}, "raystack", LIMITS)
+    assert null.prompts == [[256]]  # OpenAI's default prompt: <|endoftext|>
+    with pytest.raises(APIError, match="sequences"):  # best_of counts towards the fan-out limit
+        parse_completion({"model": "raystack", "prompt": ["a"] * 8, "n": 1, "best_of": 16}, "raystack", LIMITS)
+
+
+def test_text_offsets_count_characters_of_the_returned_text():
+    from raystack.openai_api import TextOffsets
+
+    text = "aé€\U0001F600b"
+    tokens = list(text.encode())
+    assert TextOffsets()(tokens) == [0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4]
+    broken = [ord("9"), 0xA9, 0x81, 0xE1, 0xC9, ord("{")]  # lone continuations and cut characters: one U+FFFD each
+    assert bytes(broken).decode("utf-8", errors="replace") == "9\ufffd\ufffd\ufffd\ufffd{"
+    assert TextOffsets()(broken) == [0, 1, 2, 3, 4, 5]
+    counter = TextOffsets(10)  # a stream: chunks continue where the last one ended, mid-character too
+    assert counter(tokens[:2]) + counter(tokens[2:5]) + counter(tokens[5:]) == [i + 10 for i in TextOffsets()(tokens)]
+
+
+def chat(template=None, **fields):
+    from raystack.openai_api import ChatTemplate, parse_chat
+    from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+    body = {"model": "raystack", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return parse_chat(body, "raystack", LIMITS, ChatTemplate(template or DEFAULT_CHAT_TEMPLATE), stop=("\nuser:",))
+
+
+def test_chat_messages_render_with_the_template_and_fields_map_to_the_engine():
+    request = chat(messages=[{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text",
+                                                                                           "text": "there"}]}],
+                   max_completion_tokens=7, max_tokens=3, logprobs=True, top_logprobs=4, stop="END")
+    assert request.prompts == ["system: be brief\nuser: hi there\nassistant:"]
+    assert request.params.max_tokens == 7 and request.logprobs == 4 and request.params.top_logprobs == 4
+    assert request.params.stop == ["END", "\nuser:"] and request.request_id.startswith("chatcmpl-")
+    assert chat(template="{{ messages[0]['content'] | upper }}").prompts == ["HI"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"top_logprobs": 3}, "top_logprobs"),               # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"prompt": "x"}, "prompt"),
+])
+def test_bad_chat_requests_name_the_field(fields, param):
+    with pytest.raises(APIError) as error:
+        chat(**fields)
+    assert error.value.status == 400 and error.value.param == param, error.value.message
+
+
+def test_a_template_that_refuses_the_messages_is_a_400_and_one_that_does_not_compile_is_refused_at_start():
+    from raystack.openai_api import ChatTemplate
+
+    with pytest.raises(APIError, match="no system role"):
+        chat(template="{% if messages[0]['role'] == 'user' %}{{ raise_exception('no system role') }}{% endif %}")
+    with pytest.raises(ValueError, match="does not compile"):
+        ChatTemplate("{% for %}")
+    with pytest.raises(APIError) as error:  # the sandbox: no reaching into Python from a template
+        chat(template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    assert error.value.status == 400

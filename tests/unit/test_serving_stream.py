@@ -9,9 +9,9 @@ from starlette.requests import Request
 
 from raystack.engine import Engine, EngineConfig
 from raystack.model import GPT, ModelConfig
-from raystack.openai_api import RequestLimits
+from raystack.openai_api import ChatTemplate, RequestLimits
 from raystack.serving import LLMServer, ServeConfig
-from raystack.tokenizer import ByteTokenizer
+from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE, ByteTokenizer
 
 
 class _NoMetrics:
@@ -30,7 +30,7 @@ def make_server(poison_after: int):
     decode = engine._decode
 
     def faulty(seqs):
-        if any(bytes(s.prompt).startswith(b"poison") and len(s.generated) >= poison_after for s in seqs):
+        if any(bytes(t for t in s.prompt if t < 256).startswith(b"poison") and len(s.generated) >= poison_after for s in seqs):
             raise RuntimeError("simulated fault")
         return decode(seqs)
 
@@ -39,6 +39,7 @@ def make_server(poison_after: int):
     server.config, server.engine, server.metrics = ServeConfig(model="unused"), engine, _NoMetrics()
     server.limits = RequestLimits(vocab_size=257, max_model_len=96)
     server.keys = []
+    server.chat_template = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
     return server
 
 
