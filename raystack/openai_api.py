@@ -112,8 +112,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
     if value != 0 and abs(value) < FLOAT32_SMALLEST_NORMAL:
         raise _bad(name, f"'{name}' = {value!r} is too close to 0 for float32, the precision the sampler uses; "
                          f"use 0 or a magnitude of at least 1.2e-38")
-    single = as_float32(value)
-    if single < low or single > high or (low_open and single == low):
+    single = as_float32(value)  # checked against the bounds in float32 too: 0.01 is 0.00999999977 there, and fine
+    if single < as_float32(low) or single > as_float32(high) or (low_open and single == as_float32(low)):
         raise _bad(name, f"'{name}' = {value!r} rounds to {single!r} in float32, outside {opening}{low}, {high}]")
     return value
 

@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raystack import api_schema as schema
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
@@ -394,8 +395,8 @@ class LLMServer:
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
         self._docs_allowed(request)
-        schema, root = app.openapi(), request.scope.get("root_path", "")
-        return JSONResponse({**schema, "servers": [{"url": root}]} if root else schema)  # as FastAPI's own route
+        document, root = schema.add_request_schemas(app.openapi()), request.scope.get("root_path", "")
+        return JSONResponse({**document, "servers": [{"url": root}]} if root else document)  # as FastAPI's route
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_docs(self, request: Request):
@@ -435,15 +436,20 @@ class LLMServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=schema.request_body(schema.CompletionRequest),
+              responses={200: {"model": schema.CompletionResponse, "content": {"text/event-stream": {}}},
+                         **schema.error_responses()})
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=schema.request_body(schema.ChatCompletionRequest),
+              responses={200: {"model": schema.ChatCompletionResponse, "content": {"text/event-stream": {}}},
+                         **schema.error_responses()})
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=schema.request_body(schema.TokenizeRequest),
+              responses={200: {"model": schema.TokenizeResponse}, **schema.error_responses()})
     async def tokenize(self, request: Request):
         try:
             self._authorize(request)
@@ -457,7 +463,8 @@ class LLMServer:
             body["token_strs"] = [token_string(t) for t in tokens]
         return body
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=schema.request_body(schema.DetokenizeRequest),
+              responses={200: {"model": schema.DetokenizeResponse}, **schema.error_responses()})
     async def detokenize(self, request: Request):
         try:
             self._authorize(request)

@@ -1,0 +1,92 @@
+"""The documented API (pydantic models in /openapi.json) and the hand parser agree field for field, range for range."""
+
+import pytest
+
+from raystack import api_schema as schema
+from raystack.openai_api import (CHAT_FIELDS, KNOWN_FIELDS, APIError, ChatTemplate, RequestLimits, parse_chat,
+                                 parse_completion)
+from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+LIMITS = RequestLimits(vocab_size=257, max_model_len=4096, max_sequences=64)
+TEMPLATE = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
+
+
+def parse(model, body: dict):
+    if model is schema.CompletionRequest:
+        return parse_completion({"model": "raystack", "prompt": "x", **body}, "raystack", LIMITS)
+    return parse_chat({"model": "raystack", "messages": [{"role": "user", "content": "x"}], **body}, "raystack",
+                      LIMITS, TEMPLATE)
+
+
+def test_every_field_the_parser_takes_is_documented_and_nothing_else():
+    assert set(schema.CompletionRequest.model_fields) == KNOWN_FIELDS
+    assert set(schema.ChatCompletionRequest.model_fields) == CHAT_FIELDS
+
+
+def bounds(model):
+    """(field, low, high, exclusive low) of every numeric field the schema bounds."""
+    out = []
+    for name, prop in model.model_json_schema()["properties"].items():
+        for option in prop.get("anyOf", [prop]):
+            if option.get("type") in ("number", "integer") and ("maximum" in option or "minimum" in option):
+                low = option.get("minimum", option.get("exclusiveMinimum"))
+                out.append((name, option["type"], low, option.get("maximum"), "exclusiveMinimum" in option))
+    return out
+
+
+@pytest.mark.parametrize("model", [schema.CompletionRequest, schema.ChatCompletionRequest])
+def test_documented_ranges_are_the_parsers(model):
+    """At each documented bound the parser accepts; one step outside it refuses, naming the field."""
+    checked = 0
+    extra = {"echo": True} if model is schema.CompletionRequest else {"logprobs": True}
+    for name, kind, low, high, exclusive in bounds(model):
+        step = 1 if kind == "integer" else 1e-3
+        edges = [(high, True), (high + step, False)] if high is not None and high < 2**62 else []
+        if low is not None and low > -(2**62):
+            edges += [(low, not exclusive), (low - step, False)]
+        for value, ok in edges:
+            if name == "max_tokens" and value == 0 and model is schema.CompletionRequest:
+                ok = True  # echo scoring
+            body = {name: value, **extra}
+            if name in ("n", "best_of"):
+                body = {"n": 1, "best_of": value} if name == "best_of" else {name: value}
+            if ok:
+                parse(model, body)
+            else:
+                with pytest.raises(APIError) as error:
+                    parse(model, body)
+                assert error.value.param == name, (name, value, error.value.message)
+            checked += 1
+    assert checked >= 20
+
+
+def test_the_served_document_holds_request_and_response_schemas():
+    from raystack.serving import app
+
+    document = schema.add_request_schemas(app.openapi())
+    components = document["components"]["schemas"]
+    for path, request, response in (("/v1/completions", "CompletionRequest", "CompletionResponse"),
+                                    ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletionResponse"),
+                                    ("/tokenize", "TokenizeRequest", "TokenizeResponse"),
+                                    ("/detokenize", "DetokenizeRequest", "DetokenizeResponse")):
+        post = document["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + request)
+        assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
+        assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        assert request in components and response in components
+    temperature = components["CompletionRequest"]["properties"]["temperature"]["anyOf"][0]
+    assert temperature == {"type": "number", "minimum": 0, "maximum": 2}
+    assert all(ref.startswith("#/components/schemas/") for ref in _refs(document))
+    assert {ref.rsplit("/", 1)[1] for ref in _refs(document)} <= set(components)
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
