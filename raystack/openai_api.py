@@ -150,7 +150,10 @@ class CompletionRequest:
     echo: bool = False
     logprobs: Optional[int] = None
     best_of: int = 1
-    """Candidates drawn per prompt; the ``n`` with the highest total log-probability are returned."""
+    """Candidates drawn per prompt (>= n); the ``n`` with the highest total log-probability are returned."""
+
+    def __post_init__(self):
+        self.best_of = max(self.best_of, self.n)
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -621,7 +624,7 @@ def parse_chat(body: Any, model_name: str, limits: RequestLimits, template: Chat
     params = generation_params(values, limits, defaults, stop=[*(own_stop or base.stop), *stop], logprobs=logprobs)
     params = dataclasses.replace(params, top_logprobs=top or 0, logit_bias=_logit_bias(body, limits.vocab_size))
     return ChatRequest(model, [prompt], params, n=n, stream=stream, include_usage=include_usage,
-                       logprobs=(top or 0) if logprobs else None)
+                       logprobs=(top or 0) if logprobs else None, best_of=n)
 
 
 # -- /tokenize and /detokenize (vLLM's routes) ---------------------------------------------------------------------

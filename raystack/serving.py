@@ -510,8 +510,6 @@ class LLMServer:
                              type="timeout")
         except SequenceFailed as failed:
             error = _sequence_error(failed)
-        except ValueError as e:  # a prompt the engine cannot score (checked above; kept as a 400, never a 500)
-            error = APIError(400, str(e), param="prompt")
         else:
             self.metrics.requests.inc(tags={"status": "200"})
             choices = [shape.choice(result) for result in _best(results, parsed.n, parsed.best_of)]
@@ -554,7 +552,8 @@ class LLMServer:
                 result.generated += 1
                 result.cumulative += event.logprob or 0.0
                 result.finish_reason = event.finish_reason
-        self.metrics.tokens.inc(result.generated)
+        if result.generated:
+            self.metrics.tokens.inc(result.generated)  # Ray's counters refuse 0
         self._record_gauges()
         return result
 

@@ -17,6 +17,7 @@ from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-0123456789"
+SERVED = {}  # what the module's apps serve: the artifact's location, for in-process comparisons
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def server(ray_session, tmp_path_factory):
     torch.manual_seed(0)
     artifact = save_artifact(str(tmp_path_factory.mktemp("artifact") / "model"),
                              ModelConfig.from_preset("tiny"), GPT(ModelConfig.from_preset("tiny")).state_dict())
+    SERVED["artifact"] = artifact
     key_file = tmp_path_factory.mktemp("keys") / "keys"
     key_file.write_text(f"# one key per line\n{KEY}\n")
     port = free_port()
@@ -127,11 +129,13 @@ def test_32_concurrent_requests_all_complete(server):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": 7}, "stop"),
     ({"n": 0}, "n"),
-    ({"prompt": None}, "prompt"),
+    ({"prompt": {"text": "x"}}, "prompt"),
     ({"prompt": [1, 2, 999]}, "prompt"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"seed": "one"}, "seed"),
-    ({"logprobs": 9}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logit_bias": {"999": 5}}, "logit_bias"),
+    ({"best_of": 2, "n": 3}, "best_of"),
     ({"bogus": 1}, "bogus"),
     ({"model": 5}, "model"),
 ])
@@ -462,3 +466,117 @@ def test_submit_deploy_delivers_api_keys_to_the_replicas(server, ray_session, tm
     from ray import serve
 
     serve.delete("keyed-job")
+
+
+# -- the clients people already use ----------------------------------------------------------------------------
+
+def _in_process_logprobs(token_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the served model's logits over ``token_ids``, computed here: row i predicts token i + 1."""
+    from raystack.checkpoint import load_artifact
+
+    model, _ = load_artifact(SERVED["artifact"])
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([token_ids]))[0].float(), -1)
+
+
+def _token_id(name: str) -> int:
+    return 256 if name == "<|endoftext|>" else (int(name[-2:], 16) if name.startswith("bytes:") else ord(name))
+
+
+def test_logprobs_top_logprobs_and_echo_scores_equal_the_models_own(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    prompt = "def fib(n):\n    return"
+    completion = client.completions.create(model="raystack", prompt=prompt, max_tokens=6, temperature=0.8, seed=5,
+                                           logprobs=5, echo=True)
+    (choice,) = completion.choices
+    lp = choice.logprobs
+    ids = [_token_id(t) for t in lp.tokens]
+    assert ids[:len(prompt)] == list(prompt.encode()) and choice.text.startswith(prompt)
+    expected = _in_process_logprobs(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - expected[i - 1, ids[i]].item()) < 1e-4, i
+        top = expected[i - 1].topk(5)
+        alternatives = {_token_id(t): v for t, v in lp.top_logprobs[i].items()}
+        assert set(top.indices.tolist()) <= set(alternatives) and len(alternatives) <= 6
+        assert all(abs(v - expected[i - 1, t].item()) < 1e-4 for t, v in alternatives.items())
+    assert lp.text_offset == list(range(len(ids)))  # ASCII here: one character per token
+    assert completion.usage.prompt_tokens == len(prompt) and completion.usage.completion_tokens == 6
+
+    scored = client.completions.create(model="raystack", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    total = sum(scored.choices[0].logprobs.token_logprobs[1:])
+    assert abs(total - sum(expected[i - 1, ids[i]].item() for i in range(1, len(prompt)))) < 1e-3
+
+
+def test_logit_bias_forces_and_forbids_and_best_of_returns_the_most_likely(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    forced = client.completions.create(model="raystack", prompt="x = ", max_tokens=5, seed=1,
+                                       logit_bias={str(ord("Q")): 100})
+    assert forced.choices[0].text == "QQQQQ"
+    greedy = client.completions.create(model="raystack", prompt="x = ", max_tokens=5, temperature=0).choices[0].text
+    banned = client.completions.create(model="raystack", prompt="x = ", max_tokens=5, temperature=0,
+                                       logit_bias={str(b): -100 for b in set(greedy.encode())}).choices[0].text
+    assert not set(banned.encode()) & set(greedy.encode())
+
+    request = dict(model="raystack", prompt="import ", max_tokens=8, temperature=1.0, seed=11)
+    candidates = client.completions.create(**request, n=4, logprobs=0).choices  # the best_of draws: seeds 11..14
+    best = max(candidates, key=lambda c: sum(c.logprobs.token_logprobs))
+    chosen = client.completions.create(**request, n=1, best_of=4)
+    assert [c.text for c in chosen.choices] == [best.text] and chosen.choices[0].index == 0
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(**request, best_of=4, stream=True)
+    assert error.value.body["param"] == "best_of"
+
+
+def test_chat_completions_streamed_and_not_with_the_models_logprobs(server):
+    openai = pytest.importorskip("openai")
+    from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE  # noqa: F401  (the template the artifact carries)
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a loop"}]
+    reply = client.chat.completions.create(model="raystack", messages=messages, max_completion_tokens=8, seed=3,
+                                           logprobs=True, top_logprobs=3, n=2)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and len(reply.choices) == 2
+    rendered = "system: You write Python.\nuser: a loop\nassistant:"
+    assert reply.usage.prompt_tokens == len(rendered)
+    first = reply.choices[0]
+    assert first.message.role == "assistant" and first.finish_reason in ("stop", "length")
+    tokens = [_token_id(t.token) for t in first.logprobs.content]
+    expected = _in_process_logprobs(list(rendered.encode()) + tokens)
+    for i, entry in enumerate(first.logprobs.content):
+        row = expected[len(rendered) - 1 + i]
+        assert abs(entry.logprob - row[tokens[i]].item()) < 1e-4 and entry.bytes == ([tokens[i]] if tokens[i] < 256
+                                                                                        else [])
+        assert [_token_id(t.token) for t in entry.top_logprobs] == row.topk(3).indices.tolist()
+    chunks = list(client.chat.completions.create(model="raystack", messages=messages, max_completion_tokens=8,
+                                                 seed=3, n=2, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and chunks[-1].usage.completion_tokens == \
+        reply.usage.completion_tokens
+    for index, choice in enumerate(reply.choices):
+        deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].index == index]
+        assert deltas[0].role == "assistant"
+        assert "".join(d.content or "" for d in deltas) == choice.message.content
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="raystack", messages=[{"role": "user"}])
+    assert error.value.body["param"] == "messages[0].content"
+
+
+def test_tokenize_detokenize_and_the_typed_openapi_document(server):
+    tokens = httpx.post(f"{server}/tokenize", json={"model": "raystack", "prompt": "héllo"}, timeout=30).json()
+    assert tokens["tokens"] == list("héllo".encode()) and tokens["count"] == 6 and tokens["max_model_len"] > 0
+    chat = httpx.post(f"{server}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert chat.json()["tokens"] == list(b"user: hi\nassistant:")
+    assert httpx.post(f"{server}/detokenize", json={"tokens": tokens["tokens"]}, timeout=30).json() == \
+        {"prompt": "héllo"}
+    bad = httpx.post(f"{server}/detokenize", json={"tokens": [1, 999]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    document = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    request = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "max_tokens", "logprobs", "echo", "logit_bias", "best_of"} <= set(request)
+    assert request["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    assert request["logprobs"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 20}
+    chat_request = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "max_completion_tokens", "top_logprobs"} <= set(chat_request)
