@@ -580,3 +580,107 @@ def test_tokenize_detokenize_and_the_typed_openapi_document(server):
     assert request["logprobs"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 20}
     chat_request = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"messages", "max_completion_tokens", "top_logprobs"} <= set(chat_request)
+
+
+LM_EVAL = ("lm-eval[api]==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3")
+"""The evaluation harness and its Hugging Face tokenizer, pinned, in a venv of their own (never the project's)."""
+
+
+@pytest.fixture(scope="module")
+def lm_eval_bin() -> str:
+    """``lm_eval`` from a venv the test makes (kept under .venv/ and reused while its pins are unchanged)."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tag = hashlib.sha256(" ".join(LM_EVAL).encode()).hexdigest()[:10]
+    venv = Path(__file__).resolve().parents[2] / ".venv" / f"lm-eval-{tag}"
+    binary = venv / "bin" / "lm_eval"
+    if not (venv / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *LM_EVAL], check=True, timeout=1200)
+        (venv / ".installed").touch()
+    return str(binary)
+
+
+def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process(server, lm_eval_bin, tmp_path):
+    """lm-eval's local-completions model, with the artifact's own tokenizer through transformers.AutoTokenizer, runs
+    a log-likelihood multiple-choice task and a generate_until task against the live server. The answers are set
+    from the model's in-process results (some right, some wrong), so each accuracy is a known figure that any
+    difference in scores or generations would change; every per-choice log-likelihood must also match to 1e-4."""
+    import glob
+    import subprocess
+
+    from raystack.engine import Engine, EngineConfig, GenerationParams, generate_text
+    from raystack.checkpoint import load_artifact
+
+    model, tokenizer = load_artifact(SERVED["artifact"])
+
+    def loglikelihood(context: str, continuation: str) -> tuple[float, bool]:
+        spaces = len(context) - len(context.rstrip())  # lm-eval moves a context's trailing spaces to the
+        if spaces:                                      # continuation before scoring (its _encode_pair)
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ctx + cont]))[0, :-1].float(), -1)
+        rows = logprobs[len(ctx) - 1:]
+        return (sum(rows[i, t].item() for i, t in enumerate(cont)),
+                all(rows[i].argmax().item() == t for i, t in enumerate(cont)))
+
+    questions = [("def f(x):\n    return", ["x", "y", "None"]), ("import", ["os", "sys", "re"]),
+                 ("for i in", ["range(3):", "items:", "x"]), ("class ", ["A:", "Base(object):", "B"])]
+    scores = {q: [loglikelihood(q, " " + c) for c in choices] for q, choices in questions}
+    best = {q: max(range(len(c)), key=lambda i: scores[q][i][0]) for q, c in questions}
+    answers = [best[q] if k % 2 == 0 else (best[q] + 1) % len(c) for k, (q, c) in enumerate(questions)]
+    prompts = ["def main(", "class A", "x = [", "import o"]
+
+    async def generations():
+        engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4))
+        out = [await generate_text(engine, p, GenerationParams(max_tokens=8, temperature=0.0, stop=["\n"]))
+               for p in prompts]
+        await engine.shutdown()
+        return [o["text"] for o in out]
+
+    greedy = asyncio.run(generations())
+    targets = [text if k % 2 == 0 else text + "#" for k, text in enumerate(greedy)]
+    with open(tmp_path / "mc.jsonl", "w") as f:
+        for (q, choices), answer in zip(questions, answers):
+            f.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
+    with open(tmp_path / "gen.jsonl", "w") as f:
+        for p, target in zip(prompts, targets):
+            f.write(json.dumps({"question": p, "answer": target}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    common = f"dataset_path: json\ntest_split: test\ndoc_to_text: \"{{{{question}}}}\"\n"
+    (tasks / "mc.yaml").write_text(
+        f"task: raystack_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n")
+    (tasks / "gen.yaml").write_text(
+        f"task: raystack_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n"
+        "  max_gen_toks: 8\n  do_sample: false\n  temperature: 0\nmetric_list:\n  - metric: exact_match\n")
+
+    tokenizer_dir = tmp_path / "tokenizer"  # what the CLI exports, loaded by lm-eval with AutoTokenizer
+    from raystack.cli import main as raystack_cli
+    assert raystack_cli(["tokenizer", SERVED["artifact"], "--out", str(tokenizer_dir)]) == 0
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run(
+        [lm_eval_bin, "run", "--model", "local-completions", "--model_args",
+         f"model=raystack,base_url={server}/v1/completions,tokenizer={tokenizer_dir},tokenizer_backend=huggingface,"
+         "num_concurrent=1,max_retries=1", "--tasks", "raystack_mc,raystack_gen", "--include_path", str(tasks),
+         "--output_path", str(tmp_path / "out"), "--log_samples"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (results_file,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    results = json.load(open(results_file))["results"]
+    assert results["raystack_mc"]["acc,none"] == pytest.approx(0.5)
+    assert results["raystack_gen"]["exact_match,none"] == pytest.approx(0.5)
+    (samples_file,) = glob.glob(str(tmp_path / "out" / "*" / "samples_raystack_mc_*.jsonl"))
+    for line in open(samples_file):
+        sample = json.loads(line)
+        q = sample["doc"]["question"]
+        for (loglik, greedy_flag), (expected, expected_greedy) in zip(sample["filtered_resps"], scores[q]):
+            assert abs(float(loglik) - expected) < 1e-4 and (greedy_flag == "True") == expected_greedy
