@@ -533,8 +533,6 @@ def test_logit_bias_forces_and_forbids_and_best_of_returns_the_most_likely(serve
 
 def test_chat_completions_streamed_and_not_with_the_models_logprobs(server):
     openai = pytest.importorskip("openai")
-    from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE  # noqa: F401  (the template the artifact carries)
-
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a loop"}]
     reply = client.chat.completions.create(model="raystack", messages=messages, max_completion_tokens=8, seed=3,
@@ -652,7 +650,7 @@ def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process
             f.write(json.dumps({"question": p, "answer": target}) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    common = f"dataset_path: json\ntest_split: test\ndoc_to_text: \"{{{{question}}}}\"\n"
+    common = "dataset_path: json\ntest_split: test\ndoc_to_text: \"{{question}}\"\n"
     (tasks / "mc.yaml").write_text(
         f"task: raystack_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"

@@ -30,7 +30,8 @@ def make_server(poison_after: int):
     decode = engine._decode
 
     def faulty(seqs):
-        if any(bytes(t for t in s.prompt if t < 256).startswith(b"poison") and len(s.generated) >= poison_after for s in seqs):
+        if any(bytes(t for t in s.prompt if t < 256).startswith(b"poison") and len(s.generated) >= poison_after
+               for s in seqs):
             raise RuntimeError("simulated fault")
         return decode(seqs)
 
