@@ -682,3 +682,55 @@ def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process
         q = sample["doc"]["question"]
         for (loglik, greedy_flag), (expected, expected_greedy) in zip(sample["filtered_resps"], scores[q]):
             assert abs(float(loglik) - expected) < 1e-4 and (greedy_flag == "True") == expected_greedy
+
+
+def test_hypothesis_chat_and_tokenize_bodies_never_get_a_5xx(server):
+    """Property-based bodies for the routes real clients added: chat completions (every documented field, edge
+    values, malformed messages), /tokenize and /detokenize; never a 5xx, and the engine keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from raystack.openai_api import CHAT_FIELDS
+
+    edge = st.sampled_from([0, -1, 1, 2, 20, 21, 2**63, -(2**63) - 1, 10**400, 1e-50, float("nan"), float("inf"),
+                            0.5, 100, -101, True, None, "", "x", [], {}])
+    text = st.text(st.characters(blacklist_categories=()), max_size=30)
+    value = st.recursive(st.one_of(edge, st.integers(), st.floats(), text),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                         max_leaves=6)
+    role = st.one_of(st.sampled_from(["system", "developer", "user", "assistant", "tool", "robot"]), value)
+    part = st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": text}), value)
+    message = st.one_of(st.fixed_dictionaries({"role": role, "content": st.one_of(text, st.lists(part, max_size=3),
+                                                                                  value)},
+                                              optional={"name": value, "extra": value}), value)
+    fields = {name: value for name in sorted(CHAT_FIELDS - {"model", "messages"})}
+    fields["max_tokens"] = st.one_of(st.integers(1, 6), edge)
+    fields["logit_bias"] = st.one_of(st.dictionaries(st.integers(-5, 300).map(str), st.floats(-200, 200),
+                                                     max_size=3), value)
+    chat = st.fixed_dictionaries({"model": st.one_of(st.just("raystack"), value),
+                                  "messages": st.one_of(st.lists(message, min_size=1, max_size=3), value)},
+                                 optional=fields)
+    tokenize = st.fixed_dictionaries({}, optional={"prompt": value, "messages": st.lists(message, max_size=2),
+                                                   "return_token_strs": value, "model": value})
+    detokenize = st.fixed_dictionaries({"tokens": st.one_of(st.lists(st.integers(-3, 300), max_size=6), value)},
+                                       optional={"model": value})
+    body = st.one_of(chat.map(lambda b: ("/v1/chat/completions", b)), tokenize.map(lambda b: ("/tokenize", b)),
+                     detokenize.map(lambda b: ("/detokenize", b)))
+    seen = []
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body)
+    def check(route_body):
+        route, content = route_body
+        response = httpx.post(f"{server}{route}", content=json.dumps(content).encode(), timeout=60,
+                              headers={"content-type": "application/json"})
+        seen.append(response.status_code)
+        assert response.status_code < 500, (route, str(content)[:300], response.status_code, response.text[:300])
+        if response.status_code != 200:
+            assert "error" in response.json()
+        if len(seen) % 20 == 0:
+            assert complete(server, prompt="ok", max_tokens=2).status_code == 200
+
+    check()
+    assert sum(code == 200 for code in seen) >= 5 and sum(400 <= code < 500 for code in seen) >= 40
