@@ -6,7 +6,11 @@ Model FLOPs utilisation is given against a float32 matmul peak measured here, no
 
     python benchmarks/train_throughput.py [--preset tiny --n-embd 128 --steps 60 --threads 2]
 
-Prints tokens/s for both loops, their ratio (goal: Ray overhead under 10%, i.e. ratio >= 0.90) and MFU.
+Prints tokens/s for both loops, their ratio (goal: Ray overhead under 10%, i.e. ratio >= 0.90) and MFU; then the
+same run with 2 data-parallel workers splitting the same threads (``--threads`` in all: 1 worker x N threads against
+2 workers x N/2 threads), and the 2-worker / 1-worker ratio. On one machine the two workers share its cores, so that
+figure is the cost of data parallelism (gradient all-reduce, halved per-worker batches), not a speed-up; on a
+cluster each worker brings its own cores or GPU.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def main() -> None:
     import ray
 
     from raystack.data import prepare_blocks
-    from raystack.train import fit, load_train_config
+    from raystack.train import load_train_config
 
     storage = tempfile.mkdtemp(prefix="raystack-bench-")
     overrides = [
@@ -95,11 +99,13 @@ def main() -> None:
 
     peak = matmul_peak_flops(args.threads)
     plain = plain_loop(config, data_uri, args.threads)
-    fit(config)
-    reports = [json.loads(line) for line in Path(config.run_dir, "metrics.jsonl").read_text().splitlines()]
-    # The first window holds worker warm-up; steady state is every later window (reports and checkpoint included).
-    steady = reports[1:] or reports
-    ray_tokens_per_s = float(np.mean([r["tokens_per_s"] for r in steady]))
+    ray_tokens_per_s = ray_train_tokens_per_s(overrides, [])
+    two_workers = None
+    if args.threads >= 2:
+        two_workers = ray_train_tokens_per_s(overrides, [
+            "name=bench-2w", "scaling.num_workers=2", f"scaling.cpus_per_worker={args.threads // 2}",
+            f"scaling.threads_per_worker={args.threads // 2}",
+            f"schedule.micro_batch_size={max(1, args.batch_size // 2)}"])
     ray.shutdown()
 
     from raystack.model import GPT
@@ -114,6 +120,21 @@ def main() -> None:
           f"MFU {ray_tokens_per_s * flops_per_token / peak:6.1%}")
     print(f"matmul peak (fp32, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
     print(f"ratio raystack / plain: {ratio:.3f}  (Ray overhead {1 - ratio:+.1%}; goal: overhead under 10%)")
+    if two_workers is not None:
+        print(f"raystack, 2 workers x {args.threads // 2} threads: {two_workers:12,.0f} tokens/s   "
+              f"scaling 1 -> 2 workers: {two_workers / ray_tokens_per_s:.3f}x  (the same {args.threads} cores: "
+              "data-parallel overhead, not speed-up)")
+
+
+def ray_train_tokens_per_s(overrides: list[str], extra: list[str]) -> float:
+    """Steady-state tokens/s of a ``fit`` run: the mean of its reports after the first window (worker warm-up)."""
+    from raystack.train import fit, load_train_config
+
+    config = load_train_config(None, [*overrides, *extra])
+    fit(config)
+    reports = [json.loads(line) for line in Path(config.run_dir, "metrics.jsonl").read_text().splitlines()]
+    steady = reports[1:] or reports  # reports and checkpoint included
+    return float(np.mean([r["tokens_per_s"] for r in steady]))
 
 
 if __name__ == "__main__":

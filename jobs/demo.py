@@ -1,6 +1,6 @@
 """The end-to-end demo behind `make demo`: train, sweep, serve and batch-infer on a local Ray (or a cluster).
 
-    python jobs/demo.py [--storage-path ~/raystack_runs] [--train-steps 200] [--sweep-trials 6] [--batch-rows 64]
+    python jobs/demo.py [--storage-path ~/raystack_runs] [--train-steps 1200] [--sweep-trials 6] [--batch-rows 64]
 """
 
 import sys

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -47,7 +48,9 @@ def cmd_train(args) -> int:
         return 0
     init_ray()
     output = fit(config)
-    print(f"[raystack] final metrics: {json.dumps({k: output.metrics[k] for k in ('step', 'loss', 'val_loss') if k in output.metrics})}")
+    final = {k: output.metrics[k] for k in ("step", "loss", "bits_per_byte", "val_loss", "val_bits_per_byte")
+             if k in output.metrics}
+    print(f"[raystack] final metrics: {json.dumps(final)}")
     print(f"[raystack] checkpoints and metrics.jsonl: {output.run_dir}")
     print(f"[raystack] model artifact: {output.artifact}")
     return 0
@@ -116,7 +119,8 @@ def cmd_tune(args) -> int:
     space = load_space(args.space, args.overrides)  # validated before any trial starts
     init_ray()
     output = run_sweep(space)
-    print(f"[raystack] {output.trials} trials; best {space.metric} {output.best_metric:.4f} with "
+    bits = f" ({output.best_metric / math.log(2):.4f} bits/byte)" if space.metric.endswith("loss") else ""
+    print(f"[raystack] {output.trials} trials; best {space.metric} {output.best_metric:.4f}{bits} with "
           f"{json.dumps(output.best_config)}")
     print(f"[raystack] best model artifact: {output.artifact}")
     print(f"[raystack] dashboard: {output.dashboard}   (TensorBoard: tensorboard --logdir {output.storage})")
@@ -135,6 +139,17 @@ def cmd_tokenizer(args) -> int:
         (out / name).write_bytes(data)
     print(f"[raystack] wrote {', '.join(sorted(files))} to {out}: load it with "
           f"transformers.AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_train_report(args) -> int:
+    from raystack.train_report import read_metrics, write_report
+
+    run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
+    if not read_metrics(run_dir):
+        raise ConfigError(f"{run_dir} holds no metrics.jsonl reports: pass a training run's directory "
+                          "(<storage_path>/<name>, local storage)")
+    print(f"[raystack] training report: {write_report(run_dir)}")
     return 0
 
 
@@ -356,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("model", help="model artifact path or URI")
     tokenizer.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
     tokenizer.set_defaults(func=cmd_tokenizer)
+
+    train_report = sub.add_parser("train-report", help="write a training run's report.html (every run also "
+                                                       "writes it as it goes)")
+    train_report.add_argument("run_dir", help="the run directory (<storage_path>/<name>)")
+    train_report.set_defaults(func=cmd_train_report)
 
     report = sub.add_parser("sweep-report", help="write a sweep's dashboard.html")
     report.add_argument("sweep_dir", help="the sweep directory (<storage_path>/<name>)")

@@ -108,9 +108,13 @@ class CheckpointSection:
     """Checkpoint the full state every N steps (and at the end)."""
     keep: int = 2
     """Checkpoints kept; older ones are deleted."""
+    preemption_check_every: int = 1
+    """Ask Ray Train for a node preemption notice (a drain with a deadline: spot reclaim, ``ray drain-node``) every
+    N steps; on one, checkpoint at once and hold until the restart, so no step is lost. 0 = off."""
 
     def __post_init__(self):
         _at_least("checkpoint", 1, every=self.every, keep=self.keep)
+        _at_least("checkpoint", 0, preemption_check_every=self.preemption_check_every)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from raystack.config import to_dict
 from raystack.data import prepare_blocks
 from raystack.train.config import TrainJobConfig
 from raystack.train.loop import NoUsableCheckpoint, _identity, run_training
+from raystack.train_report import CONFIG, SAMPLES, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def train_loop(loop_config: dict) -> None:
     gauges = TrainMetrics(loop_config["config"]["name"]) if rank == 0 else None
     run_training(loop_config, rank, ctx.get_world_size(), ray.train.torch.get_device(),
                  report=ray.train.report, checkpoint=ray.train.get_checkpoint(),
-                 checkpoint_cls=ray.train.Checkpoint, gauges=gauges,
+                 checkpoint_cls=ray.train.Checkpoint, gauges=gauges, preemption=ray.train.get_preemption_info,
                  wrap=lambda m, world: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None))
 
 
@@ -90,17 +91,65 @@ def check_resumable(config: TrainJobConfig) -> None:
 
 
 class MetricsLog(ray.train.UserCallback):
-    """Appends rank 0's report to ``<run_dir>/metrics.jsonl`` (on the controller, for every attempt)."""
+    """Appends rank 0's report to ``<run_dir>/metrics.jsonl`` (on the controller, for every attempt), writes its
+    numbers as TensorBoard scalars under ``<run_dir>/tensorboard`` and rewrites the run's ``report.html``
+    (``raystack.train_report``). Local storage only: object stores have no append (Ray Train keeps checkpointed
+    metrics there). A report page that cannot be written is logged, never a training failure."""
 
     def __init__(self, run_dir: str):
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
 
     def after_report(self, run_context, metrics, checkpoint):
         if storage.is_uri(self.path) or not metrics:
-            return  # object stores have no append; Ray Train keeps checkpointed metrics there
+            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        row = {**metrics[0], "time": time.time(), "checkpoint": checkpoint is not None}
         with open(self.path, "a") as f:
-            f.write(json.dumps({**metrics[0], "time": time.time()}) + "\n")
+            f.write(json.dumps(row) + "\n")
+        try:
+            self._tensorboard(row)
+            write_report(self.run_dir)
+        except Exception:
+            logger.exception("could not write the run's TensorBoard events or report.html")
+
+    def _tensorboard(self, row: dict) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), flush_secs=5)
+        for key, value in row.items():
+            if key not in ("step", "time", "checkpoint") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, global_step=row.get("step", 0), walltime=row["time"])
+        self.writer.flush()
+
+
+SAMPLE_PROMPTS = ("def ", "import ", "class ")
+
+
+def _write_samples(artifact: str, path: str) -> None:
+    """A few completions of the exported model (seeded, so a re-run shows the same), for the run's report."""
+    import asyncio
+
+    from raystack.engine import Engine, EngineConfig, GenerationParams, generate_text
+
+    async def complete():
+        engine = Engine.from_artifact(artifact, EngineConfig(max_batch_size=len(SAMPLE_PROMPTS)))
+        try:
+            return await asyncio.gather(*(generate_text(engine, p, GenerationParams(max_tokens=80, temperature=0.6,
+                                                                                    seed=7))
+                                          for p in SAMPLE_PROMPTS))
+        finally:
+            await engine.shutdown()
+
+    try:
+        results = asyncio.run(complete())
+    except Exception:  # the run's figures are written regardless; the page says the samples are missing
+        logger.exception("could not generate the report's samples from %s", artifact)
+        return
+    with open(path, "w") as f:
+        json.dump([{"prompt": p, "completion": r["text"]} for p, r in zip(SAMPLE_PROMPTS, results)], f, indent=2)
 
 
 def _use_gpu(setting) -> bool:
@@ -141,10 +190,18 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
         scaling_config=scaling,
         run_config=run_config,
     )
+    local = not storage.is_uri(config.run_dir)
+    if local:
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, CONFIG), "w") as f:
+            json.dump(to_dict(config), f, indent=2)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {config.name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         artifact = export_checkpoint(directory, config.model.build(), config.artifact_path)
+    if local:
+        _write_samples(artifact, os.path.join(config.run_dir, SAMPLES))
+        write_report(config.run_dir)
     return TrainOutput(artifact=artifact, metrics=dict(result.metrics or {}),
                        checkpoint_path=result.checkpoint.path, run_dir=config.run_dir)

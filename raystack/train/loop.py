@@ -77,11 +77,14 @@ def _module(model):
 
 @torch.no_grad()
 def evaluate(model, val_blocks: np.ndarray, config: TrainJobConfig, rank: int, world_size: int, device, autocast):
-    """Mean token loss over the first ``eval.blocks`` validation blocks, summed over ranks."""
+    """Mean token loss over ``eval.blocks`` validation blocks spread evenly over the whole validation set (the same
+    blocks every time: a fixed sample of every held-out document's region, not the first file alone), summed over
+    ranks."""
     module = _module(model)
     module.eval()
     n, micro = min(config.eval.blocks, len(val_blocks)), config.schedule.micro_batch_size
-    mine = val_blocks[rank_slice(n, rank, world_size)]
+    chosen = np.linspace(0, len(val_blocks) - 1, n).round().astype(np.int64)
+    mine = val_blocks[chosen[rank_slice(n, rank, world_size)]]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
     for start in range(0, len(mine), micro):
@@ -101,12 +104,14 @@ def evaluate(model, val_blocks: np.ndarray, config: TrainJobConfig, rank: int, w
 
 
 def run_training(loop_config: dict, rank: int, world_size: int, device, report, checkpoint, checkpoint_cls,
-                 wrap=lambda model, world: model, gauges=None) -> None:
+                 wrap=lambda model, world: model, gauges=None, preemption=None) -> None:
     """The training loop, whoever runs it: a Ray Train worker, or a Tune trial directly (one worker).
 
     ``report(metrics, checkpoint=...)`` and ``checkpoint`` (the one to resume from, or None) are Ray Train's or
     Ray Tune's; ``wrap`` turns the model into its data-parallel form; ``gauges.record(metrics)``, when given, sees
-    every report (rank 0's Prometheus gauges).
+    every report (rank 0's Prometheus gauges). ``preemption()`` (Ray Train's ``get_preemption_info``, a collective
+    every rank calls alike), when given, is asked every ``checkpoint.preemption_check_every`` steps: on a notice
+    the loop checkpoints at once and then holds (``_hold_for_preemption``), so no step is lost.
     """
     config = from_dict(TrainJobConfig, loop_config["config"])
     schedule = config.schedule
@@ -129,8 +134,28 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
         ids = batch_indices(step, schedule.batch_size, len(train_blocks), config.seed)[share]
         blocks = torch.from_numpy(train_blocks[ids].astype(np.int64)).to(device, non_blocking=True)
         reporter.add(train_step(model, optimizer, blocks, schedule, config.optimizer.grad_clip, world_size, autocast))
+        every = config.checkpoint.preemption_check_every
+        notice = preemption() if preemption is not None and every and (step + 1) % every == 0 else None
         reporter.maybe_report(step + 1, lr, model, optimizer,
-                              lambda: evaluate(model, val_blocks, config, rank, world_size, device, autocast))
+                              lambda: evaluate(model, val_blocks, config, rank, world_size, device, autocast),
+                              force_checkpoint=notice is not None)
+        if notice is not None and step + 1 < schedule.steps:
+            _hold_for_preemption(notice, rank, step + 1)
+
+
+def _hold_for_preemption(notice, rank: int, step: int) -> None:
+    """After the just-in-time checkpoint of a preemption notice: make no more progress that the preemption would
+    throw away. With a deadline, wait past it (Ray Train restarts the group from that checkpoint when it passes);
+    without one (Ray reported none), carry on training, as every further step may still be kept."""
+    deadline_ms = getattr(notice, "deadline_ms", None)
+    if rank == 0:
+        when = f"deadline in {(deadline_ms / 1000 - time.time()):.0f} s" if deadline_ms else "no deadline given"
+        print(f"[raystack] preemption notice for node(s) {', '.join(notice.preempted_node_ids)} ({when}): "
+              f"checkpointed step {step}" + ("; waiting for the restart" if deadline_ms else ""), flush=True)
+    if not deadline_ms:
+        return
+    while True:  # Ray Train tears the group down once the deadline passes; this thread ends with it
+        time.sleep(1.0)
 
 
 def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):
@@ -152,6 +177,18 @@ def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, c
     return model, optimizer, start_step
 
 
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
+"""Dense bf16 tensor-core peaks (vendor datasheets, without sparsity) by a substring of the CUDA device name."""
+
+
+def peak_flops(device) -> float | None:
+    """The device's dense bf16 peak FLOP/s when known (the denominator of MFU); None on CPU or an unknown GPU."""
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 class _Reporter:
     """Accumulates the loss over a report window; every ``logging.every`` steps (and at evaluations and checkpoints)
     reports the window's figures to Ray, with a checkpoint when one is due, and shows them on rank 0."""
@@ -162,6 +199,7 @@ class _Reporter:
         self.start_step, self.report, self.checkpoint_cls = start_step, report, checkpoint_cls
         self.tokens_per_step = config.schedule.batch_size * block_tokens
         self.flops_per_token = flops_per_token
+        self.peak = peak_flops(device)  # per device; None where unknown (CPUs), and then no MFU is claimed
         self.gauges = gauges
         self.loss = torch.zeros((), device=device)
         self.start, self.steps = time.perf_counter(), 0
@@ -170,11 +208,11 @@ class _Reporter:
         self.loss += loss
         self.steps += 1
 
-    def maybe_report(self, done: int, lr: float, model, optimizer, evaluate) -> None:
+    def maybe_report(self, done: int, lr: float, model, optimizer, evaluate, force_checkpoint: bool = False) -> None:
         config = self.config
         last = done == config.schedule.steps
         do_eval = last or (config.eval.every and done % config.eval.every == 0)
-        do_checkpoint = last or done % config.checkpoint.every == 0
+        do_checkpoint = last or force_checkpoint or done % config.checkpoint.every == 0
         if not (do_eval or do_checkpoint or done % config.logging.every == 0):
             return
         if self.world_size > 1:
@@ -183,12 +221,18 @@ class _Reporter:
         metrics = {"step": done, "loss": self.loss.item() / (self.steps * self.world_size), "lr": lr,
                    "tokens_per_s": tokens_per_s, "world_size": self.world_size,
                    "model_flops_per_s": tokens_per_s * self.flops_per_token, "resumed_from_step": self.start_step}
+        metrics["bits_per_byte"] = metrics["loss"] / math.log(2)
+        if self.peak:
+            metrics["mfu"] = metrics["model_flops_per_s"] / (self.peak * self.world_size)
         if do_eval:
             metrics["val_loss"] = evaluate()
+            metrics["val_bits_per_byte"] = metrics["val_loss"] / math.log(2)
         if self.gauges is not None:
             self.gauges.record(metrics)
         if self.rank == 0:
-            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "val_loss", "lr"))
+            shown = " ".join(f"{k} {metrics[k]:.4g}" + (f" ({metrics[bpb]:.3f} bits/byte)" if bpb else "")
+                             for k, bpb in (("loss", "bits_per_byte"), ("val_loss", "val_bits_per_byte"), ("lr", ""))
+                             if k in metrics)
             print(f"[raystack] step {done}/{config.schedule.steps} {shown} tokens/s {tokens_per_s:,.0f}", flush=True)
         if do_checkpoint:
             with tempfile.TemporaryDirectory() as directory:

@@ -107,7 +107,7 @@ def start_cluster(root: Path) -> dict:
             time.sleep(2)
     while client.get_job_status(warm) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(1)
-    return {"url": url, "root": root, "env": {**env, "RAY_ADDRESS": url}}
+    return {"url": url, "root": root, "env": {**env, "RAY_ADDRESS": url}, "gcs": f"127.0.0.1:{gcs}"}
 
 
 def test_cluster_yaml_passes_rays_own_validation():
@@ -200,3 +200,45 @@ def test_a_client_without_the_token_is_refused(cluster):
     refused = raystack("submit", "train", "--address", cluster["url"], "--", "--print-config",
                        env={**env, "HOME": str(home), "RAY_AUTH_MODE": "token"})
     assert refused.returncode != 0 and "submitted" not in refused.stdout
+
+
+def test_a_preempted_node_costs_no_steps(cluster):
+    """A spot-style preemption through Ray's own drain API: the worker node is drained with a 20 s deadline while
+    an elastic run (one worker per node) trains; Ray Train tells the workers, the loop checkpoints at once and holds,
+    and after the deadline the run resumes from that checkpoint on the node that is left. Steps lost: the last step
+    reported before the restart minus the step resumed from, 0 here (``checkpoint.every`` is 1000, which is what a
+    run without the notice could lose)."""
+    import re
+
+    shared = cluster["root"] / "shared"
+    submitted = raystack("submit", "train", "--address", cluster["url"], "--",
+                         "--set", "name=preempted", "--set", f"storage_path={shared}",
+                         "--set", "scaling.num_workers=[1,2]", "--set", "scaling.placement_strategy=STRICT_SPREAD",
+                         "--set", "schedule.steps=900", "--set", "checkpoint.every=1000", "--set", "logging.every=10",
+                         "--set", "eval.every=0", "--set", "data.max_documents=20", "--set", "data.block_size=64",
+                         "--set", "schedule.batch_size=4", "--set", "schedule.micro_batch_size=2", env=cluster["env"])
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    metrics_file = shared / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, raystack("logs", job_id, env=cluster["env"]).stdout[-3000:]
+        time.sleep(1)
+    nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", cluster["url"], "--format", "json"],
+                                      capture_output=True, text=True, env=cluster["env"], timeout=60).stdout)
+    worker_node = next(n["node_id"] for n in nodes if not n["is_head_node"] and n["state"] == "ALIVE")
+    drained = subprocess.run([RAY, "drain-node", "--address", cluster["gcs"], "--node-id", worker_node,
+                              "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                              "--deadline-remaining-seconds", "20"],
+                             capture_output=True, text=True, env=cluster["env"], timeout=60)
+    assert drained.returncode == 0, drained.stderr[-2000:]
+    followed = raystack("logs", job_id, "--follow", env=cluster["env"], timeout=600)
+    assert "SUCCEEDED" in raystack("status", job_id, env=cluster["env"]).stdout, followed.stdout[-4000:]
+    assert re.search(r"preemption notice for node\(s\) [0-9a-f]+ \(deadline in \d+ s\): checkpointed step \d+",
+                     followed.stdout), followed.stdout[-4000:]
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    restart = next(i for i in range(1, len(rows)) if rows[i]["resumed_from_step"] != rows[i - 1]["resumed_from_step"])
+    before, after = rows[restart - 1], rows[restart]
+    assert before["checkpoint"] and before["world_size"] == 2 and after["world_size"] == 1  # resized onto the head
+    assert before["step"] - after["resumed_from_step"] == 0  # steps lost
+    assert rows[-1]["step"] == 900

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from raystack.checkpoint import load_artifact
 from raystack.commit import read_manifest
 from raystack.engine import Engine, GenerationParams, generate_text
 from raystack.sweep import load_space, run_sweep
+from tests.helpers import chromium, render
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -29,22 +29,6 @@ FAST = ["base.data.max_documents=30", "base.schedule.steps=30", "base.eval.every
 
 
 SWEEP_DEADLINE_S = 360
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def render(page: Path) -> tuple[str, str]:
-    """DOM after the page's scripts ran, and Chromium's log (console messages included)."""
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    result = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
-         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    return result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +77,7 @@ def test_dashboard_draws_in_a_real_browser_without_errors(sweep):
     assert dom.count('class="pc-line"') == 6
     assert dom.count('class="importance-bar"') == len(space.parameters)
     assert dom.count("<tr") == 7  # header + one row per trial
+    assert "<th>bits/byte</th>" in dom and f"({output.best_metric / math.log(2):.3f} bits/byte)" in dom
 
 
 def test_sweep_report_cli_rewrites_the_page(sweep):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -58,6 +59,26 @@ def our_train_workers() -> list[psutil.Process]:
     return workers
 
 
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``directory``, read as TensorBoard reads them (TFRecord
+    frames of ``Event`` protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference_run(ray_session, tmp_path_factory):
     overrides = TINY_OVERRIDES
@@ -73,6 +94,20 @@ def test_two_workers_lower_validation_loss_and_export_a_loadable_artifact(refere
     assert all({"step", "loss", "lr", "tokens_per_s"} <= m.keys() for m in metrics)
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(val) == 2 and val[-1] < val[0] < 5.6  # ln(257) = 5.55 is the untrained loss
+    for m in metrics:  # bits per byte beside every loss: nats / ln 2 (a byte token per byte)
+        assert m["bits_per_byte"] == pytest.approx(m["loss"] / math.log(2))
+        assert "val_loss" not in m or m["val_bits_per_byte"] == pytest.approx(m["val_loss"] / math.log(2))
+    # The run's report, TensorBoard events, config and samples, written as it went and at the end.
+    run = Path(output.run_dir)
+    page = (run / "report.html").read_text()
+    assert '"step": 20' in page and "bits per byte" in page
+    assert json.loads((run / "run_config.json").read_text())["name"] == "reference"
+    samples = json.loads((run / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["def ", "import ", "class "] and all("completion" in s for s in samples)
+    scalars = tensorboard_scalars(run / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 21))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([m["loss"] for m in metrics])
+    assert len(scalars["train/val_loss"]) == 2
     assert {m["world_size"] for m in metrics} == {2}
     model, tokenizer = load_artifact(output.artifact)
     logits = model(torch.tensor([tokenizer.encode("def ")]))
