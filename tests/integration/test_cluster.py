@@ -204,8 +204,9 @@ def test_a_client_without_the_token_is_refused(cluster):
 
 def test_a_preempted_node_costs_no_steps(cluster):
     """A spot-style preemption through Ray's own drain API: the worker node is drained with a 20 s deadline while
-    an elastic run (one worker per node) trains; Ray Train tells the workers, the loop checkpoints at once and holds,
-    and after the deadline the run resumes from that checkpoint on the node that is left. Steps lost: the last step
+    an elastic run (one 2-CPU worker per node) trains, and stopped when the deadline has passed (the reclaim). Ray Train
+    tells the workers, the loop checkpoints at once and holds, and the run resumes from that checkpoint on the node
+    that is left (the last test of the module: the cluster has one node after it). Steps lost: the last step
     reported before the restart minus the step resumed from, 0 here (``checkpoint.every`` is 1000, which is what a
     run without the notice could lose)."""
     import re
@@ -214,7 +215,7 @@ def test_a_preempted_node_costs_no_steps(cluster):
     submitted = raystack("submit", "train", "--address", cluster["url"], "--",
                          "--set", "name=preempted", "--set", f"storage_path={shared}",
                          "--set", "scaling.num_workers=[1,2]", "--set", "scaling.placement_strategy=STRICT_SPREAD",
-                         "--set", "schedule.steps=900", "--set", "checkpoint.every=1000", "--set", "logging.every=10",
+                         "--set", "scaling.cpus_per_worker=2", "--set", "schedule.steps=900", "--set", "checkpoint.every=1000", "--set", "logging.every=10",
                          "--set", "eval.every=0", "--set", "data.max_documents=20", "--set", "data.block_size=64",
                          "--set", "schedule.batch_size=4", "--set", "schedule.micro_batch_size=2", env=cluster["env"])
     assert submitted.returncode == 0, submitted.stderr[-3000:]
@@ -232,6 +233,8 @@ def test_a_preempted_node_costs_no_steps(cluster):
                               "--deadline-remaining-seconds", "20"],
                              capture_output=True, text=True, env=cluster["env"], timeout=60)
     assert drained.returncode == 0, drained.stderr[-2000:]
+    time.sleep(22)  # the deadline passes: the cloud reclaims the node, which takes its processes with it
+    stop_processes_under(cluster["root"] / "worker")
     followed = raystack("logs", job_id, "--follow", env=cluster["env"], timeout=600)
     assert "SUCCEEDED" in raystack("status", job_id, env=cluster["env"]).stdout, followed.stdout[-4000:]
     assert re.search(r"preemption notice for node\(s\) [0-9a-f]+ \(deadline in \d+ s\): checkpointed step \d+",
