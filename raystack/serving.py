@@ -191,10 +191,9 @@ async def _ready_pieces(queue: asyncio.Queue):
 
 @dataclass
 class _Job:
-    """One sequence of a request: choice slot ``index`` of prompt ``prompt_index``."""
+    """One sequence of a request: its slot ``index`` among the request's candidates, and its prompt."""
 
     index: int
-    prompt_index: int
     prompt: object  # the prompt as sent: text or token ids
     tokens: list
     params: GenerationParams
@@ -497,7 +496,7 @@ class LLMServer:
             self.metrics.requests.inc(tags={"status": str(error.status)})
             return _error_response(error)
         shape = _Shape(parsed, chat)
-        jobs = [_Job(i * parsed.best_of + j, i, prompt, tokens, self._params_for(parsed, j))
+        jobs = [_Job(i * parsed.best_of + j, prompt, tokens, self._params_for(parsed, j))
                 for i, (prompt, tokens) in enumerate(zip(parsed.prompts, prompts)) for j in range(parsed.best_of)]
         if parsed.stream:  # counted in raystack_requests_total once it ends, by its outcome
             return StreamingResponse(self._stream(parsed, shape, jobs), media_type="text/event-stream")

@@ -154,8 +154,15 @@ def _hold_for_preemption(notice, rank: int, step: int) -> None:
               f"checkpointed step {step}" + ("; waiting for the restart" if deadline_ms else ""), flush=True)
     if not deadline_ms:
         return
-    while True:  # Ray Train tears the group down once the deadline passes; this thread ends with it
+    # Ray Train tears the group down once the deadline passes, and this thread ends with it. Should it not (the
+    # node was not reclaimed after all), training goes on after a grace period rather than hanging.
+    while time.time() < deadline_ms / 1000 + HOLD_GRACE_S:
         time.sleep(1.0)
+    if rank == 0:
+        print(f"[raystack] no restart {HOLD_GRACE_S:.0f} s after the preemption deadline: training on", flush=True)
+
+
+HOLD_GRACE_S = 60.0
 
 
 def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):

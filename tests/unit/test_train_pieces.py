@@ -214,3 +214,23 @@ def test_a_worker_without_a_usable_checkpoint_ends_the_run_instead_of_restarting
     # As it reaches the controller from a worker: wrapped, with the worker's traceback in the text.
     with pytest.raises(NoUsableCheckpoint):
         callback.after_exception(None, {0: RuntimeError("Traceback ...\nraystack.train.loop.NoUsableCheckpoint: none")})
+
+
+def test_a_preemption_hold_ends_after_its_grace_when_no_restart_comes(monkeypatch, capsys):
+    """After a preemption notice the loop holds (its steps would be thrown away); a drain with no deadline does not
+    hold at all, and a hold whose restart never comes ends after HOLD_GRACE_S instead of hanging the run."""
+    import time as real_time
+
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from raystack.train import loop
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(loop.time, "time", lambda: clock["now"])
+    monkeypatch.setattr(loop.time, "sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    started = real_time.monotonic()
+    loop._hold_for_preemption(PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"n1": [0]}), 0, 5)
+    assert clock["now"] == 1000.0 and "no deadline given" in capsys.readouterr().out
+    loop._hold_for_preemption(PreemptionInfo(deadline_ms=1_020_000, preempted_node_to_ranks={"n1": [0]}), 0, 5)
+    assert clock["now"] >= 1020 + loop.HOLD_GRACE_S and "training on" in capsys.readouterr().out
+    assert real_time.monotonic() - started < 5
