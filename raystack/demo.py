@@ -95,7 +95,9 @@ def _train(storage: str, steps: int, where: dict) -> tuple[str, float]:
     # A re-run resumes <storage_path>/raystack-demo from its last checkpoint.
     train = fit(load_train_config(None, [f"storage_path={storage}", f"name={RUN_NAME}", *TRAIN_RECIPE,
                                          f"schedule.steps={steps}"]))
-    where.update({"training run (checkpoints, metrics.jsonl)": train.run_dir, "trained model artifact": train.artifact})
+    where.update({"training run (checkpoints, metrics.jsonl)": train.run_dir,
+                  "training run report": os.path.join(train.run_dir, "report.html"),
+                  "trained model artifact": train.artifact})
     val = train.metrics.get("val_loss", float("nan"))
     print(f"    final training loss {bits(train.metrics.get('loss', float('nan')))}, validation loss on held-out "
           f"standard-library files {bits(val)}", flush=True)
