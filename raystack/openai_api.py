@@ -265,17 +265,8 @@ def parse_completion(body: Any, model_name: str, limits: RequestLimits,
                      defaults: Optional[GenerationParams] = None) -> CompletionRequest:
     """``body`` as a ``CompletionRequest``; sampling fields it leaves out come from ``defaults`` (the serve spec's
     ``sampling`` section)."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise _bad(unknown[0][:200], f"Unrecognized request argument supplied: {unknown[0][:200]}")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise _bad("model", "you must provide a 'model' parameter (a string)")
-    if model != model_name:
-        raise APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
+    _known_fields(body, KNOWN_FIELDS)
+    model = _model(body, model_name)
     n = _integer(body, "n", 1, 1, MAX_N)
     best_of = _integer(body, "best_of", None, 1, MAX_N)
     if best_of is not None and best_of < n:
@@ -305,6 +296,28 @@ def parse_completion(body: Any, model_name: str, limits: RequestLimits,
                                  top_logprobs=logprobs or 0, logit_bias=_logit_bias(body, limits.vocab_size))
     return CompletionRequest(model, prompts, params, n=n, stream=stream, include_usage=include_usage, echo=echo,
                              logprobs=logprobs, best_of=best_of)
+
+
+def _known_fields(body: Any, fields: set) -> None:
+    """A JSON object holding only ``fields`` (OpenAI refuses unknown arguments, naming the first)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise _bad(unknown[0][:200], f"Unrecognized request argument supplied: {unknown[0][:200]}")
+
+
+def _model(body: dict, model_name: str, required: bool = True) -> Optional[str]:
+    """The body's ``model``: this server's model name (404 for another; None when optional and absent)."""
+    model = body.get("model")
+    if model is None and not required:
+        return None
+    if not isinstance(model, str):
+        raise _bad("model", "you must provide a 'model' parameter (a string)")
+    if model != model_name:
+        raise APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    return model
 
 
 def _check_user(body: dict) -> None:
@@ -588,22 +601,13 @@ def parse_chat(body: Any, model_name: str, limits: RequestLimits, template: Chat
                defaults: Optional[GenerationParams] = None, stop: tuple = ()) -> ChatRequest:
     """``body`` of ``POST /v1/chat/completions`` as a ``ChatRequest`` whose one prompt is the rendered conversation;
     ``stop`` (the template's turn markers) is added to the request's own stop strings."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - CHAT_FIELDS)
-    if unknown:
-        raise _bad(unknown[0][:200], f"Unrecognized request argument supplied: {unknown[0][:200]}")
+    _known_fields(body, CHAT_FIELDS)
     for name, allowed in CHAT_NO_OPS.items():
         if body.get(name) is not None and body[name] not in allowed:
             raise _bad(name, f"'{name}' is not supported by this server (only {json.dumps(allowed[0])})")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise _bad("metadata", "'metadata' must be an object")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise _bad("model", "you must provide a 'model' parameter (a string)")
-    if model != model_name:
-        raise APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
+    model = _model(body, model_name)
     n = _integer(body, "n", 1, 1, MAX_N)
     if n > limits.max_sequences:
         raise _bad("n", f"this request asks for {n} sequences; this server takes at most {limits.max_sequences}",
@@ -630,16 +634,8 @@ def parse_chat(body: Any, model_name: str, limits: RequestLimits, template: Chat
 # -- /tokenize and /detokenize (vLLM's routes) ---------------------------------------------------------------------
 
 def _optional_model(body: Any, model_name: str, fields: set) -> dict:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - fields)
-    if unknown:
-        raise _bad(unknown[0][:200], f"Unrecognized request argument supplied: {unknown[0][:200]}")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        shown = model[:200] if isinstance(model, str) else type(model).__name__
-        raise APIError(404, f"The model '{shown}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
+    _known_fields(body, fields)
+    _model(body, model_name, required=False)
     return body
 
 
