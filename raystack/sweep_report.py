@@ -11,7 +11,6 @@ computed, else |Spearman rank correlation| with the metric); and the table of tr
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from typing import Optional
 import numpy as np
 import optuna
 
-from raystack.observability import SWEEP_DASHBOARD_TEMPLATE
+from raystack.observability import SWEEP_DASHBOARD_TEMPLATE, read_jsonl, write_page
 
 STATUS_FILE = "trial_status.json"
 
@@ -32,21 +31,6 @@ def _trial_dirs(sweep_dir: str) -> list[str]:
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
             out.append(path)
     return out
-
-
-def _read_results(path: str) -> list[dict]:
-    results = []
-    result_file = os.path.join(path, "result.json")
-    if os.path.isfile(result_file):
-        with open(result_file) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        results.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # a line being written right now
-    return results
 
 
 def collect(sweep_dir: str, space, statuses: Optional[dict] = None) -> dict:
@@ -67,7 +51,7 @@ def collect(sweep_dir: str, space, statuses: Optional[dict] = None) -> dict:
         name = os.path.basename(path)
         with open(os.path.join(path, "params.json")) as f:
             params = {k: v for k, v in json.load(f).items() if k in space.parameters}
-        results = _read_results(path)
+        results = read_jsonl(os.path.join(path, "result.json"))
         # A trial restored after its driver died re-reports the steps since its last saved checkpoint: keep the last.
         curve = sorted({r["step"]: [r["step"], r[metric]] for r in results if metric in r and "step" in r}.values())
         last_step = max((r.get("step", 0) for r in results), default=0)
@@ -124,11 +108,5 @@ def importances(sweep_dir: str, space, trials: list[dict]) -> dict:
 
 def write_report(sweep_dir: str, space, statuses: Optional[dict] = None) -> str:
     data = collect(sweep_dir, space, statuses)
-    page = SWEEP_DASHBOARD_TEMPLATE.read_text().replace("__TITLE__", html.escape(f"raystack sweep: {space.name}")).replace(
-        "__DATA__", json.dumps(data).replace("</", "<\\/"))
-    path = os.path.join(sweep_dir, "dashboard.html")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
+    return write_page(SWEEP_DASHBOARD_TEMPLATE, f"raystack sweep: {space.name}", data,
+                      os.path.join(sweep_dir, "dashboard.html"))

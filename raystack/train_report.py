@@ -12,12 +12,11 @@ resizes, evaluations and checkpoints marked on the time axis; the config; the fi
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
 
-from raystack.observability import TRAIN_REPORT_TEMPLATE
+from raystack.observability import TRAIN_REPORT_TEMPLATE, read_jsonl, write_page
 
 REPORT = "report.html"
 CONFIG = "run_config.json"
@@ -25,16 +24,7 @@ SAMPLES = "samples.json"
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    rows = []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written right now
-    return rows
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def _read_json(path: str):
@@ -86,11 +76,4 @@ def collect(run_dir: str) -> dict:
 def write_report(run_dir: str) -> str:
     """Write ``<run_dir>/report.html`` (atomically: a reader never sees half a page); return its path."""
     data = collect(run_dir)
-    page = TRAIN_REPORT_TEMPLATE.read_text().replace("__TITLE__", html.escape(f"raystack run: {data['name']}")) \
-        .replace("__DATA__", json.dumps(data).replace("</", "<\\/"))
-    path = os.path.join(run_dir, REPORT)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
+    return write_page(TRAIN_REPORT_TEMPLATE, f"raystack run: {data['name']}", data, os.path.join(run_dir, REPORT))
