@@ -134,6 +134,8 @@ def cmd_tokenizer(args) -> int:
 
     files = artifact_tokenizer_files(args.model)
     out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a directory (it is created when missing)")
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (out / name).write_bytes(data)

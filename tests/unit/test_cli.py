@@ -94,3 +94,20 @@ def test_every_job_takes_its_spec_file_as_config():
     assert parser.parse_args(["tune", "--space", "s.yaml", "--set", "num_samples=2"]).space == "s.yaml"
     for job in ("train", "batch", "deploy"):
         assert parser.parse_args([job, "--config", "c.yaml", "--set", "a=1"]).overrides == ["a=1"]
+
+
+def test_tokenizer_and_train_report_commands_refuse_bad_paths_in_one_line(tmp_path, capsys):
+    from raystack.checkpoint import save_artifact
+    from raystack.model import GPT, ModelConfig
+
+    artifact = save_artifact(str(tmp_path / "model"), ModelConfig.from_preset("tiny"),
+                             GPT(ModelConfig.from_preset("tiny")).state_dict())
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main(["tokenizer", artifact, "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file; pass a directory" in capsys.readouterr().err
+    assert cli.main(["tokenizer", str(tmp_path / "nowhere"), "--out", str(tmp_path / "tok")]) == 2
+    assert "not a committed model artifact" in capsys.readouterr().err
+    assert cli.main(["train-report", str(tmp_path)]) == 2
+    assert "holds no metrics.jsonl reports" in capsys.readouterr().err
+    assert cli.main(["tokenizer", artifact, "--out", str(tmp_path / "tok")]) == 0
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
