@@ -26,6 +26,7 @@ from raystack.checkpoint import CheckpointError
 from raystack.commit import CommitError
 from raystack.config import ConfigError
 from raystack.data import DataError
+from raystack.tenants import LIMIT_FIELDS, PRIORITIES, TenantsError
 
 DEFAULT_JOBS_API = "http://127.0.0.1:8265"
 
@@ -241,7 +242,74 @@ def _jobs_api(address: str | None):
                            f"refused: {e}") from None
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError, TenantsError)
+
+DEFAULT_TENANTS_FILE = "~/.raystack/tenants.yaml"
+
+
+def cmd_keys(args) -> int:
+    """``raystack keys add|list|revoke``: the tenants file a deployment's ``tenants_file`` points at."""
+    from raystack import tenants as t
+
+    path = os.path.expanduser(args.file)
+    if args.action == "add":
+        limits = {name: getattr(args, name) for name in LIMIT_FIELDS}
+        key = t.add_key(path, args.tenant, priority=args.priority, **limits)
+        print(f"new key for tenant {args.tenant!r} (shown once; {path} keeps only its hash):\n{key}")
+    elif args.action == "revoke":
+        tenant = t.revoke_key(path, args.key)
+        print(f"revoked key {t.key_id(args.key) or args.key} of tenant {tenant!r} in {path}; replicas refuse it "
+              "once they re-read the file (tenants_reload_s)")
+    else:
+        if not os.path.exists(path):
+            raise TenantsError(f"no tenants file at {path}; `raystack keys add TENANT --file {args.file}` makes one")
+        rows = [("tenant", "priority", "limits", "key id", "created")]
+        for tenant in t.read_tenants(path):
+            limits = ", ".join(f"{k}={v}" for k, v in vars(tenant.limits).items() if v) or "none"
+            for record in tenant.keys or [t.KeyRecord("(no key)", "", "")]:
+                rows.append((tenant.name, tenant.priority, limits, record.id, record.created))
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _window_seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        value = -1
+    if not 0 < value <= 7 * 86400:
+        raise ConfigError(f"--window must be a duration like 90s, 30m, 1h or 7d (at most 7d), got {text!r}")
+    return value
+
+
+def cmd_usage(args) -> int:
+    """Per-tenant usage over a window, from the deployment's quota actor (``raystack.quota``)."""
+    window = _window_seconds(args.window)
+    import ray
+
+    from raystack.quota import actor_name, quota_actor
+
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level=logging.WARNING)
+    try:
+        usage = ray.get(quota_actor(args.app, create=False).usage.remote(window))
+    except ValueError:
+        raise ConfigError(f"no usage for app {args.app!r}: its quota actor {actor_name(args.app)!r} is not running "
+                          "(usage is kept for deployments with a tenants_file, from their first request)") from None
+    rows = [("tenant", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")]
+    for tenant, u in sorted(usage.items()):
+        rows.append((tenant, u["requests"], u["errors"], u["prompt_tokens"], u["completion_tokens"],
+                     u["prompt_tokens"] + u["completion_tokens"]))
+    print(f"usage of app {args.app!r} over the last {args.window}:")
+    _print_table(rows)
+    return 0
 
 
 def cmd_submit(args) -> int:
@@ -383,8 +451,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("sweep_dir", help="the sweep directory (<storage_path>/<name>)")
     report.add_argument("--space", metavar="FILE", help="the space file (default: the sweep's space.json)")
     report.set_defaults(func=cmd_sweep_report)
+    _add_tenant_commands(sub)
     _add_cluster_commands(sub)
     return parser
+
+
+def _add_tenant_commands(sub) -> None:
+    """``keys`` and ``usage``: the tenants of a deployment."""
+    keys = sub.add_parser("keys", help="add, list or revoke API keys of tenants (the serve spec's tenants_file)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a key to a tenant (created if new); prints the key once")
+    add.add_argument("tenant", help="tenant name (a label in metrics and usage)")
+    add.add_argument("--priority", choices=list(PRIORITIES), help="priority class (new tenants: normal)")
+    for name in LIMIT_FIELDS:
+        add.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, metavar="N",
+                         help="0 = no limit (default: unchanged; none for a new tenant)")
+    listing = actions.add_parser("list", help="tenants, limits and key ids (never keys or hashes)")
+    revoke = actions.add_parser("revoke", help="remove a key (by id or the whole key)")
+    revoke.add_argument("key", help="key id (from `keys list`) or the key itself")
+    for parser in (add, listing, revoke):
+        parser.add_argument("--file", default=DEFAULT_TENANTS_FILE, help=f"tenants file (default {DEFAULT_TENANTS_FILE})")
+    keys.set_defaults(func=cmd_keys)
+    usage = sub.add_parser("usage", help="per-tenant requests and tokens of a deployment over a time window")
+    usage.add_argument("--app", default="llm", help="Serve application name (default llm)")
+    usage.add_argument("--window", default="1h", help="how far back: 90s, 30m, 1h, 7d (default 1h)")
+    usage.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or the local cluster)")
+    usage.set_defaults(func=cmd_usage)
 
 
 def _add_cluster_commands(sub) -> None:

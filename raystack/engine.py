@@ -15,6 +15,13 @@ Contract:
   logits before the logit bias, penalties, temperature and filters. ``engine.score(prompt_tokens, top)`` gives the
   same for every prompt token (what ``echo`` with ``logprobs`` returns, and how evaluation harnesses score text).
 - Closing the iterator (client gone, timeout: ``asyncio`` cancellation) frees the request's slot at the next step.
+- Who gets a slot (``generate(..., priority=, tenant=)``): a higher priority first; within a priority, the tenant
+  holding the fewest slots; then first come, first served (all of it plain FIFO when every request has the same
+  tenant and priority). When no slot is free, a waiting sequence preempts a running one of a lower priority, or of
+  its own priority whose tenant holds more than its share (``max_batch_size`` / tenants with work) while its own
+  holds less: the preempted sequence goes back to waiting and is recomputed from its prompt and the tokens it has
+  generated when readmitted (vLLM's recompute preemption), so its output does not change. A high-priority request
+  waits one step for a slot, however many low-priority ones fill the engine.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -177,11 +184,13 @@ class PromptLogprob:
 class _Sequence:
     _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: GenerationParams, seed: int, vocab_size: int):
+    def __init__(self, prompt: list[int], params: GenerationParams, seed: int, vocab_size: int,
+                 priority: int = 0, tenant: str = ""):
         self.id = next(self._ids)
         self.prompt = prompt
         self.params = params
         self.seed = seed
+        self.priority, self.tenant = priority, tenant
         self.generated: list[int] = []
         self.slot: Optional[int] = None
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -201,6 +210,11 @@ class _Sequence:
     def position(self) -> int:
         """Cache position of the next token to feed."""
         return len(self.prompt) + len(self.generated) - 1
+
+    @property
+    def context(self) -> list[int]:
+        """What a prefill feeds: the prompt, and what was generated before a preemption."""
+        return self.prompt + self.generated if self.generated else self.prompt
 
 
 class Engine:
@@ -233,7 +247,7 @@ class Engine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self.error: Optional[BaseException] = None
         """Set while the engine is broken (loop died, or a whole step failed); cleared by a step that succeeds."""
-        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0}
+        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0}
 
     @classmethod
     def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
@@ -264,11 +278,13 @@ class Engine:
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return tokens or [self.tokenizer.eot_id]  # an empty prompt starts a new document
 
-    async def generate(self, prompt_tokens: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]:
-        """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``)."""
+    async def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
+                       tenant: str = "") -> AsyncIterator[TokenEvent]:
+        """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``).
+        ``priority`` (higher first) and ``tenant`` decide who gets a slot when they are scarce (module doc)."""
         self.check_request(len(prompt_tokens), params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = _Sequence(list(prompt_tokens), params, seed, self.tokenizer.vocab_size)
+        seq = _Sequence(list(prompt_tokens), params, seed, self.tokenizer.vocab_size, priority, tenant)
         self._ensure_loop()
         self._waiting.append(seq)
         self.stats["requests"] += 1
@@ -351,14 +367,7 @@ class Engine:
             self._wakeup.clear()
             await self._wakeup.wait()
             return
-        prefills = []
-        while self._waiting and self._free_slots:
-            seq = self._waiting.popleft()
-            if seq.cancelled:
-                continue
-            seq.slot = heapq.heappop(self._free_slots)
-            self._running[seq.id] = seq
-            prefills.append(seq)
+        prefills = self._admit()
         decodes = sorted((s for s in self._running.values() if s not in prefills), key=lambda s: s.slot)
         results, failures = await loop.run_in_executor(self._executor, self._step, prefills, decodes)
         self.stats["steps"] += 1
@@ -374,6 +383,59 @@ class Engine:
             self.error = None
         elif failures and not any(error.client_error for _, error in failures):
             self.error = failures[0][1]  # nothing ran: the engine itself is broken until a step succeeds
+
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting sequences into slots, in the order of ``_next``, preempting where ``_victim`` allows."""
+        admitted: list[_Sequence] = []
+        classes = {(s.priority, s.tenant) for s in itertools.chain(self._waiting, self._running.values())}
+        if len(classes) <= 1:  # one tenant, one priority: first come, first served, never a preemption
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = heapq.heappop(self._free_slots)
+                self._running[seq.id] = seq
+                admitted.append(seq)
+            return admitted
+        held = collections.Counter(s.tenant for s in self._running.values())
+        while self._waiting:
+            seq = self._next(held)
+            if not self._free_slots:
+                victim = self._victim(seq, held, admitted)
+                if victim is None:
+                    break
+                self._preempt(victim, held)
+            self._waiting.remove(seq)
+            seq.slot = heapq.heappop(self._free_slots)
+            self._running[seq.id] = seq
+            held[seq.tenant] += 1
+            admitted.append(seq)
+        return admitted
+
+    def _next(self, held: collections.Counter) -> _Sequence:
+        """The waiting sequence to admit next: highest priority, then the tenant holding fewest slots, then oldest."""
+        return min(self._waiting, key=lambda s: (-s.priority, held[s.tenant], s.id))
+
+    def _victim(self, seq: _Sequence, held: collections.Counter, admitted: list) -> Optional[_Sequence]:
+        """A running sequence ``seq`` may take the slot of: the newest of the lowest priority below its own; else,
+        when its tenant holds less than its share and another tenant of its priority more, that tenant's newest."""
+        running = [s for s in self._running.values() if s not in admitted]
+        lower = [s for s in running if s.priority < seq.priority]
+        if lower:
+            return max(lower, key=lambda s: (-s.priority, s.id))
+        tenants = {s.tenant for s in running} | {s.tenant for s in self._waiting} | {s.tenant for s in admitted}
+        share = self.config.max_batch_size // len(tenants)
+        if held[seq.tenant] >= share:
+            return None
+        over = [s for s in running if s.priority == seq.priority and held[s.tenant] > share]
+        return max(over, key=lambda s: (held[s.tenant], s.id)) if over else None
+
+    def _preempt(self, seq: _Sequence, held: collections.Counter) -> None:
+        """Free ``seq``'s slot and put it back to waiting; it is recomputed (``context``) when readmitted."""
+        self._running.pop(seq.id)
+        heapq.heappush(self._free_slots, seq.slot)
+        seq.slot = None
+        held[seq.tenant] -= 1
+        self._waiting.appendleft(seq)  # older than what waits (mostly): first again in its class
+        self.stats["preempted"] += 1
 
     def _fail(self, seq: _Sequence, error: "SequenceFailed") -> None:
         self.stats["failed_sequences"] += 1
@@ -467,7 +529,7 @@ class Engine:
 
     def _prefill(self, group: list[_Sequence]) -> torch.Tensor:
         """Prompts of one length, in one forward."""
-        tokens = torch.tensor([seq.prompt for seq in group], device=self.device)
+        tokens = torch.tensor([seq.context for seq in group], device=self.device)
         positions = torch.arange(tokens.shape[1], device=self.device).expand(len(group), -1)
         out = self.model(tokens, positions=positions, cache=self.cache,
                          slots=torch.tensor([seq.slot for seq in group], device=self.device))
@@ -562,7 +624,7 @@ def _top(logprobs: torch.Tensor, k: int) -> Optional[list[list[tuple[int, float]
 def _same_length(prefills: list[_Sequence]) -> list[list[_Sequence]]:
     groups: dict[int, list[_Sequence]] = {}
     for seq in prefills:
-        groups.setdefault(len(seq.prompt), []).append(seq)
+        groups.setdefault(len(seq.context), []).append(seq)
     return list(groups.values())
 
 

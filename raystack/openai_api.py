@@ -74,9 +74,10 @@ class RequestLimits:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 type: str = "invalid_request_error", code: Optional[str] = None):
+                 type: str = "invalid_request_error", code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -19,6 +19,20 @@ Limits, enforced before any work is queued (every one a field of ``ServeConfig``
 longer than the context (400, checked before tokenizing), and at most ``max_queued_sequences`` sequences waiting for
 a KV slot on the replica (beyond it: 503 with ``Retry-After`` at once).
 
+Tenants (``tenants_file``, written by ``raystack keys``; ``raystack.tenants`` has the format): each key belongs to a
+tenant with a priority class and limits — requests and tokens per minute, sequences in flight, ``max_tokens`` per
+request — enforced across all replicas by one Ray actor (``raystack.quota`` says how exactly, and what happens when
+that actor is gone: each replica enforces the limits alone and keeps serving). Over a limit: 429 with OpenAI's body
+(``code: rate_limit_exceeded``, ``type``: requests, tokens or concurrency), ``Retry-After`` (and
+``retry-after-ms``) and the ``x-ratelimit-*`` headers, which every answer to a limited tenant carries. A request whose
+``max_tokens`` passes its tenant's limit is a 400 (one that leaves ``max_tokens`` out gets the limit). Priorities
+reach the engine: a higher class is admitted first and preempts a lower one, and no tenant keeps more than its share
+of slots while another waits. Usage per tenant (requests by status, prompt and completion tokens, errors) goes to
+Ray's Prometheus endpoint (``raystack_tenant_*``, labelled by tenant name, never the key) and to ``raystack usage``.
+The file is re-read when it changes (checked at most every ``tenants_reload_s``); a broken version is logged and the
+last good one kept. Keys from ``api_key_env``/``api_key_file`` still work beside it, as tenant ``default``
+(no limits, normal priority).
+
 Every bad request gets a 4xx with an OpenAI-shaped error naming the parameter; nothing a client sends yields a 5xx.
 A sequence that fails in the engine fails its own request alone (an error body, or an error event and ``[DONE]``
 mid-stream); everyone else's requests carry on.
@@ -26,9 +40,12 @@ mid-stream); everyone else's requests carry on.
 
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,6 +61,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raystack import api_schema as schema
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.config import from_dict
+from raystack.quota import Quota
+from raystack.tenants import Tenant, TenantsFile, read_tenants
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize
 from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, RequestLimits, chat_logprobs_content,
@@ -76,6 +95,11 @@ class ServeConfig:
     """A file on every node with one key per line (``# `` starts a comment line); missing or empty is an error."""
     require_api_key: bool = False
     """Refuse to start a replica that finds no API key (fail closed instead of serving openly)."""
+    tenants_file: Optional[str] = None
+    """A tenants file on every node (``raystack keys add TENANT --file PATH`` writes it): per-key tenants, limits,
+    priorities. Unset = no tenants (every key is equal and unlimited)."""
+    tenants_reload_s: float = 5.0
+    """How often at most the tenants file is checked for changes (a revoked key is refused within this)."""
     docs: bool = True
     """Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (behind the API key when keys are on)."""
     num_cpus: float = 1.0
@@ -111,8 +135,8 @@ class ServeConfig:
                      "max_queued_sequences", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0:
-            raise ValueError("request_timeout_s and target_ongoing_requests must be > 0")
+        if self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0 or self.tenants_reload_s <= 0:
+            raise ValueError("request_timeout_s, target_ongoing_requests and tenants_reload_s must be > 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
         check_sampling_section(self.sampling)
@@ -132,8 +156,22 @@ app = FastAPI(title="raystack", description="OpenAI-compatible completions over 
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if error.status == 503 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = {"Retry-After": "1"} if error.status == 503 else {}
+    return JSONResponse(error.body(), status_code=error.status, headers={**headers, **error.headers})
+
+
+def _rate_limited(grant) -> APIError:
+    """OpenAI's 429: ``rate_limit_exceeded``, the ``x-ratelimit-*`` headers, and when to retry (none for a request
+    that no wait would let through)."""
+    headers = dict(grant.headers)
+    if grant.retry_after > 0:
+        headers["Retry-After"] = str(max(1, math.ceil(grant.retry_after)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(grant.retry_after * 1000)))
+    return APIError(429, grant.message, type=grant.kind, code="rate_limit_exceeded", headers=headers)
+
+
+DEFAULT_TENANT = Tenant("default")
+"""Who a key from ``api_key_env``/``api_key_file`` is when a tenants file is in use too."""
 
 
 def _sse(body: dict) -> str:
@@ -164,6 +202,9 @@ async def _validation_error(request: Request, error: RequestValidationError):
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, error: Exception):
+    if type(error).__name__ == "TaskCancelledError":  # Serve cancelled it: the client went away mid-stream
+        logger.info("%s %s: the client went away before the end", request.method, request.url.path)
+        return _error_response(APIError(499, "client closed request", type="server_error"))
     # A bug, not the client's doing: keep the traceback in the replica's log, send an OpenAI-shaped body.
     logger.error("unhandled error serving %s %s", request.method, request.url.path, exc_info=error)
     return _error_response(APIError(500, "internal server error", type="server_error"))
@@ -197,6 +238,8 @@ class _Job:
     prompt: object  # the prompt as sent: text or token ids
     tokens: list
     params: GenerationParams
+    priority: int = 1
+    tenant: str = ""
 
 
 @dataclass
@@ -307,6 +350,14 @@ class _Shape:
         return body
 
 
+def _app_name() -> str:
+    """The Serve application this replica belongs to (the quota actor is per application)."""
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # not in a replica: a deployment class driven by hand
+        return "default"
+
+
 def _artifact_chat_template(model: str) -> str:
     """The chat template an artifact brings (tokenizer_config.json), or raystack's default."""
     from raystack.checkpoint import artifact_tokenizer_files
@@ -337,6 +388,17 @@ class _Metrics:
         self.occupancy = metrics.Gauge("raystack_batch_occupancy", "Share of KV-cache slots in use.",
                                        tag_keys=("model",))
         self.occupancy.set_default_tags(tags)
+        per_tenant = ("model", "tenant")
+        self.tenant_requests = metrics.Counter("raystack_tenant_requests_total", "Completion requests per tenant by "
+                                               "status code.", tag_keys=(*per_tenant, "status"))
+        self.tenant_prompt = metrics.Counter("raystack_tenant_prompt_tokens_total", "Prompt tokens per tenant.",
+                                             tag_keys=per_tenant)
+        self.tenant_completion = metrics.Counter("raystack_tenant_completion_tokens_total",
+                                                 "Generated tokens per tenant.", tag_keys=per_tenant)
+        self.tenant_errors = metrics.Counter("raystack_tenant_errors_total", "Requests per tenant that ended in an "
+                                             "error (4xx, 5xx, or a stream's error event).", tag_keys=per_tenant)
+        for counter in (self.tenant_requests, self.tenant_prompt, self.tenant_completion, self.tenant_errors):
+            counter.set_default_tags(tags)
 
 
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -349,7 +411,11 @@ class LLMServer:
         self.engine = Engine.from_artifact(config.model, EngineConfig(
             max_batch_size=config.max_batch_size, max_model_len=config.max_model_len, threads=threads,
             quantize=config.quantize))
-        self.keys = load_api_keys(config.api_key_env, config.api_key_file, config.require_api_key)
+        self.tenants = TenantsFile(config.tenants_file, config.tenants_reload_s) if config.tenants_file else None
+        tenant_keys = sum(len(t.keys) for t in self.tenants.book().tenants.values()) if self.tenants else 0
+        self.keys = load_api_keys(config.api_key_env, config.api_key_file, config.require_api_key and not tenant_keys)
+        self.quota = Quota(_app_name()) if self.tenants else None
+        self._background: set = set()
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len,
                                     max_sequences=config.max_sequences_per_request)
@@ -362,7 +428,10 @@ class LLMServer:
         logger.info("serving %s as %r: %d KV slots, %.1f MiB KV cache, API keys %s", config.model,
                     config.model_name, config.max_batch_size, self.engine.kv_cache_bytes / 2**20,
                     f"on ({len(self.keys)})" if self.keys else "off")
-        if not self.keys:
+        if self.tenants:
+            logger.info("tenants from %s: %d tenants, %d keys, re-read on change (every %.0f s at most)",
+                        self.tenants.path, len(self.tenants.book().tenants), tenant_keys, config.tenants_reload_s)
+        elif not self.keys:
             logger.warning("no API key configured (%s unset, no api_key_file): every route is open to anyone who "
                            "reaches this port; set keys, or require_api_key to refuse to start without them",
                            config.api_key_env)
@@ -370,14 +439,21 @@ class LLMServer:
     async def check_health(self):
         self.engine.check_health()
 
-    def _authorize(self, request: Request) -> None:
-        if not self.keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not key_matches(token.strip().encode(), self.keys):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                           type="invalid_request_error", code="invalid_api_key")
+    def _authorize(self, request: Request) -> Optional[Tenant]:
+        """The caller's tenant (None without a tenants file), or a 401."""
+        book = self.tenants.book() if self.tenants else None
+        if not self.keys and book is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = token.strip().encode()
+        if scheme.lower() == "bearer":
+            tenant = book.identify(presented) if book is not None else None
+            if tenant is not None:
+                return tenant
+            if self.keys and key_matches(presented, self.keys):
+                return DEFAULT_TENANT if book is not None else None
+        raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                       type="invalid_request_error", code="invalid_api_key")
 
     def _record_gauges(self) -> None:
         self.metrics.queue.set(self.engine.queue_depth)
@@ -480,9 +556,13 @@ class LLMServer:
         return parse_completion(body, self.config.model_name, self.limits, self.config.sampling)
 
     async def _serve(self, request: Request, chat: bool):
+        tenant, grant, where = None, None, ""
         try:
-            self._authorize(request)
-            parsed = self._parse(decode_body(await self._read_body(request)), chat)
+            tenant = self._authorize(request)
+            body = decode_body(await self._read_body(request))
+            parsed = self._parse(body, chat)
+            if tenant is not None:
+                self._tenant_max_tokens(tenant, parsed, body)
             prompts = [self.engine.encode_prompt(p) for p in parsed.prompts]
             for tokens in prompts:
                 if len(tokens) + parsed.params.max_tokens > self.engine.max_model_len:
@@ -492,33 +572,90 @@ class LLMServer:
                 raise APIError(503, f"this replica has {self.engine.queue_depth} sequences waiting for a slot (limit "
                                     f"{self.config.max_queued_sequences}); retry shortly", type="server_error",
                                code="overloaded")
+            prompt_tokens = sum(len(t) for t in prompts)
+            if tenant is not None and tenant.limits.requests_per_minute + tenant.limits.tokens_per_minute + \
+                    tenant.limits.max_concurrent_sequences:
+                answer, where = await self.quota.acquire(
+                    tenant.name, tenant.limits, prompt_tokens + sequences * parsed.params.max_tokens, sequences,
+                    ttl=self.config.request_timeout_s + 60)
+                if not answer.allowed:  # the limiter counted it in the tenant's usage already
+                    self._finish(None, None, "", "429", tenant_metrics=tenant)
+                    return _error_response(_rate_limited(answer))
+                grant = answer
         except APIError as error:
-            self.metrics.requests.inc(tags={"status": str(error.status)})
+            self._finish(tenant, None, "", str(error.status))
             return _error_response(error)
+        headers = grant.headers if grant is not None else None
         shape = _Shape(parsed, chat)
-        jobs = [_Job(i * parsed.best_of + j, prompt, tokens, self._params_for(parsed, j))
+        jobs = [_Job(i * parsed.best_of + j, prompt, tokens, self._params_for(parsed, j),
+                     tenant.rank if tenant else 1, tenant.name if tenant else "")
                 for i, (prompt, tokens) in enumerate(zip(parsed.prompts, prompts)) for j in range(parsed.best_of)]
         if parsed.stream:  # counted in raystack_requests_total once it ends, by its outcome
-            return StreamingResponse(self._stream(parsed, shape, jobs), media_type="text/event-stream")
+            return StreamingResponse(self._stream(parsed, shape, jobs, tenant, grant, where),
+                                     media_type="text/event-stream", headers=headers)
         tasks = [asyncio.ensure_future(self._complete(job, parsed)) for job in jobs]
+        error, status = None, "499"  # the status counted if the client goes away first
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
                 results = await asyncio.gather(*tasks)
+            status = "200"
         except TimeoutError:
             error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
                              type="timeout")
         except SequenceFailed as failed:
             error = _sequence_error(failed)
-        else:
-            self.metrics.requests.inc(tags={"status": "200"})
-            choices = [shape.choice(result) for result in _best(results, parsed.n, parsed.best_of)]
-            prompt_tokens = sum(len(t) for t in prompts)
-            return shape.body(choices, prompt_tokens, sum(r.generated for r in results))
         finally:
             for task in tasks:
                 task.cancel()  # one choice failed or timed out: free the others' slots too
-        self.metrics.requests.inc(tags={"status": str(error.status)})
-        return _error_response(error)
+            generated = sum(task.result().generated for task in tasks
+                            if task.done() and not task.cancelled() and task.exception() is None)
+            self._finish(tenant, grant, where, str(error.status) if error else status, prompt_tokens, generated)
+        if error is not None:
+            return _error_response(error)
+        choices = [shape.choice(result) for result in _best(results, parsed.n, parsed.best_of)]
+        body = shape.body(choices, prompt_tokens, generated)
+        return JSONResponse(body, headers=headers) if headers else body
+
+    def _tenant_max_tokens(self, tenant: Tenant, parsed: CompletionRequest, body) -> None:
+        """A tenant's ``max_tokens_per_request``: a request asking for more is a 400; one that left max_tokens out
+        gets the limit when the server's default is larger."""
+        limit = tenant.limits.max_tokens_per_request
+        if not limit or parsed.params.max_tokens <= limit:
+            return
+        for name in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body, dict) and body.get(name) is not None:
+                raise APIError(400, f"{name} is too large: {parsed.params.max_tokens}. This API key's tenant may ask "
+                                    f"for at most {limit} tokens per request; lower {name}.", param=name)
+        parsed.params = dataclasses.replace(parsed.params, max_tokens=limit)
+
+    def _finish(self, tenant: Optional[Tenant], grant, where: str, status: str, prompt_tokens: int = 0,
+                completion_tokens: int = 0, tenant_metrics: Optional[Tenant] = None) -> None:
+        """Count a request that ended: Serve-wide and per tenant in Prometheus, and in the quota's usage (settling
+        its grant, off the request's path)."""
+        self.metrics.requests.inc(tags={"status": status})
+        tenant_metrics = tenant_metrics or tenant
+        if tenant_metrics is None:
+            return
+        tags = {"tenant": tenant_metrics.name}
+        self.metrics.tenant_requests.inc(tags={**tags, "status": status})
+        if status != "200":
+            self.metrics.tenant_errors.inc(tags=tags)
+        if prompt_tokens:
+            self.metrics.tenant_prompt.inc(prompt_tokens, tags=tags)
+        if completion_tokens:
+            self.metrics.tenant_completion.inc(completion_tokens, tags=tags)
+        if tenant is None:
+            return
+        ok = status == "200"
+        if grant is not None:
+            call = self.quota.settle(where, grant.lease, prompt_tokens, completion_tokens, ok)
+        else:
+            call = self.quota.record(tenant.name, ok, prompt_tokens, completion_tokens)
+        # A fresh context: not a child of this request's Ray task, which Ray cancels (with its children) when the
+        # client goes away before the stream ends.
+        task = asyncio.get_running_loop().create_task(call, context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     def _params_for(parsed: CompletionRequest, j: int) -> GenerationParams:
@@ -543,7 +680,7 @@ class LLMServer:
         result.generated, result.finish_reason = 0, "length"  # max_tokens 0 (echo only): nothing generated
         self._record_gauges()
         if job.params.max_tokens:
-            async for event in self.engine.generate(job.tokens, job.params):
+            async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant):
                 if not result.generated:
                     self.metrics.ttft.observe(time.monotonic() - start)
                 result.text += event.text
@@ -556,7 +693,8 @@ class LLMServer:
         self._record_gauges()
         return result
 
-    async def _stream(self, parsed: CompletionRequest, shape: "_Shape", jobs: list["_Job"]):
+    async def _stream(self, parsed: CompletionRequest, shape: "_Shape", jobs: list["_Job"],
+                      tenant: Optional[Tenant] = None, grant=None, where: str = ""):
         """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``."""
         queue: asyncio.Queue = asyncio.Queue()
         usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0}
@@ -569,7 +707,7 @@ class LLMServer:
             if not job.params.max_tokens:
                 await queue.put(_Piece(job.index, "", "length"))
                 return
-            async for event in self.engine.generate(job.tokens, job.params):
+            async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant):
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     first = False
@@ -622,7 +760,7 @@ class LLMServer:
                 yield _sse(shape.chunk([], usage))
             yield "data: [DONE]\n\n"
         finally:
-            self.metrics.requests.inc(tags={"status": status})
+            self._finish(tenant, grant, where, status, usage["prompt_tokens"], usage["completion_tokens"])
 
 
 def deployment_options(config: ServeConfig) -> dict:
@@ -638,4 +776,6 @@ def deployment_options(config: ServeConfig) -> dict:
 def build_app(args: dict):
     """Serve application builder (``import_path: serve_apps.llm:app`` with ``args``)."""
     config = from_dict(ServeConfig, dict(args))
+    if config.tenants_file and os.path.exists(os.path.expanduser(config.tenants_file)):
+        read_tenants(os.path.expanduser(config.tenants_file))  # a bad file fails here, not in every replica
     return LLMServer.options(**deployment_options(config)).bind(config)

@@ -111,3 +111,27 @@ def test_tokenizer_and_train_report_commands_refuse_bad_paths_in_one_line(tmp_pa
     assert "holds no metrics.jsonl reports" in capsys.readouterr().err
     assert cli.main(["tokenizer", artifact, "--out", str(tmp_path / "tok")]) == 0
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+def test_keys_add_list_revoke_and_their_mistakes(tmp_path, capsys):
+    path = str(tmp_path / "tenants.yaml")
+    assert cli.main(["keys", "add", "team-a", "--priority", "high", "--tokens-per-minute", "500", "--file", path]) == 0
+    key = capsys.readouterr().out.splitlines()[-1]
+    assert key.startswith("rsk-")
+    assert cli.main(["keys", "list", "--file", path]) == 0
+    listing = capsys.readouterr().out
+    assert "team-a" in listing and "high" in listing and "tokens_per_minute=500" in listing
+    assert key not in listing and "sha256$" not in listing and key.split("-")[1] in listing  # the id, not the key
+    assert cli.main(["keys", "revoke", key, "--file", path]) == 0
+    assert "revoked key" in capsys.readouterr().out
+    for argv, message in ((["keys", "revoke", key, "--file", path], "no key with id"),
+                          (["keys", "list", "--file", str(tmp_path / "none.yaml")], "no tenants file at"),
+                          (["keys", "add", "a b", "--file", path], "no spaces"),
+                          (["keys", "add", "t", "--requests-per-minute", "-1", "--file", path], "must be >= 0"),
+                          (["usage", "--window", "forever"], "--window must be a duration")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("raystack: error: ") and message in err and "Traceback" not in err
+    (tmp_path / "bad.yaml").write_text("tenants:\n  a:\n    priority: urgent\n")
+    assert cli.main(["keys", "add", "a", "--file", str(tmp_path / "bad.yaml")]) == 2
+    assert "line 3: tenants.a.priority" in capsys.readouterr().err

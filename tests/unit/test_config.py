@@ -90,7 +90,9 @@ def test_grafana_dashboard_queries_only_metrics_raystack_exports():
     exported = {"ray_raystack_requests_total", "ray_raystack_generated_tokens_total", "ray_raystack_queue_depth",
                 "ray_raystack_batch_occupancy", "ray_raystack_time_to_first_token_seconds_bucket",
                 "ray_raystack_train_loss", "ray_raystack_train_val_loss", "ray_raystack_train_tokens_per_s",
-                "ray_raystack_train_step", "ray_raystack_train_world_size"}
+                "ray_raystack_train_step", "ray_raystack_train_world_size", "ray_raystack_tenant_requests_total",
+                "ray_raystack_tenant_prompt_tokens_total", "ray_raystack_tenant_completion_tokens_total",
+                "ray_raystack_tenant_errors_total"}
     assert names and names <= exported, names - exported
     source = (REPO / "raystack" / "serving.py").read_text() + (REPO / "raystack" / "train" / "job.py").read_text()
     for name in names:  # every queried metric is created in the code (Ray adds the ray_ prefix)

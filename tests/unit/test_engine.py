@@ -1,6 +1,8 @@
 """The continuous-batching engine, driven directly (no Ray) with a randomly initialised tiny model."""
 
 import asyncio
+import collections
+import dataclasses
 
 import pytest
 import torch
@@ -333,3 +335,67 @@ def test_int8_weights_keep_the_models_predictions_and_generate(model):
     assert len(out["tokens"]) >= 1
     with pytest.raises(ValueError, match="quantize must be none or int8"):
         EngineConfig(quantize="int4")
+
+
+async def _first_token_step(engine, prompt, params, **who):
+    """Steps the engine took from this request's submission to its first token, and its whole completion."""
+    start, first, tokens = engine.stats["steps"], None, []
+    async for event in engine.generate(engine.encode_prompt(prompt), params, **who):
+        if first is None:
+            first = engine.stats["steps"] - start
+        tokens.append(event.token)
+    return first, tokens
+
+
+def test_high_priority_preempts_a_low_priority_flood_without_changing_its_output(model):
+    low = [GenerationParams(max_tokens=40, temperature=0.8, seed=10 + i, ignore_eos=True) for i in range(6)]
+    high = GenerationParams(max_tokens=8, temperature=0.8, seed=99, ignore_eos=True)
+
+    async def alone(params):
+        engine = make_engine(model, slots=4)
+        _, tokens = await _first_token_step(engine, "low ", params)
+        await engine.shutdown()
+        return tokens
+
+    async def contended():
+        engine = make_engine(model, slots=4)
+        flood = [asyncio.ensure_future(_first_token_step(engine, "low ", p, priority=0, tenant="bulk"))
+                 for p in low]
+        while engine.stats["steps"] < 5:  # the flood holds every slot, two more wait
+            await asyncio.sleep(0.001)
+        assert engine.active == 4 and engine.queue_depth == 2
+        first, _ = await _first_token_step(engine, "high", high, priority=2, tenant="vip")
+        results = await asyncio.gather(*flood)
+        preempted = engine.stats["preempted"]
+        await engine.shutdown()
+        return first, [tokens for _, tokens in results], preempted
+
+    first, flood_tokens, preempted = run(contended())
+    assert first <= 2, f"the high-priority request waited {first} steps for its first token"
+    assert preempted >= 1
+    expected = [run(alone(p)) for p in low]
+    assert flood_tokens == expected  # preempted sequences are recomputed, not changed
+
+
+def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):
+    async def main():
+        engine = make_engine(model, slots=4)
+        params = GenerationParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+        hog = [asyncio.ensure_future(_first_token_step(engine, "a", params, tenant="a")) for _ in range(8)]
+        while engine.stats["steps"] < 3:
+            await asyncio.sleep(0.001)
+        assert engine.active == 4
+        other = [asyncio.ensure_future(_first_token_step(engine, "b", dataclasses.replace(params, max_tokens=4),
+                                                         tenant="b")) for _ in range(2)]
+        await asyncio.sleep(0)
+        while engine.queue_depth and not all(s.tenant == "a" for s in engine._waiting):
+            await asyncio.sleep(0.001)
+        held = collections.Counter(s.tenant for s in engine._running.values())
+        firsts = [first for first, _ in await asyncio.gather(*other)]
+        await asyncio.gather(*hog)
+        await engine.shutdown()
+        return held, firsts
+
+    held, firsts = run(main())
+    assert held == {"a": 2, "b": 2}  # share = 4 slots / 2 tenants with work
+    assert max(firsts) <= 2

@@ -39,7 +39,7 @@ def make_server(poison_after: int):
     server = object.__new__(LLMServer.func_or_class)
     server.config, server.engine, server.metrics = ServeConfig(model="unused"), engine, _NoMetrics()
     server.limits = RequestLimits(vocab_size=257, max_model_len=96)
-    server.keys = []
+    server.keys, server.tenants, server.quota = [], None, None
     server.chat_template = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
     return server
 
