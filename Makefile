@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean browser
+.PHONY: demo test install clean tools
 
 install: $(STAMP)
 
@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py $(ARGS)
 
-# The dashboard test drives Debian's chromium; install it when missing and we may (root, apt-get present).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-		echo "chromium not installed: the browser test of the sweep dashboard will be skipped"; }
+# Tests drive Debian's chromium (the dashboard pages) and promtool (the alert rules, from the prometheus package);
+# install what is missing when we may (root, apt-get present).
+tools:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
+		echo "not installed: $$missing (the tests that need it are skipped)"; }
 
-test: $(STAMP) browser
+test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

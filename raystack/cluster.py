@@ -29,6 +29,9 @@ import urllib.request
 SERVE_TIMEOUTS = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",  # Ray's default 5 s: a proxy started on a busy node is killed
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",  # default 10 s
+    # How often replicas report the engine load that autoscaling reads (raystack.autoscale); Ray's default 10 s
+    # lets a saturated replica wait that long before the policy sees it.
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "2",
 }
 LOCAL_RAY_ENV = {"RAY_worker_niceness": "0", **SERVE_TIMEOUTS}  # Ray's default niceness is 15
 

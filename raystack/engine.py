@@ -39,6 +39,7 @@ import heapq
 import itertools
 import logging
 import secrets
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
@@ -170,6 +171,8 @@ class TokenEvent:
     completion_tokens: int = 0
     top_logprobs: Optional[list[tuple[int, float]]] = None
     """With ``top_logprobs``: the most likely (token, log-probability) pairs at this step, most likely first."""
+    queue_wait_s: Optional[float] = None
+    """On the first token only: seconds the sequence waited for a KV slot."""
 
 
 @dataclass
@@ -191,6 +194,8 @@ class _Sequence:
         self.params = params
         self.seed = seed
         self.priority, self.tenant = priority, tenant
+        self.enqueued = time.monotonic()
+        self.queue_wait: Optional[float] = None  # set when first admitted
         self.generated: list[int] = []
         self.slot: Optional[int] = None
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -391,6 +396,7 @@ class Engine:
         if len(classes) <= 1:  # one tenant, one priority: first come, first served, never a preemption
             while self._waiting and self._free_slots:
                 seq = self._waiting.popleft()
+                self._admitted(seq)
                 seq.slot = heapq.heappop(self._free_slots)
                 self._running[seq.id] = seq
                 admitted.append(seq)
@@ -404,11 +410,17 @@ class Engine:
                     break
                 self._preempt(victim, held)
             self._waiting.remove(seq)
+            self._admitted(seq)
             seq.slot = heapq.heappop(self._free_slots)
             self._running[seq.id] = seq
             held[seq.tenant] += 1
             admitted.append(seq)
         return admitted
+
+    @staticmethod
+    def _admitted(seq: _Sequence) -> None:
+        if seq.queue_wait is None:  # first admission (a preempted sequence keeps its first wait)
+            seq.queue_wait = time.monotonic() - seq.enqueued
 
     def _next(self, held: collections.Counter) -> _Sequence:
         """The waiting sequence to admit next: highest priority, then the tenant holding fewest slots, then oldest."""
@@ -608,7 +620,8 @@ class Engine:
             release_to = max(seq.emitted, len(seq.text) - hold)
         delta = seq.text[seq.emitted:release_to]
         seq.emitted = max(seq.emitted, release_to)
-        seq.queue.put_nowait(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1]))
+        seq.queue.put_nowait(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1],
+                                        seq.queue_wait if len(seq.generated) == 1 else None))
         if finish is not None:
             self._release(seq)
 

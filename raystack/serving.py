@@ -4,7 +4,8 @@ Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (OpenAI's sha
 server-sent events ending with ``data: [DONE]``; ``raystack.openai_api`` says what each field does),
 ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /v1/models``, ``GET /health`` (never needs a key).
 One deployment, ``LLMServer``, is both the FastAPI ingress and the engine's home, so a request costs one hop from
-Serve's proxy. It autoscales on ongoing requests (``min_replicas``..``max_replicas``, ``target_ongoing_requests``);
+Serve's proxy. It autoscales between ``min_replicas`` and ``max_replicas`` on the engine's own load, KV-slot
+occupancy and waiting sequences (``raystack.autoscale``; ``autoscaling_policy: requests`` for Serve's request count);
 ``max_ongoing_requests`` and ``max_queued_requests`` bound the work in flight, and past them Serve answers 503 at
 once instead of queueing without bound. ``check_health`` fails a replica whose engine loop died, so Serve replaces it.
 
@@ -60,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack import api_schema as schema
 from raystack.api_keys import key_matches, load_api_keys
+from raystack.autoscale import deployment_autoscaling
 from raystack.config import from_dict
 from raystack.quota import Quota
 from raystack.tenants import Tenant, TenantsFile, read_tenants
@@ -111,6 +113,18 @@ class ServeConfig:
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
     min_replicas: int = 1
     max_replicas: int = 2
+    autoscaling_policy: str = "engine_load"
+    """``engine_load``: scale on KV-slot occupancy and waiting sequences (``raystack.autoscale``); ``requests``:
+    Serve's count of ongoing requests (``target_ongoing_requests``). engine_load falls back to requests on a Ray
+    without custom autoscaling policies, and the replica log says which is in use."""
+    target_kv_occupancy: float = 0.8
+    """engine_load: the share of each replica's KV slots that demand (running + waiting sequences) should fill."""
+    upscale_delay_s: float = 10.0
+    """How long the policy must want more replicas before Serve adds them."""
+    downscale_delay_s: float = 120.0
+    """How long the policy must want fewer replicas before Serve removes them."""
+    autoscaling_look_back_s: float = 15.0
+    """Window over which Serve averages the load it scales on."""
     target_ongoing_requests: float = 16.0
     max_ongoing_requests: int = 64
     max_queued_requests: int = 64
@@ -137,6 +151,12 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0 or self.tenants_reload_s <= 0:
             raise ValueError("request_timeout_s, target_ongoing_requests and tenants_reload_s must be > 0")
+        if self.autoscaling_policy not in ("engine_load", "requests"):
+            raise ValueError(f"autoscaling_policy must be engine_load or requests, got {self.autoscaling_policy!r}")
+        if not 0 < self.target_kv_occupancy <= 1:
+            raise ValueError(f"target_kv_occupancy must be in (0, 1], got {self.target_kv_occupancy}")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0 or self.autoscaling_look_back_s <= 0:
+            raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0, autoscaling_look_back_s > 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
         check_sampling_section(self.sampling)
@@ -382,12 +402,22 @@ class _Metrics:
                                       boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
                                       tag_keys=("model",))
         self.ttft.set_default_tags(tags)
+        self.queue_wait = metrics.Histogram("raystack_queue_wait_seconds", "Time a sequence waited for a KV slot.",
+                                            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+                                            tag_keys=("model",))
+        self.queue_wait.set_default_tags(tags)
         self.queue = metrics.Gauge("raystack_queue_depth", "Requests waiting for a KV-cache slot.",
                                    tag_keys=("model",))
         self.queue.set_default_tags(tags)
         self.occupancy = metrics.Gauge("raystack_batch_occupancy", "Share of KV-cache slots in use.",
                                        tag_keys=("model",))
         self.occupancy.set_default_tags(tags)
+        self.replica_up = metrics.Gauge("raystack_replica_up", "1 per running replica (their sum: replicas serving).",
+                                        tag_keys=("model",))
+        self.replica_up.set_default_tags(tags)
+        self.replicas_max = metrics.Gauge("raystack_replicas_max", "The deployment's max_replicas.",
+                                          tag_keys=("model",))
+        self.replicas_max.set_default_tags(tags)
         per_tenant = ("model", "tenant")
         self.tenant_requests = metrics.Counter("raystack_tenant_requests_total", "Completion requests per tenant by "
                                                "status code.", tag_keys=(*per_tenant, "status"))
@@ -399,6 +429,17 @@ class _Metrics:
                                              "error (4xx, 5xx, or a stream's error event).", tag_keys=per_tenant)
         for counter in (self.tenant_requests, self.tenant_prompt, self.tenant_completion, self.tenant_errors):
             counter.set_default_tags(tags)
+
+
+def _autoscaling(config: ServeConfig) -> tuple[dict, str]:
+    return deployment_autoscaling(config.autoscaling_policy, config.min_replicas, config.max_replicas,
+                                  config.target_ongoing_requests, config.target_kv_occupancy, config.upscale_delay_s,
+                                  config.downscale_delay_s, config.autoscaling_look_back_s)
+
+
+def deployment_autoscaling_line(config: ServeConfig) -> str:
+    return _autoscaling(config)[1]
+
 
 
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -424,7 +465,10 @@ class LLMServer:
                              f"model's context of {self.engine.max_model_len} tokens; lower it")
         self.chat_template = ChatTemplate(config.chat_template or _artifact_chat_template(config.model))
         self.metrics = _Metrics(config.model_name)
+        self.metrics.replica_up.set(1)
+        self.metrics.replicas_max.set(config.max_replicas)
         self.created = int(time.time())
+        logger.info(deployment_autoscaling_line(config))
         logger.info("serving %s as %r: %d KV slots, %.1f MiB KV cache, API keys %s", config.model,
                     config.model_name, config.max_batch_size, self.engine.kv_cache_bytes / 2**20,
                     f"on ({len(self.keys)})" if self.keys else "off")
@@ -438,6 +482,12 @@ class LLMServer:
 
     async def check_health(self):
         self.engine.check_health()
+
+    async def record_autoscaling_stats(self) -> dict:
+        """The engine's load for ``raystack.autoscale.EngineLoadPolicy`` (Serve's custom-metrics hook)."""
+        slots = self.config.max_batch_size
+        return {"kv_slots": slots, "kv_occupancy": self.engine.active / slots,
+                "waiting_sequences": self.engine.queue_depth}
 
     def _authorize(self, request: Request) -> Optional[Tenant]:
         """The caller's tenant (None without a tenants file), or a 401."""
@@ -683,6 +733,7 @@ class LLMServer:
             async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant):
                 if not result.generated:
                     self.metrics.ttft.observe(time.monotonic() - start)
+                    self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
                 result.text += event.text
                 result.add(event.token, event.logprob, event.top_logprobs)
                 result.generated += 1
@@ -710,6 +761,7 @@ class LLMServer:
             async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant):
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - start)
+                    self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
                     first = False
                 usage["completion_tokens"] += 1
                 self.metrics.tokens.inc()
@@ -765,8 +817,7 @@ class LLMServer:
 
 def deployment_options(config: ServeConfig) -> dict:
     return {
-        "autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-                               "target_ongoing_requests": config.target_ongoing_requests},
+        "autoscaling_config": _autoscaling(config)[0],
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
@@ -778,4 +829,5 @@ def build_app(args: dict):
     config = from_dict(ServeConfig, dict(args))
     if config.tenants_file and os.path.exists(os.path.expanduser(config.tenants_file)):
         read_tenants(os.path.expanduser(config.tenants_file))  # a bad file fails here, not in every replica
+    logger.info("%s: %s", config.model_name, deployment_autoscaling_line(config))
     return LLMServer.options(**deployment_options(config)).bind(config)

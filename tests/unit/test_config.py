@@ -92,7 +92,8 @@ def test_grafana_dashboard_queries_only_metrics_raystack_exports():
                 "ray_raystack_train_loss", "ray_raystack_train_val_loss", "ray_raystack_train_tokens_per_s",
                 "ray_raystack_train_step", "ray_raystack_train_world_size", "ray_raystack_tenant_requests_total",
                 "ray_raystack_tenant_prompt_tokens_total", "ray_raystack_tenant_completion_tokens_total",
-                "ray_raystack_tenant_errors_total"}
+                "ray_raystack_tenant_errors_total", "ray_raystack_replica_up", "ray_raystack_replicas_max",
+                "ray_raystack_queue_wait_seconds_bucket"}
     assert names and names <= exported, names - exported
     source = (REPO / "raystack" / "serving.py").read_text() + (REPO / "raystack" / "train" / "job.py").read_text()
     for name in names:  # every queried metric is created in the code (Ray adds the ray_ prefix)

@@ -399,3 +399,20 @@ def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model)
     held, firsts = run(main())
     assert held == {"a": 2, "b": 2}  # share = 4 slots / 2 tenants with work
     assert max(firsts) <= 2
+
+
+def test_the_first_token_says_how_long_its_sequence_waited_for_a_slot(model):
+    async def main():
+        engine = make_engine(model, slots=1)
+        params = GenerationParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+        async def waits(prompt):
+            return [e.queue_wait_s async for e in engine.generate(engine.encode_prompt(prompt), params)]
+
+        first, second = await asyncio.gather(waits("a"), waits("b"))
+        await engine.shutdown()
+        return first, second
+
+    first, second = run(main())
+    assert first[0] is not None and second[0] is not None and all(w is None for w in first[1:] + second[1:])
+    assert second[0] > first[0]  # it waited for the one slot while "a" generated 20 tokens
