@@ -26,6 +26,7 @@ from raystack.checkpoint import CheckpointError
 from raystack.commit import CommitError
 from raystack.config import ConfigError
 from raystack.data import DataError
+from raystack.rollout import DEFAULT_HISTORY, RolloutError
 from raystack.tenants import LIMIT_FIELDS, PRIORITIES, TenantsError
 
 DEFAULT_JOBS_API = "http://127.0.0.1:8265"
@@ -177,7 +178,7 @@ def cmd_sweep_report(args) -> int:
 
 
 JOB_SCRIPTS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "batch": "jobs/batch_infer.py",
-               "deploy": "jobs/deploy.py"}
+               "deploy": "jobs/deploy.py", "rollout": "jobs/rollout.py"}
 # Left out of the job's working_dir upload (Ray also honours .gitignore): history, environments, outputs, caches.
 RUNTIME_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "*.egg-info",
                     ".gl", "benchmarks"]
@@ -242,7 +243,53 @@ def _jobs_api(address: str | None):
                            f"refused: {e}") from None
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError, TenantsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError, TenantsError, RolloutError)
+
+
+def _connect(address: str | None) -> None:
+    """Join the running cluster (``--address``, ``$RAY_ADDRESS``, or the local one); never start a new Ray: the app
+    being changed lives on the running one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise RolloutError(f"cannot reach a running Ray at {target!r} ({_one_line(e)}); start the app first "
+                           "(raystack deploy) or pass --address") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [repr(error)])[0][:300]
+
+
+def cmd_rollout(args) -> int:
+    """``raystack rollout``: gate, switch and watch a new artifact (raystack.rollout), or print the history."""
+    from raystack import rollout
+
+    if args.history:
+        print(rollout.format_history(rollout.read_history(args.history_file, args.app)))
+        return 0
+    spec = rollout.RolloutSpec(model=args.model or "", app=args.app, heldout=args.heldout,
+                               max_loss_increase=args.max_loss_increase, watch_s=args.watch_s,
+                               max_error_rate=args.max_error_rate, max_ttft_p99_s=args.max_ttft_p99_s,
+                               history=args.history_file)
+    rollout.heldout_texts(spec.heldout)  # a bad --heldout fails before anything is deployed
+    _connect(args.address)
+    entry = rollout.rollout(spec, say=lambda line: print(f"[raystack] {line}", flush=True))
+    print(f"[raystack] rollout {entry['outcome']}: {entry.get('reason', '')}", flush=True)
+    return 0 if entry["outcome"] == "rolled_out" else 1
+
+
+def cmd_rollback(args) -> int:
+    from raystack import rollout
+
+    _connect(args.address)
+    entry = rollout.rollback(args.app, args.history_file, say=lambda line: print(f"[raystack] {line}", flush=True))
+    print(f"[raystack] {args.app} serves {entry['to']} again", flush=True)
+    return 0
 
 DEFAULT_TENANTS_FILE = "~/.raystack/tenants.yaml"
 
@@ -452,8 +499,38 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--space", metavar="FILE", help="the space file (default: the sweep's space.json)")
     report.set_defaults(func=cmd_sweep_report)
     _add_tenant_commands(sub)
+    _add_rollout_commands(sub)
     _add_cluster_commands(sub)
     return parser
+
+
+def _add_rollout_commands(sub) -> None:
+    """``rollout`` and ``rollback``: change the model a running app serves."""
+    from raystack.rollout import RolloutSpec
+
+    defaults = RolloutSpec(model="-")
+    rollout = sub.add_parser("rollout", help="replace a running app's model: gates, then the switch, then a watch "
+                                             "that rolls back by itself")
+    rollout.add_argument("--model", help="the new model artifact (path or URI)")
+    rollout.add_argument("--app", default="llm", help="Serve application name (default llm)")
+    rollout.add_argument("--heldout", metavar="FILE", help="held-out text for the quality gate (blank-line-separated "
+                                                           "passages; default: standard-library modules)")
+    rollout.add_argument("--max-loss-increase", type=float, default=defaults.max_loss_increase, metavar="NATS",
+                         help=f"refuse a model worse than the serving one by more (default {defaults.max_loss_increase}"
+                              " nats/token)")
+    rollout.add_argument("--watch-s", type=float, default=defaults.watch_s, help="watch window after the switch")
+    rollout.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
+                         help="5xx share in the watch that rolls back")
+    rollout.add_argument("--max-ttft-p99-s", type=float, default=defaults.max_ttft_p99_s,
+                         help="TTFT p99 in the watch that rolls back")
+    rollout.add_argument("--history", action="store_true", help="print the app's rollouts and rollbacks and exit")
+    rollback = sub.add_parser("rollback", help="go back to the model an app served before its last rollout")
+    rollback.add_argument("--app", default="llm", help="Serve application name (default llm)")
+    for parser in (rollout, rollback):
+        parser.add_argument("--history-file", default=DEFAULT_HISTORY, help=f"default {DEFAULT_HISTORY}")
+        parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or the local cluster)")
+    rollout.set_defaults(func=cmd_rollout)
+    rollback.set_defaults(func=cmd_rollback)
 
 
 def _add_tenant_commands(sub) -> None:

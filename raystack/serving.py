@@ -64,6 +64,7 @@ from raystack.api_keys import key_matches, load_api_keys
 from raystack.autoscale import deployment_autoscaling
 from raystack.config import from_dict
 from raystack.quota import Quota
+from raystack.rollout import OutcomeReporter
 from raystack.tenants import Tenant, TenantsFile, read_tenants
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize
@@ -85,6 +86,10 @@ class ServeConfig:
     max_model_len: int = 0
     """0 = the model's max_seq_len."""
     request_timeout_s: float = 120.0
+    """Longest a request may run (504 beyond it); also how long a replica being replaced (a rollout, a scale-down)
+    drains its in-flight requests and streams before it stops."""
+    constructor_retries: int = 20
+    """Times Serve retries starting a replica that failed to (a bad artifact) before the deploy fails."""
     max_sequences_per_request: int = 64
     """Sequences one request may ask for (``len(prompts) * n``); more is a 400."""
     max_queued_sequences: int = 256
@@ -145,7 +150,7 @@ class ServeConfig:
                              "raystack-tiny/model)")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
-        for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_sequences_per_request",
+        for name in ("constructor_retries", "max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_sequences_per_request",
                      "max_queued_sequences", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -456,7 +461,6 @@ class LLMServer:
         tenant_keys = sum(len(t.keys) for t in self.tenants.book().tenants.values()) if self.tenants else 0
         self.keys = load_api_keys(config.api_key_env, config.api_key_file, config.require_api_key and not tenant_keys)
         self.quota = Quota(_app_name()) if self.tenants else None
-        self._background: set = set()
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len,
                                     max_sequences=config.max_sequences_per_request)
@@ -465,7 +469,9 @@ class LLMServer:
                              f"model's context of {self.engine.max_model_len} tokens; lower it")
         self.chat_template = ChatTemplate(config.chat_template or _artifact_chat_template(config.model))
         self.metrics = _Metrics(config.model_name)
+        self._background: set = set()
         self.metrics.replica_up.set(1)
+        self.outcomes = OutcomeReporter(_app_name(), config.model)
         self.metrics.replicas_max.set(config.max_replicas)
         self.created = int(time.time())
         logger.info(deployment_autoscaling_line(config))
@@ -482,6 +488,31 @@ class LLMServer:
 
     async def check_health(self):
         self.engine.check_health()
+
+    async def rollout_info(self) -> dict:
+        """This replica's spec (for ``raystack rollout``: what to redeploy with a new artifact); a handle call, not
+        an HTTP route."""
+        return {"config": dataclasses.asdict(self.config)}
+
+    async def heldout_loss(self, texts: list[str]) -> dict:
+        """Mean negative log-likelihood per token of ``texts`` under this replica's model (the rollout's quality
+        gate): each text scored by the engine, cut to the context."""
+        total, count = 0.0, 0
+        for text in texts:
+            tokens = self.engine.tokenizer.encode(text)[:self.engine.max_model_len]
+            if len(tokens) < 2:
+                continue
+            scored = await self.engine.score(tokens)
+            total -= sum(s.logprob for s in scored[1:])
+            count += len(tokens) - 1
+        return {"nats_per_token": total / count if count else float("nan"), "tokens": count}
+
+    async def smoke(self) -> str:
+        """A short greedy generation (the rollout's smoke gate); raises if the engine cannot generate."""
+        from raystack.rollout import SMOKE_PROMPT
+
+        params = GenerationParams(max_tokens=8, temperature=0.0)
+        return "".join([e.text async for e in self.engine.generate(self.engine.encode_prompt(SMOKE_PROMPT), params)])
 
     async def record_autoscaling_stats(self) -> dict:
         """The engine's load for ``raystack.autoscale.EngineLoadPolicy`` (Serve's custom-metrics hook)."""
@@ -683,6 +714,9 @@ class LLMServer:
         """Count a request that ended: Serve-wide and per tenant in Prometheus, and in the quota's usage (settling
         its grant, off the request's path)."""
         self.metrics.requests.inc(tags={"status": status})
+        due = self.outcomes.outcome(status)
+        if due is not None:
+            self._background_call(self.outcomes.send(*due))
         tenant_metrics = tenant_metrics or tenant
         if tenant_metrics is None:
             return
@@ -698,11 +732,13 @@ class LLMServer:
             return
         ok = status == "200"
         if grant is not None:
-            call = self.quota.settle(where, grant.lease, prompt_tokens, completion_tokens, ok)
+            self._background_call(self.quota.settle(where, grant.lease, prompt_tokens, completion_tokens, ok))
         else:
-            call = self.quota.record(tenant.name, ok, prompt_tokens, completion_tokens)
-        # A fresh context: not a child of this request's Ray task, which Ray cancels (with its children) when the
-        # client goes away before the stream ends.
+            self._background_call(self.quota.record(tenant.name, ok, prompt_tokens, completion_tokens))
+
+    def _background_call(self, call) -> None:
+        """Run ``call`` off the request's path, in a fresh context: not a child of this request's Ray task, which Ray
+        cancels (with its children) when the client goes away before the stream ends."""
         task = asyncio.get_running_loop().create_task(call, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -734,6 +770,7 @@ class LLMServer:
                 if not result.generated:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
+                    self.outcomes.ttft(time.monotonic() - start)
                 result.text += event.text
                 result.add(event.token, event.logprob, event.top_logprobs)
                 result.generated += 1
@@ -762,6 +799,7 @@ class LLMServer:
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
+                    self.outcomes.ttft(time.monotonic() - start)
                     first = False
                 usage["completion_tokens"] += 1
                 self.metrics.tokens.inc()
@@ -820,6 +858,11 @@ def deployment_options(config: ServeConfig) -> dict:
         "autoscaling_config": _autoscaling(config)[0],
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
+        # Replacements (rollouts) start beside the old replicas, which keep serving until the new ones are up and
+        # then drain for as long as a request may run.
+        "max_surge_percent": 100,
+        "graceful_shutdown_timeout_s": config.request_timeout_s,
+        "max_constructor_retry_count": config.constructor_retries,
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
     }
 

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from raystack.engine import Engine, EngineConfig
 from raystack.model import GPT, ModelConfig
 from raystack.openai_api import ChatTemplate, RequestLimits
+from raystack.rollout import OutcomeReporter
 from raystack.serving import LLMServer, ServeConfig
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE, ByteTokenizer
 
@@ -40,6 +41,7 @@ def make_server(poison_after: int):
     server.config, server.engine, server.metrics = ServeConfig(model="unused"), engine, _NoMetrics()
     server.limits = RequestLimits(vocab_size=257, max_model_len=96)
     server.keys, server.tenants, server.quota = [], None, None
+    server.outcomes, server._background = OutcomeReporter("unit", "unused"), set()
     server.chat_template = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
     return server
 
