@@ -446,7 +446,6 @@ def deployment_autoscaling_line(config: ServeConfig) -> str:
     return _autoscaling(config)[1]
 
 
-
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(app)
 class LLMServer:

@@ -211,3 +211,19 @@ def test_rollback_by_hand_and_the_history(live, capsys):
     printed = capsys.readouterr().out
     assert len(printed.splitlines()) == 6 and "rolled_back_by_hand" in printed
     assert artifacts["poisoned"] in printed and "5xx" in printed
+
+
+def test_the_rollout_job_runs_under_ray_job_submit(live, ray_session, capsys):
+    """The same rollout as a Ray job (``raystack submit rollout``, i.e. ``ray job submit ... jobs/rollout.py``)."""
+    import ray
+
+    artifacts, url = live
+    jobs_api = "http://" + ray._private.worker._global_node.address_info["webui_url"]
+    with Load(url) as load:
+        code = cli.main(["submit", "rollout", "--address", jobs_api, "--wait", "--", "--model", artifacts["v2"],
+                         "--app", APP, "--heldout", artifacts["heldout"], "--max-loss-increase", "0.5",
+                         "--watch-s", "3", "--history-file", artifacts["history"]])
+    assert code == 0, capsys.readouterr()
+    assert set(load.codes) == {200} and load.broken == 0, load.report()
+    assert current_config(APP)["model"] == artifacts["v2"]
+    assert read_history(artifacts["history"], APP)[-1]["outcome"] == "rolled_out"
