@@ -5,11 +5,12 @@
 Starts a local Ray and Serve and deploys the same artifact (a freshly initialised ``tiny`` model, 1024 positions)
 twice, one after the other: ``autoscaling_policy: requests`` (Serve's ongoing-request count, target 16 per replica)
 and ``engine_load`` (KV occupancy and waiting sequences, ``raystack.autoscale``), each with 4 KV slots per replica,
-1..2 replicas, upscale delay 2 s, downscale delay 5 s, look-back 5 s. The load: ``--concurrency`` clients streaming
+1..2 replicas, upscale delay 2 s, downscale delay 5 s, look-back 10.5 s (Serve wants it above its 10 s metrics
+interval), replicas reporting every 2 s as on a Ray raystack starts. The load: ``--concurrency`` clients streaming
 ``--max-tokens``-token completions back to back for ``--load-s`` seconds — few requests (under the request target),
-more sequences than one replica's slots. Prints per policy: time to scale up (from the load's start), time to scale
-back down (from its end; "decided": when the new replica was asked for), queue wait p50/p99 (time to first token), output tokens/s, and replicas over time. The
-engine-load policy must scale up where the request-count one does not, and come back down after the load.
+more sequences than one replica's slots. Prints per policy: when the new replica was asked for and when it served
+(from the load's start), time to scale back down (from its end), queue wait p50/p99 (time to first token), output
+tokens/s, and replicas over time. The engine-load policy must scale up where the request-count one does not, and come back down after the load.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.sse import sse_chunks  # noqa: E402
 
 POLICY_SETTINGS = {"min_replicas": 1, "max_replicas": 2, "max_batch_size": 4, "upscale_delay_s": 2,
-                   "downscale_delay_s": 5, "autoscaling_look_back_s": 5, "target_ongoing_requests": 16,
+                   "downscale_delay_s": 5, "autoscaling_look_back_s": 10.5, "target_ongoing_requests": 16,
                    "max_ongoing_requests": 64, "max_queued_requests": 256}
 
 
@@ -151,7 +152,7 @@ def main() -> None:
     from ray import serve
 
     from raystack.checkpoint import save_artifact
-    from raystack.cluster import start_serve
+    from raystack.cluster import apply_local_ray_env, start_serve
     from raystack.model import GPT, ModelConfig
 
     torch.manual_seed(0)
@@ -160,6 +161,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    apply_local_ray_env()  # as raystack starts Ray: replicas report their load every 2 s
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     _, port = start_serve({"host": "127.0.0.1", "port": port})
     base_url = f"http://127.0.0.1:{port}"

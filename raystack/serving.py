@@ -160,8 +160,9 @@ class ServeConfig:
             raise ValueError(f"autoscaling_policy must be engine_load or requests, got {self.autoscaling_policy!r}")
         if not 0 < self.target_kv_occupancy <= 1:
             raise ValueError(f"target_kv_occupancy must be in (0, 1], got {self.target_kv_occupancy}")
-        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0 or self.autoscaling_look_back_s <= 0:
-            raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0, autoscaling_look_back_s > 0")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0 or self.autoscaling_look_back_s <= 10:
+            raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0, autoscaling_look_back_s > 10 (Serve "
+                             "requires the window to exceed its 10 s metrics interval)")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
         check_sampling_section(self.sampling)

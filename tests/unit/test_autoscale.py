@@ -38,3 +38,13 @@ def test_the_deployment_says_which_policy_is_in_use(monkeypatch):
     monkeypatch.setattr(autoscale, "custom_policies_supported", lambda: False)
     config, line = deployment_autoscaling(*args)
     assert "policy" not in config and "fell back" in line
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("autoscaling_policy", "cpu", "engine_load or requests"), ("target_kv_occupancy", 0.0, "(0, 1]"),
+    ("autoscaling_look_back_s", 5.0, "metrics interval"), ("upscale_delay_s", -1.0, ">= 0")])
+def test_the_serve_spec_refuses_bad_autoscaling_settings(field, value, message):
+    from raystack.serving import ServeConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        ServeConfig(model="m", **{field: value})
