@@ -198,14 +198,15 @@ API_KEYS_ENV = "RAYSTACK_API_KEYS"
 def submission(kind: str, job_args: list[str], root: str, environ=None) -> dict:
     """The ``JobSubmissionClient.submit_job`` arguments for ``raystack submit KIND -- ARGS``.
 
-    For ``deploy``, ``RAYSTACK_API_KEYS`` from the submitter's environment travels in the job's ``runtime_env``
+    For ``deploy`` and ``rollout``, ``RAYSTACK_API_KEYS`` from the submitter's environment travels in the job's
+    ``runtime_env``
     ``env_vars``; Serve gives a job's runtime_env to the replicas it deploys, so the keys reach them without ever
     appearing on a command line or in a log (the Jobs API, behind the cluster's token, still holds them)."""
     environ = os.environ if environ is None else environ
     if job_args and job_args[0] == "--":
         job_args = job_args[1:]
     runtime_env = {"working_dir": root, "excludes": list(RUNTIME_EXCLUDES)}
-    if kind == "deploy" and environ.get(API_KEYS_ENV, "").strip():
+    if kind in ("deploy", "rollout") and environ.get(API_KEYS_ENV, "").strip():
         runtime_env["env_vars"] = {API_KEYS_ENV: environ[API_KEYS_ENV]}
     return {"entrypoint": shlex.join(["python", JOB_SCRIPTS[kind], *job_args]), "runtime_env": runtime_env}
 

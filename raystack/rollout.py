@@ -306,9 +306,16 @@ def _first_line(error) -> str:
 
 
 def current_config(app: str) -> dict:
+    """The serving replicas' spec; where they hold API keys (``api_key_env``/``api_key_file``), with
+    ``require_api_key`` on, so a new replica that would find none (a rollout from a shell without the keys) refuses to
+    start instead of serving openly: the load gate then says so."""
     from ray import serve
 
-    return serve.get_app_handle(app).rollout_info.remote().result(timeout_s=60)["config"]
+    info = serve.get_app_handle(app).rollout_info.remote().result(timeout_s=60)
+    config = info["config"]
+    if info.get("api_keys"):
+        config = {**config, "require_api_key": True}
+    return config
 
 
 def rollout(spec: RolloutSpec, say=print) -> dict:

@@ -492,7 +492,7 @@ class LLMServer:
     async def rollout_info(self) -> dict:
         """This replica's spec (for ``raystack rollout``: what to redeploy with a new artifact); a handle call, not
         an HTTP route."""
-        return {"config": dataclasses.asdict(self.config)}
+        return {"config": dataclasses.asdict(self.config), "api_keys": len(self.keys)}
 
     async def heldout_loss(self, texts: list[str]) -> dict:
         """Mean negative log-likelihood per token of ``texts`` under this replica's model (the rollout's quality

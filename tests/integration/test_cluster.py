@@ -141,7 +141,8 @@ def test_submit_builds_a_lean_runtime_environment():
     assert {".git", ".venv", "runs", "**/__pycache__"} <= set(spec["runtime_env"]["excludes"])
     assert "env_vars" not in spec["runtime_env"]
     keys = {"RAYSTACK_API_KEYS": "sk-a,sk-b"}
-    assert "env_vars" not in submission("train", [], str(REPO), environ=keys)["runtime_env"]  # only deploy gets keys
+    assert "env_vars" not in submission("train", [], str(REPO), environ=keys)["runtime_env"]  # only serving jobs
+    assert submission("rollout", ["--model", "m"], str(REPO), environ=keys)["runtime_env"]["env_vars"] == keys
     deploy = submission("deploy", ["--", "--model", "m"], str(REPO), environ=keys)
     assert deploy["runtime_env"]["env_vars"] == keys and "sk-a" not in deploy["entrypoint"]
 

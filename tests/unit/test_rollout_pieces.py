@@ -76,3 +76,30 @@ def test_the_history_is_appended_and_read_per_app(tmp_path):
     table = format_history(read_history(path))
     assert len(table.splitlines()) == 3 and "refused" in table and "rolled_out" in table
     assert read_history(str(tmp_path / "none.jsonl")) == []
+
+
+def test_a_rollout_of_a_keyed_app_requires_keys_of_its_new_replicas(monkeypatch):
+    from ray import serve
+
+    import raystack.rollout as rollout
+
+    class Handle:
+        def __init__(self, keys):
+            self.keys = keys
+
+        @property
+        def rollout_info(self):
+            handle = self
+
+            class Call:
+                def remote(self):
+                    class Result:
+                        def result(self, timeout_s):
+                            return {"config": {"model": "a", "require_api_key": False}, "api_keys": handle.keys}
+                    return Result()
+            return Call()
+
+    monkeypatch.setattr(serve, "get_app_handle", lambda app: Handle(2))
+    assert rollout.current_config("llm") == {"model": "a", "require_api_key": True}  # fail closed, never open
+    monkeypatch.setattr(serve, "get_app_handle", lambda app: Handle(0))
+    assert rollout.current_config("llm") == {"model": "a", "require_api_key": False}
