@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 
 import httpx
@@ -714,8 +715,13 @@ def test_hypothesis_chat_and_tokenize_bodies_never_get_a_5xx(server):
                                                    "return_token_strs": value, "model": value})
     detokenize = st.fixed_dictionaries({"tokens": st.one_of(st.lists(st.integers(-3, 300), max_size=6), value)},
                                        optional={"model": value})
+    well_formed = st.fixed_dictionaries(  # so that valid bodies are drawn often, not only by luck
+        {"model": st.just("raystack"), "messages": st.lists(st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "assistant"]), "content": text}), min_size=1, max_size=2)},
+        optional={"max_tokens": st.integers(1, 4), "temperature": st.floats(0, 2), "n": st.integers(1, 2)})
     body = st.one_of(chat.map(lambda b: ("/v1/chat/completions", b)), tokenize.map(lambda b: ("/tokenize", b)),
-                     detokenize.map(lambda b: ("/detokenize", b)))
+                     detokenize.map(lambda b: ("/detokenize", b)),
+                     well_formed.map(lambda b: ("/v1/chat/completions", b)))
     seen = []
 
     @settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -733,4 +739,5 @@ def test_hypothesis_chat_and_tokenize_bodies_never_get_a_5xx(server):
             assert complete(server, prompt="ok", max_tokens=2).status_code == 200
 
     check()
+    print("status counts", collections.Counter(seen))
     assert sum(code == 200 for code in seen) >= 5 and sum(400 <= code < 500 for code in seen) >= 40
