@@ -10,7 +10,11 @@ Contract:
 - One scheduler task per engine admits waiting requests into free slots at every step, prefills them, runs one
   batched decode forward over all active slots, and samples every row with its own parameters through
   ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
-  do not depend on what else is in the batch. The forward passes run in a worker thread, never on the event loop.
+  do not depend on what else is in the batch. Where the forward passes run (``Engine.compute_inline``): on CUDA, or
+  a CPU with one torch thread, in a worker thread, so the event loop serves while the model computes; on a CPU with
+  more torch threads, on the event loop's own thread between its turns (PyTorch's OpenMP pool runs at full speed only
+  while one thread of the process uses it: a second thread's pool makes libgomp throttle both, which measured 2-3x
+  slower per forward on 2 cores).
 - Log-probabilities (``GenerationParams.logprobs`` / ``top_logprobs``) are the model's own: the log-softmax of its
   logits before the logit bias, penalties, temperature and filters. ``engine.score(prompt_tokens, top)`` gives the
   same for every prompt token (what ``echo`` with ``logprobs`` returns, and how evaluation harnesses score text).
@@ -41,7 +45,7 @@ import logging
 import secrets
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Optional
 
 import torch
@@ -252,6 +256,7 @@ class Engine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self.error: Optional[BaseException] = None
         """Set while the engine is broken (loop died, or a whole step failed); cleared by a step that succeeds."""
+        self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): _sampling_params
         self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0}
 
     @classmethod
@@ -311,11 +316,22 @@ class Engine:
     async def score(self, prompt_tokens: list[int], top_logprobs: int = 0) -> list[PromptLogprob]:
         """The log-probability of each prompt token given those before it (the model's own distribution, as
         ``GenerationParams.logprobs``), with the ``top_logprobs`` most likely alternatives: one forward over the
-        prompt on the engine's worker thread, between decode steps, outside the KV cache."""
+        prompt where the steps run, between two of them, outside the KV cache."""
         if not 1 <= len(prompt_tokens) <= self.max_model_len:
             raise ValueError(f"a scored prompt needs 1 to {self.max_model_len} tokens, got {len(prompt_tokens)}")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._score, list(prompt_tokens), top_logprobs)
+        return await self._compute(self._score, list(prompt_tokens), top_logprobs)
+
+    @property
+    def compute_inline(self) -> bool:
+        """Whether the forward passes run on the event loop's thread (a CPU engine with more than one torch thread)
+        rather than on the engine's worker thread (module doc)."""
+        return self.device.type == "cpu" and torch.get_num_threads() > 1
+
+    async def _compute(self, fn, *args):
+        if self.compute_inline:
+            await asyncio.sleep(0)  # the consumers of the last step's tokens run first
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @torch.inference_mode()
     def _score(self, tokens: list[int], top: int) -> list[PromptLogprob]:
@@ -353,10 +369,9 @@ class Engine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                await self._schedule_once(loop)
+                await self._schedule_once()
             except (asyncio.CancelledError, GeneratorExit):  # shutdown, or the event loop closing under us
                 raise
             except Exception as e:  # a bug in the bookkeeping: fail what is in flight, keep the loop alive
@@ -366,7 +381,7 @@ class Engine:
                     self._fail(seq, SequenceFailed(f"generation failed: {e!r}"))
                 self._waiting.clear()
 
-    async def _schedule_once(self, loop) -> None:
+    async def _schedule_once(self) -> None:
         self._drop_cancelled()
         if not self._running and not self._waiting:
             self._wakeup.clear()
@@ -374,7 +389,7 @@ class Engine:
             return
         prefills = self._admit()
         decodes = sorted((s for s in self._running.values() if s not in prefills), key=lambda s: s.slot)
-        results, failures = await loop.run_in_executor(self._executor, self._step, prefills, decodes)
+        results, failures = await self._compute(self._step, prefills, decodes)
         self.stats["steps"] += 1
         for seq, error in failures:
             self._fail(seq, error)
@@ -469,7 +484,7 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, prefills: list[_Sequence], decodes: list[_Sequence]):
-        """One scheduler step on the worker thread: prefill new sequences, decode the rest, sample every row.
+        """One scheduler step (``_compute``): prefill new sequences, decode the rest, sample every row.
 
         Returns ``(results, failures)``: ``(seq, token, logprob)`` for the rows that ran and ``(seq,
         SequenceFailed)`` for those that failed on their own (a failing batch is retried one row at a time)."""
@@ -573,20 +588,27 @@ class Engine:
         return sample(logits, self._sampling_params(rows, logits.shape[1])).tokens.tolist()
 
     def _sampling_params(self, rows: list[_Sequence], vocab: int) -> SamplingParams:
-        p = [s.params for s in rows]
+        """The rows' sampling parameters. What does not change while the same sequences decode (all but the step
+        and the penalty counts) is built once and kept until the batch changes."""
+        key = tuple(s.id for s in rows)
+        if self._params[0] != key:
+            p = [s.params for s in rows]
+            bias = None
+            if any(s.bias is not None for s in rows):
+                bias = torch.stack([s.bias if s.bias is not None else torch.zeros(vocab) for s in rows]).to(self.device)
+            self._params = key, SamplingParams.build(
+                len(rows), temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
+                top_p=[x.top_p for x in p], min_p=[min(x.min_p, 0.99999994) for x in p],  # API min_p=1: the max
+                seed=[s.seed for s in rows], repetition_penalty=[x.repetition_penalty for x in p],
+                presence_penalty=[x.presence_penalty for x in p], frequency_penalty=[x.frequency_penalty for x in p],
+                logit_bias=bias, device=self.device), any(x.uses_penalties for x in p)
+        _, base, penalties = self._params
         counts = None
-        if any(x.uses_penalties for x in p):
+        if penalties:
             counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
                                   for s in rows]).to(self.device)
-        bias = None
-        if any(s.bias is not None for s in rows):
-            bias = torch.stack([s.bias if s.bias is not None else torch.zeros(vocab) for s in rows]).to(self.device)
-        return SamplingParams.build(
-            len(rows), temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
-            top_p=[x.top_p for x in p], min_p=[min(x.min_p, 0.99999994) for x in p],  # API min_p=1: only the max
-            seed=[s.seed for s in rows], step=[len(s.generated) for s in rows],
-            repetition_penalty=[x.repetition_penalty for x in p], presence_penalty=[x.presence_penalty for x in p],
-            frequency_penalty=[x.frequency_penalty for x in p], counts=counts, logit_bias=bias, device=self.device)
+        step = torch.tensor([len(s.generated) for s in rows], dtype=torch.int64, device=self.device)
+        return replace(base, step=step, counts=counts)
 
     def _advance(self, seq: _Sequence, token: int, logprobs: tuple) -> None:
         if seq.cancelled:

@@ -132,11 +132,21 @@ def _top(z: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     the selection only."""
     if size < z.shape[1]:
         ids = np.argpartition(-z, size - 1, axis=1)[:, :size]
-    else:
-        ids = np.broadcast_to(np.arange(z.shape[1]), z.shape)
-    values = _along(z, ids)
-    order = np.argsort(-values, axis=1, kind="stable")
-    return _along(values, order), _along(ids, order)
+        return _sort_descending(_along(z, ids), ids)
+    return _sort_descending(z, np.broadcast_to(np.arange(z.shape[1], dtype=np.uint32), z.shape))
+
+
+def _sort_descending(values: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's float32 ``(value, id)`` pairs sorted by value descending, ties by id ascending: one ``np.sort``
+    of 64-bit keys (the value's bits made to order as the float does, then the id), ~5x cheaper at serving sizes
+    than ``argsort`` and the gathers it needs. No NaN here (rows with one fail before)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))  # unsigned order == float order
+    keys = ((~ascending).astype(np.uint64) << np.uint64(32)) | ids.astype(np.uint64)
+    keys.sort(axis=1)
+    ascending = ~(keys >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(ascending >> 31, ascending & np.uint32(0x7FFFFFFF), ~ascending)
+    return bits.view(np.float32), (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def _candidates(z, p: _Rows, total, nlm):
@@ -145,7 +155,7 @@ def _candidates(z, p: _Rows, total, nlm):
     k = p.top_k
     size = max(INITIAL_CANDIDATES, int(np.where(p.k_on, k, 0).max()) + 1)
     while True:
-        size = min(size, V)
+        size = V if size >= V // 4 else size  # a quarter of the vocabulary or more: sorting it all costs no more
         values, ids = _top(z, size)
         if size == V:
             return values, ids
@@ -168,7 +178,10 @@ def _survivors(x, row_max, p: _Rows):
     total = np.zeros(len(z), dtype=np.float64)
     if needs_total.any():
         total[needs_total] = np.exp(z[needs_total]).astype(np.float64).sum(axis=1)
-    nlm = neg_log_min_p(torch.from_numpy(p.min_p)).numpy()  # the kernel's and the reference's cut, bit for bit
+    if p.m_on.any():  # the kernel's and the reference's cut, bit for bit
+        nlm = neg_log_min_p(torch.from_numpy(p.min_p)).numpy()
+    else:
+        nlm = np.full(len(z), np.inf, dtype=np.float32)
     values, ids = _candidates(z, p, total, nlm)
     C = values.shape[1]
 
@@ -190,16 +203,16 @@ def _survivors(x, row_max, p: _Rows):
 
 def _sample_filtered(x, row_max, p: _Rows, u):
     values, ids, alive, weights = _survivors(x, row_max, p)
-    # Inverse CDF over the survivors in token-index order.
-    V = x.shape[1]
-    keys = np.where(alive, ids, V)
-    order = np.argsort(keys, axis=1, kind="stable")
-    sorted_ids = _along(keys, order)
-    w = _along(np.where(alive, weights, 0), order)
+    # Inverse CDF over the survivors in token-index order: their weights scattered back to a dense row (zeros add
+    # nothing to the running sum, so it is the survivors' own cumulative sum, without sorting them by id).
+    R, V = x.shape
+    rows = np.arange(R)[:, None]
+    w = np.zeros((R, V), dtype=np.float64)
+    w[rows, ids] = np.where(alive, weights, 0)
     cdf = np.cumsum(w, axis=1)
     surviving_total = cdf[:, -1]
     pos = _searchsorted_right(cdf, u * surviving_total)
-    pos = np.minimum(pos, alive.sum(axis=1) - 1)
-    tokens = _along(sorted_ids, pos[:, None])[:, 0]
-    logprobs = np.log(_along(w, pos[:, None])[:, 0] / surviving_total)
+    last = np.where(alive, ids, -1).max(axis=1)  # u * total rounding up to the total: the last survivor
+    tokens = np.minimum(pos, last)
+    logprobs = np.log(w[rows[:, 0], tokens] / surviving_total)
     return tokens, logprobs.astype(np.float32)

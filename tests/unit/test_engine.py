@@ -416,3 +416,41 @@ def test_the_first_token_says_how_long_its_sequence_waited_for_a_slot(model):
     first, second = run(main())
     assert first[0] is not None and second[0] is not None and all(w is None for w in first[1:] + second[1:])
     assert second[0] > first[0]  # it waited for the one slot while "a" generated 20 tokens
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op threads for one test and puts the process's setting back after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_steps_run_on_the_loop_thread_with_several_torch_threads_and_give_the_same_tokens(model, torch_threads):
+    """With more than one torch thread a CPU engine computes on the event loop's thread (one OpenMP pool in the
+    process), with one on its worker thread (the loop stays free); the tokens do not depend on where."""
+    import threading
+
+    def generate(threads: int):
+        torch_threads(threads)
+        seen = set()
+        hook = model.register_forward_hook(lambda *_: seen.add(threading.get_ident()))
+
+        async def scenario():
+            engine = make_engine(model)
+            assert engine.compute_inline == (threads > 1)
+            results = await asyncio.gather(*(generate_text(engine, p, g) for p, g in REQUESTS))
+            await engine.shutdown()
+            return results, threading.get_ident()
+
+        try:
+            results, loop_thread = run(scenario())
+        finally:
+            hook.remove()
+        return results, seen, loop_thread
+
+    inline, inline_threads, loop_thread = generate(2)
+    worker, worker_threads, worker_loop = generate(1)
+    assert inline_threads == {loop_thread}
+    assert worker_threads and worker_loop not in worker_threads
+    assert [r["tokens"] for r in inline] == [r["tokens"] for r in worker]

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raystack.sampling import SamplingParams, sample
 from raystack.sampling.cpu import survivors_cpu
@@ -40,12 +42,13 @@ def test_numpy_uniforms_equal_the_torch_philox_bit_for_bit():
     assert torch.equal(uniform(seed, step), expected)
 
 
-@pytest.mark.parametrize("make_logits", [lambda B: torch.randn(B, 1000) * 3, lambda B: tie_logits(B, 1000)],
-                         ids=["random", "ties"])
-def test_cpu_support_equals_reference_over_a_parameter_grid(make_logits):
+@pytest.mark.parametrize("V", [1000, 257], ids=["selection", "whole-sort"])  # 257: raystack's byte vocabulary
+@pytest.mark.parametrize("make_logits", [lambda B, V: torch.randn(B, V) * 3, lambda B, V: tie_logits(B, V),
+                                         lambda B, V: torch.randn(B, V) * 0.05], ids=["random", "ties", "flat"])
+def test_cpu_support_equals_reference_over_a_parameter_grid(make_logits, V):
     params, B = grid_params()
     torch.manual_seed(0)
-    logits = make_logits(B)
+    logits = make_logits(B, V)
     expected = filter_logits(logits.double(), params)
     got = survivors_cpu(logits, params)
     mismatched = [row for row in range(B) if not torch.equal(got[row], expected[row])]
@@ -74,10 +77,11 @@ def test_greedy_is_the_first_argmax_and_has_logprob_zero():
     assert out.logprobs.tolist() == [0.0, 0.0]
 
 
-def test_cpu_path_draws_the_reference_tokens_and_logprobs():
+@pytest.mark.parametrize("V", [2048, 257])
+def test_cpu_path_draws_the_reference_tokens_and_logprobs(V):
     params, B = grid_params(B_per=2)
     torch.manual_seed(1)
-    logits = torch.randn(B, 2048) * 2.5
+    logits = torch.randn(B, V) * 2.5
     tokens, logprobs = sample_reference(logits.double(), params)
     out = sample(logits, params, return_logprobs=True, backend="cpu")
     assert (out.tokens == tokens).float().mean() == 1.0
@@ -196,3 +200,22 @@ def test_bad_logits_and_shapes_are_refused():
         sample(torch.randn(300), params)
     with pytest.raises(ValueError, match=r"counts must have shape \[2, 300\]"):
         sample(torch.randn(2, 300), SamplingParams.build(2, counts=torch.zeros(2, 10, dtype=torch.int32)))
+
+
+@given(st.lists(st.lists(st.sampled_from([-math.inf, -3.5, -1.0, -0.0, 0.0, 1e-30, 2.0, 7.25, 3e38]), min_size=1,
+                         max_size=40), min_size=1, max_size=5).filter(lambda rows: len({len(r) for r in rows}) == 1))
+@settings(max_examples=200, deadline=None)
+def test_packed_sort_orders_like_a_stable_descending_argsort(rows):
+    """The CPU path's one-``np.sort`` ordering of (value, id) pairs: values descending, equal values by id."""
+    import numpy as np
+
+    from raystack.sampling.cpu import _sort_descending
+
+    values = np.array(rows, dtype=np.float32)
+    ids = np.broadcast_to(np.arange(values.shape[1], dtype=np.uint32), values.shape)
+    got_values, got_ids = _sort_descending(values, ids)
+    order = np.argsort(-values, axis=1, kind="stable")
+    assert np.array_equal(got_values, np.take_along_axis(values, order, 1))  # -0.0 == 0.0: equal values
+    assert np.array_equal(np.take_along_axis(values, got_ids, 1), got_values)  # each id carries its own value
+    no_signed_zero = ~((values == 0) & np.signbit(values)).any(axis=1)
+    assert np.array_equal(got_ids[no_signed_zero], order[no_signed_zero])
