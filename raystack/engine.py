@@ -621,11 +621,12 @@ class Engine:
         if seq.counts is not None:
             seq.counts[token] += 1
         finish = None
+        searched = len(seq.text)  # the text before this token held no stop string
         if token == self.tokenizer.eot_id and not seq.params.ignore_eos:
             finish = "stop"
         else:
             seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]))
-        stop_at = _find_stop(seq.text, seq.params.stop)
+        stop_at = _find_stop(seq.text, seq.params.stop, searched)
         if stop_at is not None:
             seq.text = seq.text[:stop_at]
             finish = "stop"
@@ -663,8 +664,12 @@ def _same_length(prefills: list[_Sequence]) -> list[list[_Sequence]]:
     return list(groups.values())
 
 
-def _find_stop(text: str, stops: list[str]) -> Optional[int]:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def _find_stop(text: str, stops: list[str], searched: int = 0) -> Optional[int]:
+    """Where the first stop string starts in ``text``, whose first ``searched`` characters held none (so only a
+    match ending after them is looked for: each token costs its stop strings' length, not the text's)."""
+    if not stops:
+        return None
+    hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
 
 

@@ -5,6 +5,8 @@ import collections
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
@@ -454,3 +456,20 @@ def test_steps_run_on_the_loop_thread_with_several_torch_threads_and_give_the_sa
     assert inline_threads == {loop_thread}
     assert worker_threads and worker_loop not in worker_threads
     assert [r["tokens"] for r in inline] == [r["tokens"] for r in worker]
+
+
+@given(st.lists(st.text(alphabet="ab\u00e9\n", max_size=3), max_size=30),
+       st.lists(st.text(alphabet="ab\u00e9\n", min_size=1, max_size=4), max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_stop_search_over_the_new_text_finds_what_a_whole_search_finds(pieces, stops):
+    """_advance searches only where a stop string could end in the newly decoded text; token by token that finds
+    the first stop string exactly where a search of the whole text does."""
+    from raystack.engine import _find_stop
+
+    text = ""
+    for piece in pieces:
+        searched, text = len(text), text + piece
+        whole = _find_stop(text, stops)
+        assert _find_stop(text, stops, searched) == whole
+        if whole is not None:
+            break
