@@ -178,3 +178,10 @@ def test_each_request_is_counted_once_by_its_outcome_streamed_or_not():
 
     asyncio.run(go())
     assert counted.statuses == ["200", "500", "200", "500", "400", "499"]
+
+
+def test_a_replica_leaves_one_of_its_cores_to_serving_unless_told():
+    from raystack.serving import replica_threads
+
+    assert [replica_threads(ServeConfig(model="m", num_cpus=c)) for c in (0.5, 1, 2, 3, 8)] == [1, 1, 1, 2, 7]
+    assert replica_threads(ServeConfig(model="m", num_cpus=2, threads=2)) == 2
