@@ -203,16 +203,18 @@ def _survivors(x, row_max, p: _Rows):
 
 def _sample_filtered(x, row_max, p: _Rows, u):
     values, ids, alive, weights = _survivors(x, row_max, p)
-    # Inverse CDF over the survivors in token-index order: their weights scattered back to a dense row (zeros add
-    # nothing to the running sum, so it is the survivors' own cumulative sum, without sorting them by id).
-    R, V = x.shape
-    rows = np.arange(R)[:, None]
-    w = np.zeros((R, V), dtype=np.float64)
-    w[rows, ids] = np.where(alive, weights, 0)
+    # Inverse CDF over the survivors in token-index order: the candidates ordered by (id, dead last) with one np.sort
+    # of packed keys (id, then the candidate's position, so equal keys keep their order as a stable sort would).
+    C = ids.shape[1]
+    keys = (np.where(alive, ids, x.shape[1]).astype(np.uint64) << np.uint64(32)) | np.arange(C, dtype=np.uint64)
+    keys.sort(axis=1)
+    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    sorted_ids = (keys >> np.uint64(32)).astype(np.int64)
+    w = _along(np.where(alive, weights, 0), order)
     cdf = np.cumsum(w, axis=1)
     surviving_total = cdf[:, -1]
     pos = _searchsorted_right(cdf, u * surviving_total)
-    last = np.where(alive, ids, -1).max(axis=1)  # u * total rounding up to the total: the last survivor
-    tokens = np.minimum(pos, last)
-    logprobs = np.log(w[rows[:, 0], tokens] / surviving_total)
+    pos = np.minimum(pos, alive.sum(axis=1) - 1)
+    tokens = _along(sorted_ids, pos[:, None])[:, 0]
+    logprobs = np.log(_along(w, pos[:, None])[:, 0] / surviving_total)
     return tokens, logprobs.astype(np.float32)
