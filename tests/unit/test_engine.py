@@ -5,9 +5,9 @@ import collections
 import dataclasses
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
 from raystack.model import GPT, ModelConfig
