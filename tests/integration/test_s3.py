@@ -123,7 +123,7 @@ def test_training_on_s3_killed_and_resumed_then_served(ray_session, bucket):
     from raystack.cluster import start_serve
     from raystack.serving import build_app
 
-    args = [*TINY_OVERRIDES, f"storage_path=s3://{bucket}/runs", "name=on-s3", "schedule.steps=20",
+    args = [*TINY_OVERRIDES, f"storage_path=s3://{bucket}/runs", "name=on-s3", "schedule.steps=60",
             "checkpoint.every=5", "eval.every=10", "scaling.num_workers=1"]
     cmd = [sys.executable, str(REPO / "jobs" / "train.py")] + [a for o in args for a in ("--set", o)]
     driver = subprocess.Popen(cmd, env=env_for_jobs(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
