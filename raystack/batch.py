@@ -43,7 +43,7 @@ import torch
 
 from raystack import commit, storage
 from raystack.data import DataError, check_parquet_column, resolve_source
-from raystack.engine import (Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize,
+from raystack.engine import (Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize, check_threads,
                              generate_text)
 from raystack.model import causal_lm_loss
 from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check_sampling_section,
@@ -100,6 +100,7 @@ class BatchConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_quantize(self.quantize)
+        check_threads(self.threads)
         check_sampling_section(self.sampling)
 
 

@@ -92,6 +92,7 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         check_quantize(self.quantize)
+        check_threads(self.threads)
 
 
 @dataclass
@@ -135,6 +136,16 @@ class GenerationParams:
     def uses_penalties(self) -> bool:
         """Whether sampling needs the counts of generated tokens."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+MAX_THREADS = 1024
+"""Most torch threads a spec may ask for (a typo of a huge number would otherwise start that many OpenMP threads)."""
+
+
+def check_threads(value: int) -> None:
+    """The one check of a ``threads`` setting (engine, serve and batch specs)."""
+    if not 0 <= value <= MAX_THREADS:
+        raise ValueError(f"threads must be 0 (automatic) to {MAX_THREADS}, got {value}")
 
 
 def check_quantize(value: str) -> None:
@@ -687,4 +698,4 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
 
 
 __all__ = ["Engine", "EngineConfig", "GenerationParams", "MAX_TOP_LOGPROBS", "PromptLogprob", "SequenceFailed",
-           "TokenEvent", "check_quantize", "generate_text"]
+           "TokenEvent", "check_quantize", "check_threads", "generate_text"]

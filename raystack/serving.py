@@ -67,7 +67,7 @@ from raystack.quota import Quota
 from raystack.rollout import OutcomeReporter
 from raystack.tenants import Tenant, TenantsFile, read_tenants
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize, check_threads
 from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, RequestLimits, chat_logprobs_content,
                                  check_sampling_section, choice_seed, chunk_body, completion_body, context_error,
                                  decode_body, logprobs_object, models_body, parse_chat, parse_completion,
@@ -167,6 +167,7 @@ class ServeConfig:
             raise ValueError("num_cpus and num_gpus must be >= 0")
         check_sampling_section(self.sampling)
         check_quantize(self.quantize)
+        check_threads(self.threads)
         if self.sampling.logprobs:
             raise ValueError("sampling.logprobs: log-probabilities are asked for per request (its 'logprobs' field); "
                              "remove sampling.logprobs")

@@ -4,6 +4,7 @@ request with an OpenAI-shaped error (an error event, then ``data: [DONE]``), and
 import asyncio
 import json
 
+import pytest
 import torch
 from starlette.requests import Request
 
@@ -185,3 +186,13 @@ def test_a_replica_leaves_one_of_its_cores_to_serving_unless_told():
 
     assert [replica_threads(ServeConfig(model="m", num_cpus=c)) for c in (0.5, 1, 2, 3, 8)] == [1, 1, 1, 2, 7]
     assert replica_threads(ServeConfig(model="m", num_cpus=2, threads=2)) == 2
+
+
+@pytest.mark.parametrize("threads", [-1, 10**9])
+def test_serve_and_batch_specs_refuse_torch_threads_out_of_range(threads):
+    from raystack.batch import BatchConfig
+    from raystack.config import ConfigError, from_dict
+
+    for cls, base in ((ServeConfig, {"model": "m"}), (BatchConfig, {"model": "m", "input": "i", "output": "o"})):
+        with pytest.raises(ConfigError, match=r"threads must be 0 \(automatic\) to 1024"):
+            from_dict(cls, {**base, "threads": threads})
