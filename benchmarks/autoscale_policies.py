@@ -10,7 +10,8 @@ interval), replicas reporting every 2 s as on a Ray raystack starts. The load: `
 ``--max-tokens``-token completions back to back for ``--load-s`` seconds — few requests (under the request target),
 more sequences than one replica's slots. Prints per policy: when the new replica was asked for and when it served
 (from the load's start), time to scale back down (from its end), queue wait p50/p99 (time to first token), output
-tokens/s, and replicas over time. The engine-load policy must scale up where the request-count one does not, and come back down after the load.
+tokens/s, and replicas over time. The engine-load policy must scale up where the request-count one does not, and
+come back down after the load.
 """
 
 from __future__ import annotations

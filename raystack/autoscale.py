@@ -12,8 +12,8 @@ look busy while slots are free. Each replica reports its engine's load through S
 
 Serve then applies ``min_replicas``/``max_replicas`` and ``upscale_delay_s``/``downscale_delay_s`` around it (its
 wrapper for custom policies). Replicas report every ``RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S`` (Ray's
-default 10 s; 2 s on Rays raystack starts and in ``cluster.yaml``), so a decision sees load at most that old. Where this Ray has no custom policies, ``deployment_autoscaling``
-falls back to the request-count policy and says so.
+default 10 s; 2 s on Rays raystack starts and in ``cluster.yaml``), so a decision sees load at most that old. Where
+this Ray has no custom policies, ``deployment_autoscaling`` falls back to the request-count policy and says so.
 """
 
 from __future__ import annotations

@@ -199,8 +199,7 @@ def submission(kind: str, job_args: list[str], root: str, environ=None) -> dict:
     """The ``JobSubmissionClient.submit_job`` arguments for ``raystack submit KIND -- ARGS``.
 
     For ``deploy`` and ``rollout``, ``RAYSTACK_API_KEYS`` from the submitter's environment travels in the job's
-    ``runtime_env``
-    ``env_vars``; Serve gives a job's runtime_env to the replicas it deploys, so the keys reach them without ever
+    ``runtime_env`` ``env_vars``; Serve gives a job's runtime_env to the replicas it deploys, so the keys reach them without ever
     appearing on a command line or in a log (the Jobs API, behind the cluster's token, still holds them)."""
     environ = os.environ if environ is None else environ
     if job_args and job_args[0] == "--":

@@ -1,6 +1,8 @@
 """The pieces of a rollout that need no cluster: the monitor's window, a replica's outcome batching, the held-out
 texts, the spec's checks and the history file."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from raystack.rollout import (OutcomeReporter, RolloutError, RolloutMonitor, RolloutSpec, format_history,
@@ -83,23 +85,12 @@ def test_a_rollout_of_a_keyed_app_requires_keys_of_its_new_replicas(monkeypatch)
 
     import raystack.rollout as rollout
 
-    class Handle:
-        def __init__(self, keys):
-            self.keys = keys
+    def handle(keys):  # serve.get_app_handle(app).rollout_info.remote().result(timeout_s=...)
+        info = {"config": {"model": "a", "require_api_key": False}, "api_keys": keys}
+        return SimpleNamespace(rollout_info=SimpleNamespace(
+            remote=lambda: SimpleNamespace(result=lambda timeout_s: info)))
 
-        @property
-        def rollout_info(self):
-            handle = self
-
-            class Call:
-                def remote(self):
-                    class Result:
-                        def result(self, timeout_s):
-                            return {"config": {"model": "a", "require_api_key": False}, "api_keys": handle.keys}
-                    return Result()
-            return Call()
-
-    monkeypatch.setattr(serve, "get_app_handle", lambda app: Handle(2))
+    monkeypatch.setattr(serve, "get_app_handle", lambda app: handle(2))
     assert rollout.current_config("llm") == {"model": "a", "require_api_key": True}  # fail closed, never open
-    monkeypatch.setattr(serve, "get_app_handle", lambda app: Handle(0))
+    monkeypatch.setattr(serve, "get_app_handle", lambda app: handle(0))
     assert rollout.current_config("llm") == {"model": "a", "require_api_key": False}
