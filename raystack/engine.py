@@ -52,7 +52,7 @@ import torch
 
 from raystack.checkpoint import load_artifact
 from raystack.model import GPT, KVCache
-from raystack.sampling import SamplingParamError, SamplingParams, sample
+from raystack.sampling import SamplingParamError, SamplingParams, sample, validate
 from raystack.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -596,12 +596,13 @@ class Engine:
         return out[torch.tensor([s.slot - first for s in decodes], device=self.device)]
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        return sample(logits, self._sampling_params(rows, logits.shape[1])).tokens.tolist()
+        params = self._sampling_params(rows, logits)
+        return sample(logits, params, params_checked=True).tokens.tolist()
 
-    def _sampling_params(self, rows: list[_Sequence], vocab: int) -> SamplingParams:
+    def _sampling_params(self, rows: list[_Sequence], logits: torch.Tensor) -> SamplingParams:
         """The rows' sampling parameters. What does not change while the same sequences decode (all but the step
-        and the penalty counts) is built once and kept until the batch changes."""
-        key = tuple(s.id for s in rows)
+        and the penalty counts) is built and validated once and kept until the batch changes."""
+        key, vocab = tuple(s.id for s in rows), logits.shape[1]
         if self._params[0] != key:
             p = [s.params for s in rows]
             bias = None
@@ -613,6 +614,11 @@ class Engine:
                 seed=[s.seed for s in rows], repetition_penalty=[x.repetition_penalty for x in p],
                 presence_penalty=[x.presence_penalty for x in p], frequency_penalty=[x.frequency_penalty for x in p],
                 logit_bias=bias, device=self.device), any(x.uses_penalties for x in p)
+            try:
+                validate(logits, self._params[1], check_nan=False)
+            except Exception:
+                self._params = (None, None, False)  # never kept unchecked
+                raise
         _, base, penalties = self._params
         counts = None
         if penalties:

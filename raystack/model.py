@@ -120,9 +120,9 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``[..., T, D]`` by angle tables broadcasting to ``[..., T, D/2]`` (rotate-half convention)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.type_as(x)
+    x1, x2 = _as(x, torch.float32).chunk(2, dim=-1)
+    rotated = torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)), dim=-1)
+    return _as(rotated, x.dtype)
 
 
 class Attention(nn.Module):
@@ -145,8 +145,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             y = self._cached_attention(q, k, v, positions, cache, slots, visible)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return F.dropout(self.proj(y), dropout, self.training)
+        y = self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return F.dropout(y, dropout, self.training) if dropout else y
 
     def _cached_attention(self, q, k, v, positions, cache: KVCache, slots, visible):
         """Write this step's keys/values at (slot, position) and attend over each row's first ``span`` positions
@@ -159,13 +159,18 @@ class Attention(nn.Module):
         else:
             rows = slots[:, None]
         # [B, T] index pairs broadcast over heads.
-        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        k_cache[rows, :, positions] = _as(k.transpose(1, 2), k_cache.dtype)
+        v_cache[rows, :, positions] = _as(v.transpose(1, 2), v_cache.dtype)
         if isinstance(slots, slice):
             keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
         else:
             keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]
-        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible)
+        return F.scaled_dot_product_attention(q, _as(keys, q.dtype), _as(values, q.dtype), attn_mask=visible)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; no dispatch when it already is (the decode step runs tens of these per token)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -191,7 +196,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, positions=None, cache=None, slots=None, visible=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, slots, visible)
         mlp = self.fc_proj(F.gelu(self.fc(self.mlp_norm(x))))
-        return x + F.dropout(mlp, self.dropout, self.training)
+        return x + (F.dropout(mlp, self.dropout, self.training) if self.training and self.dropout else mlp)
 
 
 class GPT(nn.Module):

@@ -111,13 +111,20 @@ def _first_bad_row(bad: torch.Tensor) -> Optional[int]:
     return int(rows[0]) if len(rows) else None
 
 
-def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = True) -> None:
-    """Raise ``ValueError`` naming the parameter and the row for anything outside the op's contract."""
+def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = True, check_params: bool = True) -> None:
+    """Raise ``ValueError`` naming the parameter and the row for anything outside the op's contract (``check_params``
+    off: only the logits' shape and values, for parameters the caller validated before)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     B, V = logits.shape
+    if not check_params:
+        if params.temperature.shape != (B,):
+            raise ValueError(f"temperature must have shape [{B}], got {list(params.temperature.shape)}")
+        if check_nan:
+            _check_logits(logits)
+        return
     for f in fields(params):
         value = getattr(params, f.name)
         if value is None:
@@ -152,10 +159,14 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
     if params.counts is not None and _first_bad_row((params.counts < 0).any(-1)) is not None:
         raise ValueError(f"counts must be >= 0; row {_first_bad_row((params.counts < 0).any(-1))} has a negative count")
     if check_nan:
-        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
-        row = _first_bad_row(bad)
-        if row is not None:
-            raise ValueError(f"logits of row {row} contain NaN, +inf or no finite value")
+        _check_logits(logits)
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    row = _first_bad_row(bad)
+    if row is not None:
+        raise ValueError(f"logits of row {row} contain NaN, +inf or no finite value")
 
 
 def triton_available() -> bool:
@@ -167,17 +178,19 @@ def triton_available() -> bool:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False,
-           backend: str = "auto") -> SampleOutput:
+           backend: str = "auto", params_checked: bool = False) -> SampleOutput:
     """Sample one token per row. ``backend``: ``auto`` (Triton on CUDA, else CPU path), ``triton``, ``cpu``,
-    ``reference``."""
+    ``reference``. ``params_checked``: the caller ran ``validate`` on these parameters already (all but ``step``
+    and ``counts``, which it built itself): the engine checks a batch's parameters once, not every decode step."""
     if backend == "auto":
         backend = "triton" if logits.is_cuda and triton_available() else "cpu"
     if backend == "cpu":
         from raystack.sampling.cpu import sample_cpu
 
-        validate(logits, params, check_nan=False)  # the CPU path finds NaN rows in its own max pass
+        # the CPU path finds NaN rows in its own max pass
+        validate(logits, params, check_nan=False, check_params=not params_checked)
         return sample_cpu(logits, params, return_logprobs)
-    validate(logits, params)
+    validate(logits, params, check_params=not params_checked)
     if backend == "triton":
         from raystack.sampling.triton_kernel import sample_triton
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from raystack.sampling import SampleOutput, SamplingParams, neg_log_min_p
-from raystack.sampling.philox import uniform_numpy
+from raystack.sampling.philox import uniform_cached
 from raystack.sampling.reference import apply_penalties
 
 INITIAL_CANDIDATES = 64
@@ -70,7 +70,7 @@ def sample_cpu(logits: torch.Tensor, params: SamplingParams, return_logprobs: bo
     filtered = sampled & (p.k_on | p.p_on | p.m_on)
     plain = sampled & ~filtered
     if sampled.any():
-        u = uniform_numpy(p.seed, p.step).astype(np.float64)
+        u = uniform_cached(p.seed, p.step).astype(np.float64)
     if filtered.all():  # the usual batch: every row filtered alike, no row selection to pay for
         tokens, logprobs = _sample_filtered(x, row_max, p, u)
     else:
@@ -98,7 +98,7 @@ def survivors_cpu(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     mask[plain] = x[plain] > -np.inf
     rows = np.nonzero(~greedy & (p.k_on | p.p_on | p.m_on))[0]
     if len(rows):
-        _, ids, alive, _ = _survivors(x[rows], row_max[rows], p.subset(rows))
+        _, ids, alive, _, _ = _survivors(x[rows], row_max[rows], p.subset(rows))
         sub = np.zeros((len(rows), V), dtype=bool)
         np.put_along_axis(sub, ids, alive, axis=1)
         mask[rows] = sub
@@ -127,12 +127,14 @@ def _sample_unfiltered(x, row_max, temperature, u):
     return index, logprob.astype(np.float32)
 
 
-def _top(z: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _top(z: np.ndarray, size: int, want_ids: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """The ``size`` largest z per row, sorted descending (values, token ids): partial selection, then a sort of
-    the selection only."""
+    the selection only. The whole row without ``want_ids`` is its values alone (ids None), one float sort."""
     if size < z.shape[1]:
         ids = np.argpartition(-z, size - 1, axis=1)[:, :size]
         return _sort_descending(_along(z, ids), ids)
+    if not want_ids:
+        return -np.sort(-z, axis=1), None
     return _sort_descending(z, np.broadcast_to(np.arange(z.shape[1], dtype=np.uint32), z.shape))
 
 
@@ -149,14 +151,15 @@ def _sort_descending(values: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, n
     return bits.view(np.float32), (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
-def _candidates(z, p: _Rows, total, nlm):
-    """The C largest z per row (values, token ids), C grown until every row's survivors are provably inside."""
+def _candidates(z, p: _Rows, total, nlm, want_ids: bool = True):
+    """The C largest z per row (values, token ids), C grown until every row's survivors are provably inside.
+    Without ``want_ids`` the ids of a whole-vocabulary selection (C == V) are not made (None)."""
     V = z.shape[1]
     k = p.top_k
     size = max(INITIAL_CANDIDATES, int(np.where(p.k_on, k, 0).max()) + 1)
     while True:
         size = V if size >= V // 4 else size  # a quarter of the vocabulary or more: sorting it all costs no more
-        values, ids = _top(z, size)
+        values, ids = _top(z, size, want_ids)
         if size == V:
             return values, ids
         last = values[:, -1]
@@ -171,8 +174,9 @@ def _candidates(z, p: _Rows, total, nlm):
         size *= GROWTH
 
 
-def _survivors(x, row_max, p: _Rows):
-    """Candidates ``(values, ids)`` ``[R, C]`` sorted by z, which of them survive, and their weights exp(z)."""
+def _survivors(x, row_max, p: _Rows, want_ids: bool = True):
+    """Candidates ``(values, ids)`` ``[R, C]`` sorted by z, which of them survive, their weights exp(z), and z
+    itself ``[R, V]`` (ids None when the candidates are the whole vocabulary and ``want_ids`` is off)."""
     z = (x - row_max[:, None]) / p.temperature[:, None]
     needs_total = p.p_on & ~p.k_on  # top-p over the whole vocabulary needs its total mass
     total = np.zeros(len(z), dtype=np.float64)
@@ -182,7 +186,7 @@ def _survivors(x, row_max, p: _Rows):
         nlm = neg_log_min_p(torch.from_numpy(p.min_p)).numpy()
     else:
         nlm = np.full(len(z), np.inf, dtype=np.float32)
-    values, ids = _candidates(z, p, total, nlm)
+    values, ids = _candidates(z, p, total, nlm, want_ids)
     C = values.shape[1]
 
     alive = values > -np.inf
@@ -198,11 +202,13 @@ def _survivors(x, row_max, p: _Rows):
     keep_p = _along(exclusive, first) < (p.top_p.astype(np.float64) * total)[:, None]
     alive &= np.where(p.p_on[:, None], keep_p, True)
     alive &= np.where(p.m_on[:, None], (0 - values) <= nlm[:, None], True)
-    return values, ids, alive, weights
+    return values, ids, alive, weights, z
 
 
 def _sample_filtered(x, row_max, p: _Rows, u):
-    values, ids, alive, weights = _survivors(x, row_max, p)
+    values, ids, alive, weights, z = _survivors(x, row_max, p, want_ids=False)
+    if ids is None:
+        return _draw_above(z, values, alive, u)
     # Inverse CDF over the survivors in token-index order: the candidates ordered by (id, dead last) with one np.sort
     # of packed keys (id, then the candidate's position, so equal keys keep their order as a stable sort would).
     C = ids.shape[1]
@@ -217,4 +223,21 @@ def _sample_filtered(x, row_max, p: _Rows, u):
     pos = np.minimum(pos, alive.sum(axis=1) - 1)
     tokens = _along(sorted_ids, pos[:, None])[:, 0]
     logprobs = np.log(_along(w, pos[:, None])[:, 0] / surviving_total)
+    return tokens, logprobs.astype(np.float32)
+
+
+def _draw_above(z, values, alive, u):
+    """The draw when the candidates are the whole vocabulary (small vocabularies): every filter keeps a prefix of
+    the candidates sorted by z, ties together, so the survivors are ``z >= tau`` with tau the last survivor's z, and
+    the inverse CDF runs over the rows in token order as they are (dead tokens add exact zeros to the sums): no
+    second sort, no gathers."""
+    tau = _along(values, (alive.sum(axis=1) - 1)[:, None])
+    keep = z >= tau
+    w = np.where(keep, np.exp(z).astype(np.float64), 0)
+    cdf = np.cumsum(w, axis=1)
+    surviving_total = cdf[:, -1]
+    index = _searchsorted_right(cdf, u * surviving_total)
+    last = z.shape[1] - 1 - np.argmax(keep[:, ::-1], axis=1)  # the last survivor in token order
+    tokens = np.minimum(index, last)
+    logprobs = np.log(_along(w, tokens[:, None])[:, 0] / surviving_total)
     return tokens, logprobs.astype(np.float32)

@@ -72,18 +72,55 @@ def uniform_numpy(seed: np.ndarray, step: np.ndarray) -> np.ndarray:
         ints = [_uniform_python(int(s), int(t)) for s, t in zip(seed.tolist(), step.tolist())]
         return np.array(ints, dtype=np.int64).astype(np.float32) * np.float32(4.6566127342e-10)
     with np.errstate(over="ignore"):
-        key = seed.astype(np.int64).astype(np.uint64)  # two's complement, as torch's int64 & 0xFFFFFFFF
-        k0, k1 = key & np.uint64(_MASK), (key >> np.uint64(32)) & np.uint64(_MASK)
-        c0 = step.astype(np.int64).astype(np.uint64) & np.uint64(_MASK)
-        c1 = c2 = c3 = np.zeros_like(c0)
         mask, shift = np.uint64(_MASK), np.uint64(32)
-        round_a, round_b = np.uint64(ROUND_A), np.uint64(ROUND_B)
-        key_a, key_b = np.uint64(KEY_A), np.uint64(KEY_B)
-        for _ in range(10):
-            product_b, product_a = c2 * round_b, c0 * round_a  # < 2**64: exact
-            c0, c1, c2, c3 = ((product_b >> shift) ^ c1 ^ k0, product_b & mask, (product_a >> shift) ^ c3 ^ k1,
-                              product_a & mask)
-            k0, k1 = (k0 + key_a) & mask, (k1 + key_b) & mask
-        signed = c0.astype(np.uint32).view(np.int32).astype(np.int64)  # bitcast to int32
+        key = seed.astype(np.int64).astype(np.uint64)  # two's complement, as torch's int64 & 0xFFFFFFFF
+        # The round keys of every round at once, [2 (k0, k1), rounds, B]; the state as pairs (c0, c2) and (c1, c3).
+        keys = np.stack([key & mask, (key >> shift) & mask])[:, None, :]
+        bumps = np.array([KEY_A, KEY_B], dtype=np.uint64)[:, None, None] * np.arange(10, dtype=np.uint64)[:, None]
+        keys = (keys + bumps) & mask
+        even = np.stack([step.astype(np.int64).astype(np.uint64) & mask, np.zeros(len(seed), dtype=np.uint64)])
+        odd = np.zeros_like(even)
+        multipliers = np.array([ROUND_A, ROUND_B], dtype=np.uint64)[:, None]
+        for r in range(10):
+            product = even * multipliers  # (c0 * A, c2 * B) < 2**64: exact
+            # c0' = hi(c2 * B) ^ c1 ^ k0, c2' = hi(c0 * A) ^ c3 ^ k1, c1' = lo(c2 * B), c3' = lo(c0 * A)
+            even, odd = (product >> shift)[::-1] ^ odd ^ keys[:, r], (product & mask)[::-1]
+        signed = even[0].astype(np.uint32).view(np.int32).astype(np.int64)  # bitcast to int32
         signed = np.where(signed < 0, -signed - 1, signed)
         return signed.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+AHEAD = 16
+"""Steps ``uniform_cached`` draws at once for a seed that is being drawn step after step."""
+TABLE_LIMIT = 1 << 16
+"""Entries a table may hold before it is emptied (what sequences that ended early left behind)."""
+_ahead: dict[tuple[int, int], float] = {}
+_last: dict[int, int] = {}
+
+
+def uniform_cached(seed: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """``uniform_numpy(seed, step)``, with the next steps of a decoding sequence drawn ahead: when a seed's last
+    draw was the step before, its next ``AHEAD`` steps are computed in the same vectorised Philox and kept, so one
+    call serves that many decode steps (the ~60 array operations of a draw cost more than the rest of sampling a
+    small vocabulary). A value is taken out of the table when used; anything else is computed as asked, bit for
+    bit the same."""
+    keys = list(zip(seed.tolist(), step.tolist()))
+    out = [_ahead.pop(key, None) for key in keys]
+    missing = [i for i, value in enumerate(out) if value is None]
+    if missing:
+        if len(_ahead) > TABLE_LIMIT or len(_last) > TABLE_LIMIT:
+            _ahead.clear()
+            _last.clear()
+        counts = np.array([AHEAD if _last.get(keys[i][0]) == keys[i][1] - 1 else 1 for i in missing])
+        starts = np.cumsum(counts) - counts
+        offsets = np.arange(int(counts.sum())) - np.repeat(starts, counts)
+        values = uniform_numpy(np.repeat(seed[missing].astype(np.int64), counts),
+                               np.repeat(step[missing].astype(np.int64), counts) + offsets).tolist()
+        for i, start, count in zip(missing, starts.tolist(), counts.tolist()):
+            out[i] = values[start]
+            s, t = keys[i]
+            for k in range(1, count):
+                _ahead[(s, t + k)] = values[start + k]
+    for s, t in keys:
+        _last[s] = t
+    return np.array(out, dtype=np.float32)

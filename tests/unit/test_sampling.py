@@ -42,6 +42,37 @@ def test_numpy_uniforms_equal_the_torch_philox_bit_for_bit():
     assert torch.equal(uniform(seed, step), expected)
 
 
+def test_uniforms_drawn_ahead_equal_those_drawn_as_asked():
+    """The CPU path draws a decoding sequence's next steps ahead (philox.uniform_cached); whatever the order of the
+    calls (step after step, the same step again, steps skipped, seeds joining and leaving), every value equals the
+    direct draw bit for bit."""
+    import numpy as np
+
+    from raystack.sampling import philox
+
+    g = np.random.default_rng(0)
+    seeds = g.integers(-2**63, 2**63 - 1, 12, dtype=np.int64)
+    steps = np.zeros(12, dtype=np.int64)
+    for call in range(120):
+        rows = np.sort(g.choice(12, size=int(g.integers(1, 13)), replace=False))
+        move = g.integers(0, 10, len(rows))
+        steps[rows] += np.where(move < 7, 1, np.where(move < 9, 0, 5))  # mostly the next step; again; a jump
+        got = philox.uniform_cached(seeds[rows], steps[rows])
+        assert np.array_equal(got, philox.uniform_numpy(seeds[rows], steps[rows])), f"call {call}"
+    assert philox._ahead, "step-after-step draws were never drawn ahead"
+
+
+def test_checked_parameters_still_refuse_bad_logits():
+    """``params_checked`` skips the parameter checks the engine ran once for its batch, not the logits' own."""
+    params = SamplingParams.build(2, top_p=0.9, seed=[1, 2])
+    logits = torch.randn(2, 257)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="row 1"):
+        sample(logits, params, params_checked=True)
+    with pytest.raises(ValueError, match="shape"):
+        sample(torch.randn(3, 257), params, params_checked=True)
+
+
 @pytest.mark.parametrize("V", [1000, 257], ids=["selection", "whole-sort"])  # 257: raystack's byte vocabulary
 @pytest.mark.parametrize("make_logits", [lambda B, V: torch.randn(B, V) * 3, lambda B, V: tie_logits(B, V),
                                          lambda B, V: torch.randn(B, V) * 0.05], ids=["random", "ties", "flat"])
@@ -77,11 +108,17 @@ def test_greedy_is_the_first_argmax_and_has_logprob_zero():
     assert out.logprobs.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("V", [2048, 257])
-def test_cpu_path_draws_the_reference_tokens_and_logprobs(V):
+@pytest.mark.parametrize("V,make_logits", [(2048, lambda B, V: torch.randn(B, V) * 2.5),
+                                           (257, lambda B, V: torch.randn(B, V) * 2.5),
+                                           (257, lambda B, V: tie_logits(B, V)),
+                                           (257, lambda B, V: torch.randn(B, V) * 0.05)],
+                         ids=["selection", "whole-vocabulary", "whole-vocabulary-ties", "whole-vocabulary-flat"])
+def test_cpu_path_draws_the_reference_tokens_and_logprobs(V, make_logits):
+    """2048: survivors found by partial selection; 257 (the byte vocabulary): the whole row sorted and the draw made
+    over the rows as they are, above one threshold per row (ties and near-uniform rows included)."""
     params, B = grid_params(B_per=2)
     torch.manual_seed(1)
-    logits = torch.randn(B, V) * 2.5
+    logits = make_logits(B, V)
     tokens, logprobs = sample_reference(logits.double(), params)
     out = sample(logits, params, return_logprobs=True, backend="cpu")
     assert (out.tokens == tokens).float().mean() == 1.0
