@@ -199,6 +199,30 @@ class PromptLogprob:
     top_logprobs: Optional[list[tuple[int, float]]] = None
 
 
+class _Events:
+    """A sequence's events, put by the scheduler and awaited by ``generate``, both on the event loop's thread: what
+    ``asyncio.Queue`` does for one producer and one consumer, without its per-call bookkeeping (a put and a get per
+    generated token)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._waiter: Optional[asyncio.Future] = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # done: the consumer was cancelled while it waited
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
 class _Sequence:
     _ids = itertools.count()
 
@@ -213,7 +237,7 @@ class _Sequence:
         self.queue_wait: Optional[float] = None  # set when first admitted
         self.generated: list[int] = []
         self.slot: Optional[int] = None
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue = _Events()
         self.cancelled = False
         self.finished = False
         self.counts: Optional[torch.Tensor] = None

@@ -179,9 +179,12 @@ def _survivors(x, row_max, p: _Rows, want_ids: bool = True):
     itself ``[R, V]`` (ids None when the candidates are the whole vocabulary and ``want_ids`` is off)."""
     z = (x - row_max[:, None]) / p.temperature[:, None]
     needs_total = p.p_on & ~p.k_on  # top-p over the whole vocabulary needs its total mass
-    total = np.zeros(len(z), dtype=np.float64)
-    if needs_total.any():
-        total[needs_total] = np.exp(z[needs_total]).astype(np.float64).sum(axis=1)
+    if needs_total.all():  # the usual batch: no boolean row selection to pay for
+        total = np.exp(z).astype(np.float64).sum(axis=1)
+    else:
+        total = np.zeros(len(z), dtype=np.float64)
+        if needs_total.any():
+            total[needs_total] = np.exp(z[needs_total]).astype(np.float64).sum(axis=1)
     if p.m_on.any():  # the kernel's and the reference's cut, bit for bit
         nlm = neg_log_min_p(torch.from_numpy(p.min_p)).numpy()
     else:
@@ -189,19 +192,24 @@ def _survivors(x, row_max, p: _Rows, want_ids: bool = True):
     values, ids = _candidates(z, p, total, nlm, want_ids)
     C = values.shape[1]
 
+    # Each filter's arrays are built only when some row uses it.
     alive = values > -np.inf
-    kth = _along(values, np.minimum(np.maximum(p.top_k - 1, 0), C - 1)[:, None])
-    alive &= np.where(p.k_on[:, None], values >= kth, True)
+    if p.k_on.any():
+        kth = _along(values, np.minimum(np.maximum(p.top_k - 1, 0), C - 1)[:, None])
+        alive &= np.where(p.k_on[:, None], values >= kth, True)
     weights = np.where(alive, np.exp(values).astype(np.float64), 0)
-    total = np.where(p.k_on, weights.sum(axis=1), total)
-    # top-p: mass strictly above each candidate; tied candidates share their group's first exclusive sum
-    exclusive = np.cumsum(weights, axis=1) - weights
-    group_start = np.ones_like(alive)
-    group_start[:, 1:] = values[:, 1:] != values[:, :-1]
-    first = np.maximum.accumulate(np.where(group_start, np.arange(C), 0), axis=1)
-    keep_p = _along(exclusive, first) < (p.top_p.astype(np.float64) * total)[:, None]
-    alive &= np.where(p.p_on[:, None], keep_p, True)
-    alive &= np.where(p.m_on[:, None], (0 - values) <= nlm[:, None], True)
+    if p.k_on.any():
+        total = np.where(p.k_on, weights.sum(axis=1), total)
+    if p.p_on.any():
+        # top-p: mass strictly above each candidate; tied candidates share their group's first exclusive sum
+        exclusive = np.cumsum(weights, axis=1) - weights
+        group_start = np.ones_like(alive)
+        group_start[:, 1:] = values[:, 1:] != values[:, :-1]
+        first = np.maximum.accumulate(np.where(group_start, np.arange(C), 0), axis=1)
+        keep_p = _along(exclusive, first) < (p.top_p.astype(np.float64) * total)[:, None]
+        alive &= np.where(p.p_on[:, None], keep_p, True)
+    if p.m_on.any():
+        alive &= np.where(p.m_on[:, None], (0 - values) <= nlm[:, None], True)
     return values, ids, alive, weights, z
 
 
