@@ -194,11 +194,12 @@ def _survivors(x, row_max, p: _Rows, want_ids: bool = True):
 
     # Each filter's arrays are built only when some row uses it.
     alive = values > -np.inf
-    if p.k_on.any():
+    top_k = p.k_on.any()
+    if top_k:
         kth = _along(values, np.minimum(np.maximum(p.top_k - 1, 0), C - 1)[:, None])
         alive &= np.where(p.k_on[:, None], values >= kth, True)
     weights = np.where(alive, np.exp(values).astype(np.float64), 0)
-    if p.k_on.any():
+    if top_k:
         total = np.where(p.k_on, weights.sum(axis=1), total)
     if p.p_on.any():
         # top-p: mass strictly above each candidate; tied candidates share their group's first exclusive sum
