@@ -9,7 +9,8 @@ path, so all do the same work), top_p 0.9:
 - ``hf``: ``transformers.GPT2LMHeadModel.generate``, a static batch of ``c`` prompts, in process (the baseline);
 - ``engine``: raystack's ``Engine``, ``c`` concurrent requests, in process;
 - ``http`` / ``http-stream``: ``c`` concurrent requests to raystack on Ray Serve over loopback HTTP, non-streamed and
-  streamed (one replica holding the same CPU budget);
+  streamed (one replica holding the same CPU budget), through HAProxy and the replica's own HTTP server where
+  ``raystack.cluster`` switches Serve's throughput mode on (``--ingress proxy``: Serve's proxy actor instead);
 - ``engine-int8`` (``--int8``): the engine with int8 weights in its linear layers, with the held-out loss of both
   (nats per byte on the Python standard library's ``json`` package source; random weights unless ``--model``).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -311,10 +313,21 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="add the engine with int8 weights, and its quality cost")
     parser.add_argument("--engine-threads", type=int, help="the engine's intra-op threads (default: --threads)")
     parser.add_argument("--model", help="a model artifact to measure instead of random weights (one shape)")
+    parser.add_argument("--ingress", choices=["auto", "proxy"], default="auto",
+                        help="auto: HAProxy in front of direct-ingress replicas where raystack.cluster enables it; "
+                             "proxy: Serve's Python proxy actor (Ray's default)")
     args = parser.parse_args()
+    if args.ingress == "proxy":
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"  # before the local Ray starts (raystack.cluster)
+    from raystack.cluster import apply_local_ray_env
+
+    apply_local_ray_env()
+    ingress = ("HAProxy + direct ingress" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+               else "Serve's proxy actor")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     print(f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.threads} cores per path; prompts "
-          f"{args.prompt_tokens} tokens, {args.new_tokens} new, top_p 0.9; best of {args.repeats}", flush=True)
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new, top_p 0.9; best of {args.repeats}; HTTP through "
+          f"{ingress}", flush=True)
     rows: list = []
     for name in args.presets.split(","):
         measure_shape(name, args, rows)

