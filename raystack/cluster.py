@@ -106,6 +106,26 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
         time.sleep(1)
 
 
+def stop_serve(timeout_s: float = 300.0) -> None:
+    """``serve.shutdown()``, then wait until the Serve controller is gone. ``serve.shutdown`` gives the controller
+    30 s and returns while it still drains replicas when that is not enough (a busy machine; each direct-ingress
+    replica stays reachable ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``): a ``serve.start`` in that window
+    joins the dying controller and gets its HTTP port, which then closes."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    serve.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no such actor: gone
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve's controller was still shutting down after {timeout_s:.0f} s")
+
+
 def init_ray(**kwargs) -> None:
     """Connect to (or start) Ray once; extra kwargs go to ``ray.init`` for a local start."""
     import ray

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.autoscale_policies import run_policy
 from raystack.checkpoint import save_artifact
-from raystack.cluster import start_serve
+from raystack.cluster import start_serve, stop_serve
 from raystack.model import GPT, ModelConfig
 from tests.helpers import free_port
 
@@ -17,14 +17,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
-    from ray import serve
-
     torch.manual_seed(0)
     config = ModelConfig.from_preset("tiny", max_seq_len=1024)
     artifact = save_artifact(str(tmp_path_factory.mktemp("artifact") / "model"), config, GPT(config).state_dict())
     _, port = start_serve({"host": "127.0.0.1", "port": free_port()})
     yield artifact, f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    stop_serve()
 
 
 def test_engine_load_scales_up_where_the_request_count_does_not_and_back_down(served):

@@ -17,7 +17,7 @@ import torch
 
 from raystack import cli
 from raystack.checkpoint import save_artifact
-from raystack.cluster import start_serve
+from raystack.cluster import start_serve, stop_serve
 from raystack.engine import Engine, EngineConfig, GenerationParams, generate_text
 from raystack.model import GPT, ModelConfig
 from raystack.rollout import RolloutSpec, current_config, read_history, rollout
@@ -77,7 +77,7 @@ def live(ray_session, tmp_path_factory):
     serve.run(build_app({"model": artifacts["v1"], "num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1,
                          "max_batch_size": 8, "request_timeout_s": 30}), name=APP, route_prefix="/live")
     yield artifacts, f"http://127.0.0.1:{port}/live"
-    serve.shutdown()
+    stop_serve()
 
 
 class Load:

@@ -120,7 +120,7 @@ def test_batch_to_s3_commits_replaces_whole_and_survives_a_killed_job(ray_sessio
 def test_training_on_s3_killed_and_resumed_then_served(ray_session, bucket):
     from ray import serve
 
-    from raystack.cluster import start_serve
+    from raystack.cluster import start_serve, stop_serve
     from raystack.serving import build_app
 
     args = [*TINY_OVERRIDES, f"storage_path=s3://{bucket}/runs", "name=on-s3", "schedule.steps=60",
@@ -154,4 +154,4 @@ def test_training_on_s3_killed_and_resumed_then_served(ray_session, bucket):
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] >= 1
     finally:
-        serve.shutdown()
+        stop_serve()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raystack.checkpoint import save_artifact
-from raystack.cluster import start_serve
+from raystack.cluster import start_serve, stop_serve
 from raystack.model import GPT, ModelConfig
 from raystack.serving import build_app
 from tests.helpers import free_port
@@ -43,7 +43,7 @@ def server(ray_session, tmp_path_factory):
               name="tight", route_prefix="/tight")
     serve.run(build_app({**base, "min_replicas": 2, "max_replicas": 2}), name="chaos", route_prefix="/chaos")
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    stop_serve()
 
 
 def complete(url, **body):

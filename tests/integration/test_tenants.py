@@ -15,7 +15,7 @@ import torch
 
 from raystack import cli
 from raystack.checkpoint import save_artifact
-from raystack.cluster import start_serve
+from raystack.cluster import start_serve, stop_serve
 from raystack.model import GPT, ModelConfig
 from raystack.serving import build_app
 from raystack.tenants import add_key, key_id, revoke_key
@@ -49,7 +49,7 @@ def server(ray_session, tmp_path_factory):
                          "max_ongoing_requests": 64, "max_queued_requests": 64}),
               name="tenants", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    stop_serve()
 
 
 def _auth(tenant: str) -> dict:
