@@ -56,11 +56,11 @@ def main() -> None:
     config = ModelConfig(**SHAPES["issue"])
     model = GPT(config).eval()
     cache = KVCache(config, args.batch)
-    tokens = torch.randint(0, 256, (args.batch, 1))
-    positions = torch.full((args.batch, 1), args.past)
+    tokens = torch.randint(0, 256, (args.batch,))
+    positions = torch.full((args.batch,), args.past)
 
-    def ours():
-        return model(tokens, positions=positions, cache=cache, slots=slice(0, args.batch))[:, -1]
+    def ours():  # the engine's decode step
+        return model.decode(tokens, positions, cache, slice(0, args.batch))
 
     main_thread = best_ms(ours)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -76,7 +76,7 @@ def main() -> None:
         state["past"] = copy.deepcopy(past)  # HF's cache grows by a position each step
 
     def theirs():
-        return hf(tokens, past_key_values=state["past"], use_cache=True).logits[:, -1]
+        return hf(tokens[:, None], past_key_values=state["past"], use_cache=True).logits[:, -1]
 
     hf_ms = best_ms(theirs, before=fresh_past)
     print(f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.threads} threads; decode step of "

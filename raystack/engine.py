@@ -592,10 +592,7 @@ class Engine:
     def _prefill(self, group: list[_Sequence]) -> torch.Tensor:
         """Prompts of one length, in one forward."""
         tokens = torch.tensor([seq.context for seq in group], device=self.device)
-        positions = torch.arange(tokens.shape[1], device=self.device).expand(len(group), -1)
-        out = self.model(tokens, positions=positions, cache=self.cache,
-                         slots=torch.tensor([seq.slot for seq in group], device=self.device))
-        return out[:, -1]
+        return self.model.prefill(tokens, self.cache, torch.tensor([seq.slot for seq in group], device=self.device))
 
     def _decode(self, decodes: list[_Sequence]) -> torch.Tensor:
         """One token for each of ``decodes`` (in slot order). When their slots are packed (at most
@@ -605,16 +602,16 @@ class Engine:
         first, last = decodes[0].slot, decodes[-1].slot
         width = last - first + 1
         if width > len(decodes) + DECODE_SLACK:
-            tokens = torch.tensor([[s.generated[-1]] for s in decodes], device=self.device)
-            positions = torch.tensor([[s.position] for s in decodes], device=self.device)
+            tokens = torch.tensor([s.generated[-1] for s in decodes], device=self.device)
+            positions = torch.tensor([s.position for s in decodes], device=self.device)
             slots = torch.tensor([s.slot for s in decodes], device=self.device)
-            return self.model(tokens, positions=positions, cache=self.cache, slots=slots)[:, -1]
+            return self.model.decode(tokens, positions, self.cache, slots)
         token_ids, position_ids = [0] * width, [-1] * width
         for s in decodes:
             token_ids[s.slot - first], position_ids[s.slot - first] = s.generated[-1], s.position
-        tokens = torch.tensor(token_ids, device=self.device)[:, None]
-        positions = torch.tensor(position_ids, device=self.device)[:, None]
-        out = self.model(tokens, positions=positions, cache=self.cache, slots=slice(first, last + 1))[:, -1]
+        tokens = torch.tensor(token_ids, device=self.device)
+        positions = torch.tensor(position_ids, device=self.device)
+        out = self.model.decode(tokens, positions, self.cache, slice(first, last + 1))
         if width == len(decodes):
             return out
         return out[torch.tensor([s.slot - first for s in decodes], device=self.device)]

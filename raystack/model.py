@@ -10,6 +10,11 @@ Contract:
   row, whose caches are read in place (a view, no copy: the engine's decode step). A row at position -1 is idle: it
   writes into the last cache position, which no sequence reads (the engine never feeds a token there), and its
   output is garbage.
+- The engine's two steps are the same computation in fewer, larger ops: ``GPT.prefill(tokens, cache, slots)`` for
+  prompts from position 0 (plain causal attention over their own keys, the logits of the last position only) and
+  ``GPT.decode(tokens, positions, cache, slots)`` for one token per row (keys and values written with one
+  ``index_copy_``, attention as two batched matrix-vector products); both equal the general call above within float
+  tolerance (tests/unit/test_model.py).
 
 Architecture: pre-norm (RMSNorm) blocks, causal attention through ``F.scaled_dot_product_attention``, rotary
 position embeddings, a GELU MLP (4x), no biases, input and output embeddings tied.
@@ -143,28 +148,33 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif visible is None:  # a prefill from position 0 (``GPT.prefill``): its own keys are all it sees
+            self._write(k, v, positions, cache, slots)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = self._cached_attention(q, k, v, positions, cache, slots, visible)
         y = self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
         return F.dropout(y, dropout, self.training) if dropout else y
 
-    def _cached_attention(self, q, k, v, positions, cache: KVCache, slots, visible):
-        """Write this step's keys/values at (slot, position) and attend over each row's first ``span`` positions
-        where ``visible`` ``[B, 1, T, span]`` (each row's past, not its future nor other rows' lengths)."""
-        span = visible.shape[-1]
+    def _write(self, k, v, positions, cache: KVCache, slots) -> None:
+        """Keys and values ``[B, H, T, D]`` into this layer's cache at (slot, position)."""
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
         if isinstance(slots, slice):  # consecutive slots: the cache rows are views, nothing is gathered
             k_cache, v_cache = k_cache[slots], v_cache[slots]
-            rows = torch.arange(q.shape[0], device=q.device)[:, None]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
         else:
             rows = slots[:, None]
         # [B, T] index pairs broadcast over heads.
         k_cache[rows, :, positions] = _as(k.transpose(1, 2), k_cache.dtype)
         v_cache[rows, :, positions] = _as(v.transpose(1, 2), v_cache.dtype)
-        if isinstance(slots, slice):
-            keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
-        else:
-            keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]
+
+    def _cached_attention(self, q, k, v, positions, cache: KVCache, slots, visible):
+        """Write this step's keys/values at (slot, position) and attend over each row's first ``span`` positions
+        where ``visible`` ``[B, 1, T, span]`` (each row's past, not its future nor other rows' lengths)."""
+        span = visible.shape[-1]
+        self._write(k, v, positions, cache, slots)
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+        keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]  # a slice: views; slot ids: gathered
         return F.scaled_dot_product_attention(q, _as(keys, q.dtype), _as(values, q.dtype), attn_mask=visible)
 
 
@@ -246,6 +256,64 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, positions, cache, slots, visible)
         return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, slots) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of the last position of ``tokens`` ``[B, T]``, sequences that start at position 0
+        of cache ``slots``; their keys and values are written to positions 0..T-1. Equal to ``forward(tokens,
+        arange(T), cache, slots)[:, -1]`` within float tolerance, without reading the cache back (each row sees
+        only its own tokens, so attention is plain causal attention) or the output layer over earlier positions."""
+        B, T = tokens.shape
+        if T > cache.k.shape[3]:
+            raise ValueError(f"a prefill of {T} tokens exceeds the cache's {cache.k.shape[3]} positions")
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin, positions, cache, slots, None)
+        return F.linear(self.norm(x[:, -1]), self.embed.weight)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots) -> torch.Tensor:
+        """One token per row: logits ``[B, vocab]`` for ``tokens`` ``[B]`` at ``positions`` ``[B]`` of cache
+        ``slots`` (a ``slice`` of consecutive slots, read in place, or a tensor of slot ids, gathered); equal to
+        ``forward(tokens[:, None], positions[:, None], cache, slots)[:, -1]`` within float tolerance, and the
+        same rule for idle rows (position -1). The engine's decode step, written as few, large ops per layer:
+        keys and values are written with one ``index_copy_`` each, and attention is two batched matrix-vector
+        products around an additive mask, built once per call (``scaled_dot_product_attention`` costs ~2x that
+        for a single query row on CPU)."""
+        B = tokens.shape[0]
+        H, D, S = self.config.n_head, self.config.head_dim, cache.k.shape[3]
+        span = int(positions.max()) + 1
+        written = positions.remainder(S)  # an idle row (-1) writes the last position, which nothing reads
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
+        cos = torch.cat((cos, cos), -1)[:, None, None]  # [B, 1, 1, D]: rotate-half as x * cos + swap(x) * sin
+        sin = torch.cat((-sin, sin), -1)[:, None, None]
+        # Row b sees positions 0..positions[b] (an idle row position 0: garbage, but finite).
+        hidden = torch.arange(span, device=tokens.device)[None, :] > positions.clamp(min=0)[:, None]
+        mask = torch.zeros(B, H, 1, span, device=tokens.device, dtype=cache.k.dtype)
+        mask.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        mask = mask.view(B * H, 1, span)
+        ids = (torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice)
+               else slots)
+        rows = ((ids[:, None] * H + torch.arange(H, device=tokens.device)) * S + written[:, None]).view(-1)
+        scale = 1.0 / math.sqrt(D)
+        x = self.embed(tokens)  # [B, C]
+        for block in self.blocks:
+            attn = block.attn
+            k_cache, v_cache = cache.k[attn.layer], cache.v[attn.layer]
+            qkv = attn.qkv(block.attn_norm(x)).view(B, 3, H, D)
+            qk = _as(qkv[:, :2], torch.float32)
+            swapped = qk.view(B, 2, H, 2, D // 2).flip(3).view(B, 2, H, D)
+            qk = torch.addcmul(qk * cos, swapped, sin)  # [B, 2 (q, k), H, D]
+            k_cache.view(-1, D).index_copy_(0, rows, _as(qk[:, 1].reshape(B * H, D), k_cache.dtype))
+            v_cache.view(-1, D).index_copy_(0, rows, _as(qkv[:, 2].reshape(B * H, D), v_cache.dtype))
+            keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]  # [B, H, span, D]
+            q = _as(qk[:, 0], keys.dtype).reshape(B * H, 1, D)
+            scores = torch.bmm(q, keys.flatten(0, 1).transpose(1, 2)).mul_(scale).add_(mask)
+            weights = _as(torch.softmax(_as(scores, torch.float32), -1), values.dtype)  # float32 softmax
+            y = torch.bmm(weights, values.flatten(0, 1)).view(B, H * D)
+            x = x + attn.proj(_as(y, x.dtype))
+            x = x + block.fc_proj(F.gelu(block.fc(block.mlp_norm(x))))
+        return F.linear(self.norm(x), self.embed.weight)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(self, tokens)

@@ -298,7 +298,16 @@ def test_ignore_eos_generates_past_the_end_of_text_token(model):
             self.inner, self.config = inner, inner.config
 
         def forward(self, *args, **kwargs):
-            logits = self.inner(*args, **kwargs)
+            return self.force_eot(self.inner(*args, **kwargs))
+
+        def prefill(self, *args):
+            return self.force_eot(self.inner.prefill(*args))
+
+        def decode(self, *args):
+            return self.force_eot(self.inner.decode(*args))
+
+        @staticmethod
+        def force_eot(logits):
             return logits.index_fill(-1, torch.tensor([ByteTokenizer().eot_id]), 1e4)
 
     async def scenario():
@@ -436,7 +445,7 @@ def test_steps_run_on_the_loop_thread_with_several_torch_threads_and_give_the_sa
     def generate(threads: int):
         torch_threads(threads)
         seen = set()
-        hook = model.register_forward_hook(lambda *_: seen.add(threading.get_ident()))
+        hook = model.embed.register_forward_hook(lambda *_: seen.add(threading.get_ident()))  # every step embeds
 
         async def scenario():
             engine = make_engine(model)

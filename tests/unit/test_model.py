@@ -67,6 +67,41 @@ def test_prefill_then_decode_with_rows_at_different_positions():
                  slots=torch.tensor([0, 1]))
     torch.testing.assert_close(step[0, 0], model(a)[0, -1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step[1, 0], model(b)[0, -1], rtol=1e-4, atol=1e-4)
+    # A prefill from position 0 gives the full forward's last logits and fills the cache as the general path does.
+    fresh = KVCache(config, slots=2)
+    torch.testing.assert_close(model.prefill(a[:, :9], fresh, torch.tensor([0])), model(a[:, :9])[:, -1],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fresh.k[:, 0, :, :9], cache.k[:, 0, :, :9])
+    torch.testing.assert_close(fresh.v[:, 0, :, :9], cache.v[:, 0, :, :9])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_place", [True, False])
+def test_decode_step_equals_the_general_forward_and_idle_rows_touch_nothing_read(in_place):
+    """``GPT.decode`` (the engine's decode step) gives the general forward's logits and writes the same keys and
+    values, over consecutive slots read in place (with an idle row at position -1) or gathered slots."""
+    torch.manual_seed(2)
+    config = ModelConfig.from_preset("tiny", max_seq_len=32)
+    model = GPT(config).eval()
+    general, fast = KVCache(config, slots=5), KVCache(config, slots=5)
+    lengths = [7, 12, 3, 20, 9]
+    for slot, length in enumerate(lengths):
+        prompt = torch.randint(0, 257, (1, length))
+        for cache in (general, fast):
+            model(prompt, positions=torch.arange(length)[None], cache=cache, slots=torch.tensor([slot]))
+    if in_place:
+        slots, positions = slice(1, 5), torch.tensor([12, -1, 20, 9])  # slot 2 idle this step
+    else:
+        slots, positions = torch.tensor([4, 0, 3]), torch.tensor([9, 7, 20])
+    tokens = torch.randint(0, 257, (len(positions),))
+    expected = model(tokens[:, None], positions=positions[:, None], cache=general, slots=slots)[:, -1]
+    got = model.decode(tokens, positions, fast, slots)
+    live = positions >= 0
+    torch.testing.assert_close(got[live], expected[live], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(got).all()  # an idle row's output is dropped, but never NaN
+    last = config.max_seq_len - 1  # the position an idle row writes, never read
+    torch.testing.assert_close(fast.k[:, :, :, :last], general.k[:, :, :, :last])
+    torch.testing.assert_close(fast.v[:, :, :, :last], general.v[:, :, :, :last])
 
 
 def test_kv_cache_memory_is_known_up_front():
