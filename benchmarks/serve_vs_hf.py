@@ -14,6 +14,8 @@ path, so all do the same work), top_p 0.9:
 - ``engine-int8`` (``--int8``): the engine with int8 weights in its linear layers, with the held-out loss of both
   (nats per byte on the Python standard library's ``json`` package source; random weights unless ``--model``).
 
+Each run sends ``max(c, --min-requests)`` requests, ``c`` at a time (``vllm bench serve``'s ``--num-prompts`` with
+``--max-concurrency``; HF: static batches of ``c`` one after another), so a p50 at c=1 is over 8 requests, not one.
 Printed per path and concurrency: output tokens/s and its ratio to ``hf`` at the same concurrency, TTFT p50/p99,
 TPOT (time per output token after the first), ITL p99 (between streamed chunks, or steps for ``hf``), and goodput
 (share of requests with TTFT < 1 s and TPOT < 50 ms): the metrics of ``vllm bench serve``. Every path gets the
@@ -93,8 +95,9 @@ def prompts(count: int, length: int) -> list[list[int]]:
 # The paths
 
 
-def run_hf(model, batch: list[list[int]], new_tokens: int) -> Run:
-    """A static batch through ``generate``; a streamer records when each step's tokens exist."""
+def run_hf(model, batch: list[list[int]], new_tokens: int, concurrency: int) -> Run:
+    """Static batches of ``concurrency`` prompts through ``generate``, one after another; a streamer records when
+    each step's tokens exist."""
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
@@ -107,37 +110,48 @@ def run_hf(model, batch: list[list[int]], new_tokens: int) -> Run:
         def end(self):
             pass
 
-    ids = torch.tensor(batch)
-    clock = Clock()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.9, top_k=0,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=256,
-                             streamer=clock)
-    seconds = time.perf_counter() - start
-    steps = clock.times[1:]  # the first put is the prompt
-    produced = out.shape[1] - ids.shape[1]
-    return Run(seconds, [Request(start, list(steps), produced) for _ in batch])
+    start, requests = time.perf_counter(), []
+    for wave in range(0, len(batch), concurrency):
+        ids = torch.tensor(batch[wave:wave + concurrency])
+        clock = Clock()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.9, top_k=0,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=256,
+                                 streamer=clock)
+        steps = clock.times[1:]  # the first put is the prompt
+        produced = out.shape[1] - ids.shape[1]
+        requests += [Request(began, list(steps), produced) for _ in range(len(ids))]
+    return Run(time.perf_counter() - start, requests)
 
 
-async def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int) -> Run:
+async def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int, concurrency: int) -> Run:
+    slots = asyncio.Semaphore(concurrency)
+
     async def one(i: int, prompt: list[int]) -> Request:
-        request = Request(time.perf_counter())
-        params = GenerationParams(max_tokens=new_tokens, top_p=0.9, seed=i, ignore_eos=True)
-        async for _ in engine.generate(prompt, params):
-            request.events.append(time.perf_counter())
-            request.tokens += 1
-        return request
+        async with slots:
+            request = Request(time.perf_counter())
+            params = GenerationParams(max_tokens=new_tokens, top_p=0.9, seed=i, ignore_eos=True)
+            async for _ in engine.generate(prompt, params):
+                request.events.append(time.perf_counter())
+                request.tokens += 1
+            return request
 
     start = time.perf_counter()
     requests = await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))
     return Run(time.perf_counter() - start, list(requests))
 
 
-async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bool) -> Run:
+async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bool, concurrency: int) -> Run:
     import httpx
 
+    slots = asyncio.Semaphore(concurrency)
+
     async def one(client, i: int, prompt: list[int]) -> Request:
+        async with slots:
+            return await request_once(client, i, prompt)
+
+    async def request_once(client, i: int, prompt: list[int]) -> Request:
         body = {"model": "raystack", "prompt": prompt, "max_tokens": new_tokens, "top_p": 0.9, "seed": i,
                 "ignore_eos": True, "stream": stream}
         request = Request(time.perf_counter())
@@ -157,7 +171,7 @@ async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bo
                     request.events.append(time.perf_counter())
         return request
 
-    limits = httpx.Limits(max_connections=len(batch) + 4, max_keepalive_connections=len(batch) + 4)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
         requests = await asyncio.gather(*(one(client, i, p) for i, p in enumerate(batch)))
@@ -237,29 +251,30 @@ def measure_shape(name: str, args, rows: list) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             artifact = save_artifact(str(Path(tmp) / "model"), config, model.state_dict())
             url = start_http(artifact, args.threads, slots)
-            asyncio.run(run_http(url, prompts(2, args.prompt_tokens), 4, stream=True))  # warm the replica
+            asyncio.run(run_http(url, prompts(2, args.prompt_tokens), 4, stream=True, concurrency=2))  # warm up
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(run_engine(engine, prompts(2, args.prompt_tokens), 4))
-    paths = {"hf": lambda batch: run_hf(hf, batch, args.new_tokens),
-             "engine": lambda batch: loop.run_until_complete(run_engine(engine, batch, args.new_tokens))}
+    loop.run_until_complete(run_engine(engine, prompts(2, args.prompt_tokens), 4, 2))
+    paths = {"hf": lambda batch, c: run_hf(hf, batch, args.new_tokens, c),
+             "engine": lambda batch, c: loop.run_until_complete(run_engine(engine, batch, args.new_tokens, c))}
     if args.int8:
         engine8 = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=slots, threads=engine_threads,
                                                               quantize="int8"))
-        loop.run_until_complete(run_engine(engine8, prompts(2, args.prompt_tokens), 4))
-        paths["engine-int8"] = lambda batch: loop.run_until_complete(run_engine(engine8, batch, args.new_tokens))
+        loop.run_until_complete(run_engine(engine8, prompts(2, args.prompt_tokens), 4, 2))
+        paths["engine-int8"] = lambda batch, c: loop.run_until_complete(run_engine(engine8, batch, args.new_tokens,
+                                                                                   c))
         exact, quantized = held_out_loss(engine.model), held_out_loss(engine8.model)
         print(f"{name}: held-out loss float32 {exact:.4f} nats/byte, int8 {quantized:.4f} "
               f"({(quantized / exact - 1) * 100:+.2f}%)", flush=True)
     if url:
-        paths["http"] = lambda batch: asyncio.run(run_http(url, batch, args.new_tokens, stream=False))
-        paths["http-stream"] = lambda batch: asyncio.run(run_http(url, batch, args.new_tokens, stream=True))
+        paths["http"] = lambda batch, c: asyncio.run(run_http(url, batch, args.new_tokens, False, c))
+        paths["http-stream"] = lambda batch, c: asyncio.run(run_http(url, batch, args.new_tokens, True, c))
     for c in args.concurrency:
-        batch = prompts(c, args.prompt_tokens)
+        batch = prompts(max(c, args.min_requests), args.prompt_tokens)
         runs: dict = {path: [] for path in paths}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path alike
             for path, measure in paths.items():
                 torch.set_num_threads(args.threads if path == "hf" else engine_threads)
-                runs[path].append(measure(batch))
+                runs[path].append(measure(batch, c))
                 time.sleep(0.2)  # let the last path's OpenMP threads go idle before the next starts
         results = {path: best(r) for path, r in runs.items()}
         base = results["hf"].tokens_per_s()
@@ -309,6 +324,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="cores per path")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-requests", type=int, default=8,
+                        help="requests per run at least (c at a time): a p50 of one request is no p50")
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--int8", action="store_true", help="add the engine with int8 weights, and its quality cost")
     parser.add_argument("--engine-threads", type=int, help="the engine's intra-op threads (default: --threads)")
