@@ -196,3 +196,34 @@ def test_serve_and_batch_specs_refuse_torch_threads_out_of_range(threads):
     for cls, base in ((ServeConfig, {"model": "m"}), (BatchConfig, {"model": "m", "input": "i", "output": "o"})):
         with pytest.raises(ConfigError, match=r"threads must be 0 \(automatic\) to 1024"):
             from_dict(cls, {**base, "threads": threads})
+
+
+class _TokenCounter:
+    """The generated-tokens counter, keeping what was added to it."""
+
+    def __init__(self):
+        self.generated = 0
+
+    def inc(self, value=1.0):
+        assert value > 0  # Ray's counters refuse 0
+        self.generated += value
+
+
+def test_streamed_tokens_are_all_counted_including_those_held_back_for_a_stop_string():
+    """raystack_generated_tokens_total is incremented per chunk, not per token, and still counts every generated
+    token: those whose text was held back (a possible stop string) and never sent included."""
+    server = make_server(poison_after=10**6)
+    server.metrics = _NoMetrics()
+    server.metrics.tokens = counter = _TokenCounter()
+    body = {"model": "raystack", "prompt": ["def a", "def b"], "max_tokens": 25, "seed": 5, "stream": True,
+            "stop": ["zzzz"], "stream_options": {"include_usage": True}}
+
+    async def go():
+        response = await server.completions(http_request(body))
+        messages = [m async for m in response.body_iterator]
+        await server.engine.shutdown()
+        return messages
+
+    payloads = sse_payloads(asyncio.run(go()))
+    usage = json.loads(payloads[-2])["usage"]["completion_tokens"]
+    assert usage == 50 and counter.generated == usage
