@@ -227,7 +227,7 @@ class _Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], params: GenerationParams, seed: int, vocab_size: int,
-                 priority: int = 0, tenant: str = ""):
+                 priority: int = 0, tenant: str = "", sink=None):
         self.id = next(self._ids)
         self.prompt = prompt
         self.params = params
@@ -237,7 +237,7 @@ class _Sequence:
         self.queue_wait: Optional[float] = None  # set when first admitted
         self.generated: list[int] = []
         self.slot: Optional[int] = None
-        self.queue = _Events()
+        self.put = sink  # each TokenEvent, or the SequenceFailed that ends the sequence
         self.cancelled = False
         self.finished = False
         self.counts: Optional[torch.Tensor] = None
@@ -292,6 +292,8 @@ class Engine:
         self.error: Optional[BaseException] = None
         """Set while the engine is broken (loop died, or a whole step failed); cleared by a step that succeeds."""
         self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): _sampling_params
+        self.after_step = None
+        """Called (no arguments) on the event loop's thread after each step has delivered its tokens (``submit``)."""
         self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0}
 
     @classmethod
@@ -327,26 +329,41 @@ class Engine:
                        tenant: str = "") -> AsyncIterator[TokenEvent]:
         """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``).
         ``priority`` (higher first) and ``tenant`` decide who gets a slot when they are scarce (module doc)."""
-        self.check_request(len(prompt_tokens), params.max_tokens)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = _Sequence(list(prompt_tokens), params, seed, self.tokenizer.vocab_size, priority, tenant)
-        self._ensure_loop()
-        self._waiting.append(seq)
-        self.stats["requests"] += 1
-        self._wakeup.set()
+        events = _Events()
+        cancel = self.submit(prompt_tokens, params, events.put_nowait, priority, tenant)
         try:
             while True:
-                event = await seq.queue.get()
+                event = await events.get()
                 if isinstance(event, BaseException):
                     raise event
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
+            cancel()
+
+    def submit(self, prompt_tokens: list[int], params: GenerationParams, sink, priority: int = 0,
+               tenant: str = ""):
+        """``generate`` without an iterator (for a caller that forwards a step's tokens together, like
+        ``raystack.engine_process``): ``sink(item)`` is called on the event loop's thread with each ``TokenEvent``
+        (the last one carries ``finish_reason``) or the ``SequenceFailed`` that ends the sequence, as the steps make
+        them, and ``after_step`` (when set) once every step's items are out. Returns a function that cancels the
+        sequence (its slot frees at the next step); calling it after the end does nothing."""
+        self.check_request(len(prompt_tokens), params.max_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = _Sequence(list(prompt_tokens), params, seed, self.tokenizer.vocab_size, priority, tenant, sink)
+        self._ensure_loop()
+        self._waiting.append(seq)
+        self.stats["requests"] += 1
+        self._wakeup.set()
+
+        def cancel() -> None:
             if not seq.finished:
                 seq.cancelled = True  # the scheduler frees its slot at the next step
                 if self._wakeup is not None:
                     self._wakeup.set()
+
+        return cancel
 
     async def score(self, prompt_tokens: list[int], top_logprobs: int = 0) -> list[PromptLogprob]:
         """The log-probability of each prompt token given those before it (the model's own distribution, as
@@ -415,6 +432,8 @@ class Engine:
                 for seq in [*self._running.values(), *self._waiting]:
                     self._fail(seq, SequenceFailed(f"generation failed: {e!r}"))
                 self._waiting.clear()
+                if self.after_step is not None:
+                    self.after_step()
 
     async def _schedule_once(self) -> None:
         self._drop_cancelled()
@@ -438,6 +457,8 @@ class Engine:
             self.error = None
         elif failures and not any(error.client_error for _, error in failures):
             self.error = failures[0][1]  # nothing ran: the engine itself is broken until a step succeeds
+        if self.after_step is not None:
+            self.after_step()
 
     def _admit(self) -> list[_Sequence]:
         """Move waiting sequences into slots, in the order of ``_next``, preempting where ``_victim`` allows."""
@@ -501,7 +522,7 @@ class Engine:
 
     def _fail(self, seq: _Sequence, error: "SequenceFailed") -> None:
         self.stats["failed_sequences"] += 1
-        seq.queue.put_nowait(error)
+        seq.put(error)
         self._release(seq)
 
     def _drop_cancelled(self) -> None:
@@ -681,8 +702,8 @@ class Engine:
             release_to = max(seq.emitted, len(seq.text) - hold)
         delta = seq.text[seq.emitted:release_to]
         seq.emitted = max(seq.emitted, release_to)
-        seq.queue.put_nowait(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1],
-                                        seq.queue_wait if len(seq.generated) == 1 else None))
+        seq.put(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1],
+                           seq.queue_wait if len(seq.generated) == 1 else None))
         if finish is not None:
             self._release(seq)
 

@@ -68,6 +68,7 @@ from raystack.rollout import OutcomeReporter
 from raystack.tenants import Tenant, TenantsFile, read_tenants
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize, check_threads
+from raystack.engine_process import EngineProcess
 from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, RequestLimits, chat_logprobs_content,
                                  check_sampling_section, choice_seed, chunk_body, completion_body, context_error,
                                  decode_body, logprobs_object, models_body, parse_chat, parse_completion,
@@ -116,6 +117,10 @@ class ServeConfig:
     """torch threads per replica; 0 = ``num_cpus`` - 1, at least 1 (``replica_threads``)."""
     quantize: str = "none"
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
+    engine_process: bool = True
+    """Run the engine in a child process of the replica (``raystack.engine_process``), so the HTTP side and the
+    engine do not share one GIL (vLLM's engine-core split); false keeps it in the replica's process. The same
+    tokens either way; on 2 cores the child streamed ~1.4x the tokens/s at 32 streams (README, "Measured")."""
     min_replicas: int = 1
     max_replicas: int = 2
     autoscaling_policy: str = "engine_load"
@@ -466,9 +471,12 @@ class LLMServer:
         self.config = config
         threads = replica_threads(config)
         torch.set_num_threads(threads)
-        self.engine = Engine.from_artifact(config.model, EngineConfig(
-            max_batch_size=config.max_batch_size, max_model_len=config.max_model_len, threads=threads,
-            quantize=config.quantize))
+        engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
+                                     threads=threads, quantize=config.quantize)
+        if config.engine_process:
+            self.engine = EngineProcess(config.model, engine_config)
+        else:
+            self.engine = Engine.from_artifact(config.model, engine_config)
         self.tenants = TenantsFile(config.tenants_file, config.tenants_reload_s) if config.tenants_file else None
         tenant_keys = sum(len(t.keys) for t in self.tenants.book().tenants.values()) if self.tenants else 0
         self.keys = load_api_keys(config.api_key_env, config.api_key_file, config.require_api_key and not tenant_keys)

@@ -1,0 +1,139 @@
+"""The engine in a child process (raystack/engine_process.py) against the same engine in process: the same tokens
+and scores, cancellation that frees the slot, clear errors for a bad artifact, and a dead child failing what was in
+flight instead of hanging it."""
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from raystack.checkpoint import save_artifact
+from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
+from raystack.engine_process import EngineProcess
+from raystack.model import GPT, ModelConfig
+from raystack.tokenizer import ByteTokenizer
+
+CONFIG = EngineConfig(max_batch_size=4, threads=1)
+REQUESTS = [
+    ("def f(", GenerationParams(max_tokens=12, seed=1, temperature=0.9, top_p=0.9)),
+    ("import os\n", GenerationParams(max_tokens=9, seed=2, top_k=20, logprobs=True, top_logprobs=3)),
+    ("class A", GenerationParams(max_tokens=15, seed=3, stop=["e", "ss"], presence_penalty=0.5)),
+    ("x = ", GenerationParams(max_tokens=7, temperature=0.0, logit_bias={ord("y"): 5.0})),
+    ("# a", GenerationParams(max_tokens=10, seed=5, min_p=0.05, repetition_penalty=1.2)),
+]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", max_seq_len=64)
+    model = GPT(config)
+    uri = save_artifact(str(tmp_path_factory.mktemp("engine-process") / "model"), config, model.state_dict())
+    return uri, model
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _generate_all(engine) -> list[dict]:
+    return await asyncio.gather(*(generate_text(engine, prompt, params) for prompt, params in REQUESTS))
+
+
+def test_the_child_generates_and_scores_what_the_engine_does_in_process(artifact):
+    uri, model = artifact
+
+    async def in_process():
+        engine = Engine(model, ByteTokenizer(), CONFIG)
+        out = await _generate_all(engine), await engine.score(list(b"def main():"), 2)
+        await engine.shutdown()
+        return out
+
+    async def in_child():
+        engine = EngineProcess(uri, CONFIG)
+        try:
+            out = await _generate_all(engine), await engine.score(list(b"def main():"), 2)
+            assert (engine.queue_depth, engine.active) == (0, 0)
+            engine.check_health()
+            return out, engine.max_model_len, engine.kv_cache_bytes
+        finally:
+            await engine.shutdown()
+
+    (expected, expected_scores), ((got, got_scores), max_model_len, kv_bytes) = run(in_process()), run(in_child())
+    assert max_model_len == 64 and kv_bytes > 0
+    for want, have in zip(expected, got):
+        assert have["tokens"] == want["tokens"] and have["text"] == want["text"]
+        assert have["finish_reason"] == want["finish_reason"]
+        if want["logprobs"][0] is not None:
+            assert have["logprobs"] == pytest.approx(want["logprobs"])
+    assert [(s.token, s.top_logprobs and [t for t, _ in s.top_logprobs]) for s in got_scores] == \
+        [(s.token, s.top_logprobs and [t for t, _ in s.top_logprobs]) for s in expected_scores]
+
+
+def test_closing_a_stream_early_frees_its_slot_in_the_child(artifact):
+    uri, _ = artifact
+
+    async def scenario():
+        engine = EngineProcess(uri, CONFIG)
+        try:
+            for _ in range(CONFIG.max_batch_size + 2):  # more abandoned streams than slots: each must be freed
+                stream = engine.generate(list(b"abc"), GenerationParams(max_tokens=50, seed=0, ignore_eos=True))
+                async for event in stream:
+                    if event.completion_tokens == 2:
+                        break
+                await stream.aclose()
+            assert (engine.queue_depth, engine.active) == (0, 0)
+            # every slot is free again: a full batch runs to the end
+            params = GenerationParams(max_tokens=5, seed=1, ignore_eos=True)
+            results = await asyncio.wait_for(asyncio.gather(*(
+                generate_text(engine, "hi", params) for _ in range(CONFIG.max_batch_size))), timeout=60)
+            return [len(r["tokens"]) for r in results]
+        finally:
+            await engine.shutdown()
+
+    assert run(scenario()) == [5] * CONFIG.max_batch_size
+
+
+def test_a_request_the_engine_refuses_is_a_value_error_before_anything_is_sent(artifact):
+    uri, _ = artifact
+
+    async def scenario():
+        engine = EngineProcess(uri, CONFIG)
+        try:
+            with pytest.raises(ValueError, match="exceeds the model's context"):
+                async for _ in engine.generate([1] * 60, GenerationParams(max_tokens=10)):
+                    pass
+        finally:
+            await engine.shutdown()
+
+    run(scenario())
+
+
+def test_a_bad_artifact_fails_the_constructor_with_the_childs_reason(tmp_path):
+    with pytest.raises(ValueError, match="could not start.*model artifact"):
+        EngineProcess(str(tmp_path / "missing"), CONFIG)
+
+
+def test_a_dead_child_fails_what_was_in_flight_and_the_health_check(artifact):
+    uri, _ = artifact
+
+    async def scenario():
+        engine = EngineProcess(uri, CONFIG)
+        try:
+            stream = engine.generate(list(b"abc"), GenerationParams(max_tokens=50, seed=0, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(engine.process.pid, signal.SIGKILL)
+            with pytest.raises(SequenceFailed, match="engine process is gone"):
+                async for _ in stream:
+                    pass
+            with pytest.raises(RuntimeError, match="engine process"):
+                engine.check_health()
+            with pytest.raises(SequenceFailed):
+                async for _ in engine.generate([1, 2], GenerationParams(max_tokens=2)):
+                    pass
+        finally:
+            await engine.shutdown()
+
+    run(asyncio.wait_for(scenario(), timeout=60))
