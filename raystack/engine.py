@@ -19,6 +19,9 @@ Contract:
   logits before the logit bias, penalties, temperature and filters. ``engine.score(prompt_tokens, top)`` gives the
   same for every prompt token (what ``echo`` with ``logprobs`` returns, and how evaluation harnesses score text).
 - Closing the iterator (client gone, timeout: ``asyncio`` cancellation) frees the request's slot at the next step.
+- ``engine.submit(prompt_tokens, params, sink)`` is ``generate`` without an iterator: each event goes to ``sink`` as
+  the step makes it, ``after_step`` runs once a step's events are all out, and the returned function cancels
+  (``raystack.engine_process`` forwards a step's tokens in one message this way).
 - Who gets a slot (``generate(..., priority=, tenant=)``): a higher priority first; within a priority, the tenant
   holding the fewest slots; then first come, first served (all of it plain FIFO when every request has the same
   tenant and priority). When no slot is free, a waiting sequence preempts a running one of a lower priority, or of
