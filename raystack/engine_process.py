@@ -241,7 +241,8 @@ class EngineProcess:
             done = self._scores.get(message["id"])
             if done is not None and not done.done():
                 if "error" in message:
-                    done.set_exception(ValueError(message["error"]))
+                    kind = ValueError if message["refused"] else RuntimeError
+                    done.set_exception(kind(f"scoring failed in the engine process: {message['error']}"))
                 else:
                     done.set_result(message["rows"])
 
@@ -293,8 +294,8 @@ async def _serve(sock: socket.socket) -> None:
         try:
             rows = [[p.token, p.logprob, p.top_logprobs] for p in await engine.score(prompt, top)]
             writer.write(_line({"op": "scored", "id": key, "rows": rows}))
-        except Exception as e:
-            writer.write(_line({"op": "scored", "id": key, "error": str(e)}))
+        except Exception as e:  # the engine's refusal (ValueError) stays one; anything else is the server's fault
+            writer.write(_line({"op": "scored", "id": key, "error": str(e), "refused": isinstance(e, ValueError)}))
         finally:
             tasks.discard(asyncio.current_task())
 

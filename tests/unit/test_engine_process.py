@@ -137,3 +137,23 @@ def test_a_dead_child_fails_what_was_in_flight_and_the_health_check(artifact):
             await engine.shutdown()
 
     run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def test_a_scoring_failure_in_the_child_keeps_its_kind(artifact):
+    """A refused prompt is a ValueError, as in process; a failure inside the child (here a token id past the
+    vocabulary, an IndexError in the embedding) is a RuntimeError, not a client's error, and the engine serves on."""
+    uri, _ = artifact
+
+    async def scenario():
+        engine = EngineProcess(uri, CONFIG)
+        try:
+            with pytest.raises(ValueError, match="needs 1 to 64 tokens"):
+                await engine.score([1] * 65)
+            with pytest.raises(RuntimeError, match="scoring failed in the engine process"):
+                await engine.score([1, 10_000])
+            engine.check_health()  # one failed score does not make the engine unhealthy
+            return (await engine.score([1, 2]))[1].token
+        finally:
+            await engine.shutdown()
+
+    assert run(asyncio.wait_for(scenario(), timeout=60)) == 2
