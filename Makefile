@@ -12,10 +12,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt raystack/kernels/decode_attention.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0 -c constraints.txt
 	$(BIN)/pip install --quiet -e '.[test]' -c constraints.txt
+	@# The fused CPU decode op, compiled once into the venv (raystack/kernels); without a compiler, PyTorch ops run.
+	$(BIN)/python -m raystack.kernels || echo "raystack CPU kernels not built: decode runs on PyTorch ops"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -178,6 +178,15 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, _as(keys, q.dtype), _as(values, q.dtype), attn_mask=visible)
 
 
+def _decode_attention_op(cache: KVCache):
+    """The fused decode-attention op for ``cache`` (a float32 CPU cache), or None."""
+    if cache.k.device.type != "cpu" or cache.k.dtype != torch.float32:
+        return None
+    from raystack import kernels
+
+    return kernels.decode_attention()
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``; no dispatch when it already is (the decode step runs tens of these per token)."""
     return x if x.dtype == dtype else x.to(dtype)
@@ -272,14 +281,33 @@ class GPT(nn.Module):
             x = block(x, cos, sin, positions, cache, slots, None)
         return F.linear(self.norm(x[:, -1]), self.embed.weight)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots,
+               fused: bool = True) -> torch.Tensor:
         """One token per row: logits ``[B, vocab]`` for ``tokens`` ``[B]`` at ``positions`` ``[B]`` of cache
         ``slots`` (a ``slice`` of consecutive slots, read in place, or a tensor of slot ids, gathered); equal to
         ``forward(tokens[:, None], positions[:, None], cache, slots)[:, -1]`` within float tolerance, and the
-        same rule for idle rows (position -1). The engine's decode step, written as few, large ops per layer:
-        keys and values are written with one ``index_copy_`` each, and attention is two batched matrix-vector
-        products around an additive mask, built once per call (``scaled_dot_product_attention`` costs ~2x that
-        for a single query row on CPU)."""
+        same rule for idle rows (position -1). The engine's decode step, written as few, large ops per layer.
+        On CPU in float32 (and ``fused``), each layer's rotary, cache write and attention are one fused op
+        (``raystack.kernels``: each row's keys and values read once, in place); elsewhere, or where that op cannot be
+        built, PyTorch ops: keys and values written with one ``index_copy_`` each, and attention as two batched
+        matrix-vector products around an additive mask, built once per call (``scaled_dot_product_attention``
+        costs ~2x that for a single query row on CPU)."""
+        op = _decode_attention_op(cache) if fused else None
+        if op is None:
+            return self._decode_reference(tokens, positions, cache, slots)
+        ids = (torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots)
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        x = self.embed(tokens)  # [B, C]
+        for block in self.blocks:
+            attn = block.attn
+            y = op(attn.qkv(block.attn_norm(x)), self.rope_cos, self.rope_sin, positions, ids,
+                   cache.k[attn.layer], cache.v[attn.layer], scale)
+            x = x + attn.proj(y)
+            x = x + block.fc_proj(F.gelu(block.fc(block.mlp_norm(x))))
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def _decode_reference(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor:
+        """``decode`` in PyTorch ops (any device and dtype)."""
         B = tokens.shape[0]
         H, D, S = self.config.n_head, self.config.head_dim, cache.k.shape[3]
         span = int(positions.max()) + 1

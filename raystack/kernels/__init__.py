@@ -1,0 +1,104 @@
+"""Fused CPU ops for the engine's decode step, compiled from C++ on first use and cached (no build step at install).
+
+Contract:
+- ``decode_attention()`` is ``torch.ops.raystack.decode_attention`` (``decode_attention.cpp``: one layer's rotary,
+  cache write and attention for a decode step, in one pass over each row's keys and values), or None where it cannot
+  be had: switched off (``RAYSTACK_CPU_KERNELS=0``), or the build failed (no C++ compiler, say; logged once as a
+  warning). Callers then run their PyTorch path, which the op equals within float tolerance
+  (tests/unit/test_kernels.py); nothing else changes.
+- The build (``torch.utils.cpp_extension``, ~30 s on 2 cores) happens once per source, torch, Python and CPU, into
+  ``RAYSTACK_KERNEL_DIR`` when set, else ``<sys.prefix>/var/raystack-kernels/<key>`` (the environment the build is
+  for) when writable, else ``~/.cache/raystack/kernels/<key>``; later processes load it in milliseconds. Processes
+  building at once wait on one another (PyTorch's lock file). ``python -m raystack.kernels`` builds ahead of time
+  (``make install`` does), so a first request never waits for a compiler.
+- Compiled for the CPU it is built on (``-march=native``): the CPU's feature flags are part of the key, so a cache
+  shared between different machines builds once per kind of CPU rather than running code a CPU cannot execute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in torch's own thread pool
+_lock = threading.Lock()
+_state: dict = {}  # "op": the loaded op or None once decided
+
+
+def enabled() -> bool:
+    """Whether the fused ops may be used (``RAYSTACK_CPU_KERNELS`` is not 0, off or false)."""
+    return os.environ.get("RAYSTACK_CPU_KERNELS", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_key() -> str:
+    """What a build depends on: the source, torch, Python, the compiler flags and the CPU's features."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode(),
+                 _cpu_flags().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    key = build_key()
+    if os.environ.get("RAYSTACK_KERNEL_DIR"):
+        return Path(os.environ["RAYSTACK_KERNEL_DIR"]) / key
+    prefix = Path(sys.prefix) / "var" / "raystack-kernels"
+    try:
+        prefix.mkdir(parents=True, exist_ok=True)
+        if os.access(prefix, os.W_OK):
+            return prefix / key
+    except OSError:
+        pass
+    return Path.home() / ".cache" / "raystack" / "kernels" / key
+
+
+def _load() -> Callable:
+    from torch.utils.cpp_extension import load
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        logger.warning("building raystack's CPU kernels into %s (once; ~30 s)", directory)
+    load(name="raystack_kernels", sources=[str(SOURCE)], build_directory=str(directory), extra_cflags=FLAGS,
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return torch.ops.raystack.decode_attention
+
+
+def decode_attention() -> Optional[Callable]:
+    """The fused decode-attention op, built or loaded on the first call; None where it cannot be used."""
+    if not enabled():
+        return None
+    if "op" not in _state:
+        with _lock:
+            if "op" not in _state:
+                try:
+                    _state["op"] = _load()
+                except Exception as e:  # no compiler, a read-only cache, a failed build: the PyTorch path runs
+                    logger.warning("raystack's CPU kernels are not available (%s); decode runs on PyTorch ops",
+                                   str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+                    _state["op"] = None
+    return _state["op"]
+

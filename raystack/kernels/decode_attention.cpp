@@ -1,0 +1,134 @@
+// raystack's CPU decode-attention op: one layer of the engine's decode step, fused (see __init__.py).
+//
+// For each row b and head h of a step (one new token per row), in one pass over that row's cache:
+//   1. rotate q and k by the rotary angle of position p = positions[b] (rotate-half, as model.apply_rope);
+//   2. write k and v into the cache at (slots[b], h, p mod S) (an idle row, p = -1, writes position S - 1,
+//      which no sequence reads);
+//   3. attend over positions 0..max(p, 0) of that slot: softmax(q . k_s * scale) weighted sum of v_s, the
+//      softmax in float32 with its maximum subtracted.
+// The PyTorch equivalent (GPT.decode's reference path) is about fourteen ops per layer, two batched matrix-vector
+// products over the whole span among them; here the keys and values are read once, the rest stays in registers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (a softmax's shifted logits), vectorizable: Cephes' expf (range reduction to
+// [-ln2/2, ln2/2], a degree-6 polynomial, scaling by 2^n through the exponent bits), within ~2 ulp of expf.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: smaller results are flushed to that, not to 0
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "decode_attention: caches must be [slots, heads, positions, head_dim] alike");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: caches must be contiguous");
+  for (const auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "decode_attention: float32 CPU tensors only");
+  }
+  const int64_t n_slots = k_cache.size(0), H = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  const int64_t half = D / 2, B = qkv.size(0);
+  TORCH_CHECK(D % 2 == 0 && qkv.dim() == 2 && qkv.size(1) == 3 * H * D, "decode_attention: qkv must be [B, 3 * H * D]");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= S && cos.size(1) == half && sin.sizes() == cos.sizes(),
+              "decode_attention: rotary tables must be [>= positions, head_dim / 2]");
+  TORCH_CHECK(positions.numel() == B && slots.numel() == B, "decode_attention: one position and slot per row");
+  const auto x = qkv.contiguous();
+  const auto c = cos.contiguous(), s = sin.contiguous();
+  const auto pos = positions.to(at::kLong).contiguous(), slot = slots.to(at::kLong).contiguous();
+  const int64_t* P = pos.data_ptr<int64_t>();
+  const int64_t* SL = slot.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(SL[b] >= 0 && SL[b] < n_slots, "decode_attention: slot ", SL[b], " out of range");
+    TORCH_CHECK(P[b] >= -1 && P[b] < S, "decode_attention: position ", P[b], " out of range");
+  }
+  auto out = at::empty({B, H * D}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* C = c.data_ptr<float>();
+  const float* SN = s.data_ptr<float>();
+  float* K = k_cache.data_ptr<float>();
+  float* V = v_cache.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(D), weights(S), acc(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const int64_t p = P[b], written = (p + S) % S, last = std::max<int64_t>(p, 0);
+      const float* row = X + b * 3 * H * D;
+      const float* q_in = row + h * D;
+      const float* k_in = row + (H + h) * D;
+      const float* v_in = row + (2 * H + h) * D;
+      const float* cs = C + written * half;
+      const float* sn = SN + written * half;
+      float* k_slot = K + (SL[b] * H + h) * S * D;
+      float* v_slot = V + (SL[b] * H + h) * S * D;
+      float* k_out = k_slot + written * D;
+      for (int64_t j = 0; j < half; ++j) {
+        q[j] = q_in[j] * cs[j] - q_in[j + half] * sn[j];
+        q[j + half] = q_in[j + half] * cs[j] + q_in[j] * sn[j];
+        k_out[j] = k_in[j] * cs[j] - k_in[j + half] * sn[j];
+        k_out[j + half] = k_in[j + half] * cs[j] + k_in[j] * sn[j];
+      }
+      std::copy(v_in, v_in + D, v_slot + written * D);
+
+      float top = -INFINITY;
+      for (int64_t t = 0; t <= last; ++t) {
+        const float* k_t = k_slot + t * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += q[d] * k_t[d];
+        weights[t] = dot * sc;
+        top = std::max(top, weights[t]);
+      }
+      float total = 0.f;
+      float* w_ = weights.data();
+#pragma omp simd reduction(+ : total)
+      for (int64_t t = 0; t <= last; ++t) {
+        w_[t] = exp_nonpositive(w_[t] - top);
+        total += w_[t];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t <= last; ++t) {
+        const float* v_t = v_slot + t * D;
+        const float w = weights[t];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * v_t[d];
+      }
+      float* o = O + b * H * D + h * D;
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(raystack, m) {
+  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor slots, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, float scale) -> Tensor");
+  m.impl("decode_attention", c10::DispatchKey::CPU, &decode_attention);
+}

@@ -1,0 +1,110 @@
+"""raystack.kernels: the fused decode-attention op is built where a compiler is, equals the PyTorch path, refuses
+bad inputs with an error (never reads out of bounds), and its absence only switches decode to PyTorch ops."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from raystack import kernels
+from raystack.model import GPT, KVCache, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def op():
+    found = kernels.decode_attention()
+    if found is None and shutil.which(os.environ.get("CXX", "c++")) and kernels.enabled():
+        pytest.fail("a C++ compiler is here but raystack's CPU kernels did not build (see the warning logged)")
+    if found is None:
+        pytest.skip("no C++ compiler: decode runs on PyTorch ops")
+    return found
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("preset,overrides", [("tiny", dict(max_seq_len=64)),
+                                              ("tiny", dict(n_head=2, n_embd=48, max_seq_len=40))])
+def test_decode_steps_equal_the_pytorch_path_token_by_token(preset, overrides):
+    """Many decode steps over rows at different positions (one idle, one at the cache's last position, gathered
+    and in-place slots): the fused op and PyTorch ops give the same logits and leave the same caches."""
+    op()
+    torch.manual_seed(5)
+    config = ModelConfig.from_preset(preset, **overrides)
+    model = GPT(config).eval()
+    fused, plain = KVCache(config, slots=6), KVCache(config, slots=6)
+    keys, values = torch.randn_like(fused.k), torch.randn_like(fused.v)  # what earlier steps left there
+    for cache in (fused, plain):
+        cache.k.copy_(keys)
+        cache.v.copy_(values)
+    S = config.max_seq_len
+    positions = torch.tensor([0, 5, -1, 17, S - 9, 30])
+    for step in range(8):
+        tokens = torch.randint(0, 257, (6,))
+        slots = slice(0, 6) if step % 2 == 0 else torch.tensor([5, 1, 2, 4, 3, 0])
+        got = model.decode(tokens, positions, fused, slots, fused=True)
+        expected = model.decode(tokens, positions, plain, slots, fused=False)
+        live = positions >= 0
+        torch.testing.assert_close(got[live], expected[live], rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(fused.k[:, :, :, :S - 1], plain.k[:, :, :, :S - 1])
+        torch.testing.assert_close(fused.v[:, :, :, :S - 1], plain.v[:, :, :, :S - 1])
+        positions = torch.where(positions >= 0, positions + 1, positions)
+    assert int(positions.max()) == S - 1  # the last step attended over the whole cache
+
+
+def test_bad_inputs_are_errors_not_out_of_bounds_reads():
+    decode_attention = op()
+    H, S, D = 2, 8, 4
+    k, v = torch.zeros(3, H, S, D), torch.zeros(3, H, S, D)
+    cos, sin = torch.ones(S, D // 2), torch.zeros(S, D // 2)
+    qkv = torch.randn(2, 3 * H * D)
+    ok = decode_attention(qkv, cos, sin, torch.tensor([1, 2]), torch.tensor([0, 2]), k, v, 0.5)
+    assert ok.shape == (2, H * D)
+    cases = {"slot": (torch.tensor([1, 2]), torch.tensor([0, 3])),
+             "position": (torch.tensor([1, S]), torch.tensor([0, 1])),
+             "position ": (torch.tensor([-2, 1]), torch.tensor([0, 1]))}
+    for what, (positions, slots) in cases.items():
+        with pytest.raises(RuntimeError, match=what.strip()):
+            decode_attention(qkv, cos, sin, positions, slots, k, v, 0.5)
+    with pytest.raises(RuntimeError, match="float32"):
+        decode_attention(qkv.double(), cos, sin, torch.tensor([1, 2]), torch.tensor([0, 1]), k, v, 0.5)
+    with pytest.raises(RuntimeError, match="qkv"):
+        decode_attention(qkv[:, :-1], cos, sin, torch.tensor([1, 2]), torch.tensor([0, 1]), k, v, 0.5)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+CHECK = """
+    import torch
+    from raystack import kernels
+    from raystack.model import GPT, KVCache, ModelConfig
+    config = ModelConfig.from_preset("tiny", max_seq_len=16)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        out = model.decode(torch.tensor([1, 2]), torch.tensor([3, 0]), KVCache(config, 2), slice(0, 2))
+    print("op", kernels.decode_attention() is not None, "finite", bool(torch.isfinite(out).all()))
+"""
+
+
+def test_switched_off_decode_runs_on_pytorch_ops():
+    done = _run(CHECK, RAYSTACK_CPU_KERNELS="0")
+    assert done.returncode == 0, done.stderr
+    assert "op False finite True" in done.stdout
+
+
+def test_a_failed_build_warns_once_and_decode_still_runs(tmp_path):
+    """No working compiler (CXX is a program that fails) and an empty kernel directory: one warning naming the
+    fallback, and decode gives finite logits through PyTorch ops."""
+    done = _run(CHECK, CXX="/bin/false", RAYSTACK_KERNEL_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "op False finite True" in done.stdout
+    assert done.stderr.count("CPU kernels are not available") == 1, done.stderr
+    assert "decode runs on PyTorch ops" in done.stderr
