@@ -9,7 +9,8 @@ Contract:
 - The build (``torch.utils.cpp_extension``, ~30 s on 2 cores) happens once per source, torch, Python and CPU, into
   ``RAYSTACK_KERNEL_DIR`` when set, else ``<sys.prefix>/var/raystack-kernels/<key>`` (the environment the build is
   for) when writable, else ``~/.cache/raystack/kernels/<key>``; later processes load it in milliseconds. Processes
-  building at once wait on one another (PyTorch's lock file). ``python -m raystack.kernels`` builds ahead of time
+  building at once wait on one another (PyTorch's lock file; one older than 10 minutes is a killed build's and is
+  removed). ``python -m raystack.kernels`` builds ahead of time
   (``make install`` does), so a first request never waits for a compiler.
 - Compiled for the CPU it is built on (``-march=native``): the CPU's feature flags are part of the key, so a cache
   shared between different machines builds once per kind of CPU rather than running code a CPU cannot execute.
@@ -23,6 +24,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in torch's own thread pool
+STALE_LOCK_S = 600
+"""A build lock older than this is a killed build's, not a running one's (a build takes ~10-60 s)."""
 _lock = threading.Lock()
 _state: dict = {}  # "op": the loaded op or None once decided
 
@@ -80,6 +84,12 @@ def _load() -> Callable:
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"  # PyTorch's build lock; one left by a build that was killed would block us forever
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
     if not any(directory.glob("*.so")):
         logger.warning("building raystack's CPU kernels into %s (once; ~30 s)", directory)
     load(name="raystack_kernels", sources=[str(SOURCE)], build_directory=str(directory), extra_cflags=FLAGS,

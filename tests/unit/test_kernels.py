@@ -108,3 +108,18 @@ def test_a_failed_build_warns_once_and_decode_still_runs(tmp_path):
     assert "op False finite True" in done.stdout
     assert done.stderr.count("CPU kernels are not available") == 1, done.stderr
     assert "decode runs on PyTorch ops" in done.stderr
+
+
+def test_a_killed_builds_lock_does_not_block_a_new_build(tmp_path):
+    """A build killed half-way leaves PyTorch's lock file behind, which would make every later process wait forever;
+    one older than ``STALE_LOCK_S`` is removed and the op builds (a real build from source, into an empty dir)."""
+    op()
+    directory = tmp_path / kernels.build_key()
+    directory.mkdir()
+    (directory / "lock").touch()
+    old = (directory / "lock").stat().st_mtime - kernels.STALE_LOCK_S - 60
+    os.utime(directory / "lock", (old, old))
+    done = _run(CHECK, RAYSTACK_KERNEL_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "op True finite True" in done.stdout
+    assert list(directory.glob("*.so"))
