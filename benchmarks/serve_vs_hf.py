@@ -209,7 +209,7 @@ def hf_model(config: ModelConfig):
     return GPT2LMHeadModel(hf).eval()
 
 
-def start_http(artifact: str, cpus: int, slots: int) -> str:
+def start_http(artifact: str, cpus: int, slots: int, threads: int = 0) -> str:
     import socket
 
     import ray
@@ -224,7 +224,8 @@ def start_http(artifact: str, cpus: int, slots: int) -> str:
     if not ray.is_initialized():
         init_ray(num_cpus=cpus + 2, include_dashboard=False, object_store_memory=200 * 1024**2)
     host, port = start_serve({"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": artifact, "max_batch_size": slots, "num_cpus": cpus, "min_replicas": 1,
+    serve.run(build_app({"model": artifact, "max_batch_size": slots, "num_cpus": cpus, "threads": threads,
+                         "min_replicas": 1,
                          "max_replicas": 1, "max_ongoing_requests": 4 * slots, "max_queued_requests": 4 * slots,
                          "max_sequences_per_request": slots, "max_queued_sequences": 8 * slots}),
               name="bench", route_prefix="/")
@@ -250,7 +251,7 @@ def measure_shape(name: str, args, rows: list) -> None:
     if args.http:
         with tempfile.TemporaryDirectory() as tmp:
             artifact = save_artifact(str(Path(tmp) / "model"), config, model.state_dict())
-            url = start_http(artifact, args.threads, slots)
+            url = start_http(artifact, args.threads, slots, args.replica_threads)
             asyncio.run(run_http(url, prompts(2, args.prompt_tokens), 4, stream=True, concurrency=2))  # warm up
     loop = asyncio.new_event_loop()
     loop.run_until_complete(run_engine(engine, prompts(2, args.prompt_tokens), 4, 2))
@@ -329,6 +330,8 @@ def main() -> None:
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--int8", action="store_true", help="add the engine with int8 weights, and its quality cost")
     parser.add_argument("--engine-threads", type=int, help="the engine's intra-op threads (default: --threads)")
+    parser.add_argument("--replica-threads", type=int, default=0,
+                        help="the HTTP replica's torch threads (serve spec ``threads``; 0: its default)")
     parser.add_argument("--model", help="a model artifact to measure instead of random weights (one shape)")
     parser.add_argument("--ingress", choices=["auto", "proxy"], default="auto",
                         help="auto: HAProxy in front of direct-ingress replicas where raystack.cluster enables it; "
