@@ -4,9 +4,10 @@ Contract:
 - ``Engine(model, tokenizer, EngineConfig)`` preallocates a KV cache of ``max_batch_size`` slots x ``max_model_len``
   positions: memory is fixed and known up front (``Engine.kv_cache_bytes``).
 - ``engine.generate(prompt_tokens, GenerationParams)`` is an async iterator of ``TokenEvent``s, one per generated
-  token, the last carrying ``finish_reason`` (``stop``: end-of-text or a stop string; ``length``: ``max_tokens`` or
-  the context). Text is streamed in whole UTF-8 characters, and text that could still become a stop string is held
-  back until it cannot; a stop string itself is never emitted.
+  token (``stream=False``: the first at once, the rest together at the end), the last carrying ``finish_reason``
+  (``stop``: end-of-text or a stop string; ``length``: ``max_tokens`` or the context). Text is streamed in whole
+  UTF-8 characters, and text that could still become a stop string is held back until it cannot; a stop string
+  itself is never emitted.
 - One scheduler task per engine admits waiting requests into free slots at every step, prefills them, runs one
   batched decode forward over all active slots, and samples every row with its own parameters through
   ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
@@ -14,7 +15,7 @@ Contract:
   a CPU with one torch thread, in a worker thread, so the event loop serves while the model computes; on a CPU with
   more torch threads, on the event loop's own thread between its turns (PyTorch's OpenMP pool runs at full speed only
   while one thread of the process uses it: a second thread's pool makes libgomp throttle both, which measured 2-3x
-  slower per forward on 2 cores).
+  slower per forward on 2 cores); there too wherever ``Engine.inline`` is set (an engine alone in its process).
 - Log-probabilities (``GenerationParams.logprobs`` / ``top_logprobs``) are the model's own: the log-softmax of its
   logits before the logit bias, penalties, temperature and filters. ``engine.score(prompt_tokens, top)`` gives the
   same for every prompt token (what ``echo`` with ``logprobs`` returns, and how evaluation harnesses score text).
@@ -205,16 +206,23 @@ class PromptLogprob:
 class _Events:
     """A sequence's events, put by the scheduler and awaited by ``generate``, both on the event loop's thread: what
     ``asyncio.Queue`` does for one producer and one consumer, without its per-call bookkeeping (a put and a get per
-    generated token)."""
+    generated token). ``stream=False``: the consumer is woken for the first event and the last (or an error) only;
+    what comes between waits in the deque and is taken in one go at the end (one wake-up per completion, not per
+    step)."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "_stream", "_first")
 
-    def __init__(self):
+    def __init__(self, stream: bool = True):
         self._items: collections.deque = collections.deque()
         self._waiter: Optional[asyncio.Future] = None
+        self._stream = stream
+        self._first = True
 
     def put_nowait(self, item) -> None:
         self._items.append(item)
+        first, self._first = self._first, False
+        if not (self._stream or first or isinstance(item, BaseException) or item.finish_reason is not None):
+            return
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():  # done: the consumer was cancelled while it waited
             waiter.set_result(None)
@@ -297,6 +305,9 @@ class Engine:
         self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): _sampling_params
         self.after_step = None
         """Called (no arguments) on the event loop's thread after each step has delivered its tokens (``submit``)."""
+        self.inline = False
+        """Run the steps on the event loop's thread whatever the device and threads: for a process whose event loop
+        has nothing else to do meanwhile (``raystack.engine_process``), which then pays no thread hand-off per step."""
         self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0}
 
     @classmethod
@@ -329,10 +340,12 @@ class Engine:
         return tokens or [self.tokenizer.eot_id]  # an empty prompt starts a new document
 
     async def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
-                       tenant: str = "") -> AsyncIterator[TokenEvent]:
+                       tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
         """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``).
-        ``priority`` (higher first) and ``tenant`` decide who gets a slot when they are scarce (module doc)."""
-        events = _Events()
+        ``priority`` (higher first) and ``tenant`` decide who gets a slot when they are scarce (module doc).
+        ``stream=False`` (a caller that wants the whole completion): the same events, but after the first they are
+        handed over together when the sequence ends, so the caller wakes twice, not once per token."""
+        events = _Events(stream)
         cancel = self.submit(prompt_tokens, params, events.put_nowait, priority, tenant)
         try:
             while True:
@@ -378,9 +391,9 @@ class Engine:
 
     @property
     def compute_inline(self) -> bool:
-        """Whether the forward passes run on the event loop's thread (a CPU engine with more than one torch thread)
-        rather than on the engine's worker thread (module doc)."""
-        return self.device.type == "cpu" and torch.get_num_threads() > 1
+        """Whether the forward passes run on the event loop's thread (a CPU engine with more than one torch thread,
+        or ``inline`` set) rather than on the engine's worker thread (module doc)."""
+        return self.inline or (self.device.type == "cpu" and torch.get_num_threads() > 1)
 
     async def _compute(self, fn, *args):
         if self.compute_inline:
@@ -739,7 +752,7 @@ async def generate_text(engine: Engine, prompt: str | list[int], params: Generat
     """Whole completion: ``{"text", "tokens", "logprobs", "finish_reason", "prompt_tokens"}``."""
     tokens = engine.encode_prompt(prompt)
     text, out_tokens, logprobs, finish = [], [], [], None
-    async for event in engine.generate(tokens, params):
+    async for event in engine.generate(tokens, params, stream=False):
         text.append(event.text)
         out_tokens.append(event.token)
         logprobs.append(event.logprob)

@@ -14,6 +14,8 @@ Contract:
   with the same semantics (the child runs the same ``Engine``: same tokens for the same seed).
 - Messages are JSON lines. A step's events for every sequence travel as one message (``Engine.submit`` hands the
   child each token as the step makes it, ``Engine.after_step`` sends them), so the cost is per step, not per token.
+  ``generate(..., stream=False)`` (a non-streamed completion): the first event at once (time to first token, and
+  the sequence counts as started), the rest held in the child and sent with the last.
 - Closing a ``generate`` iterator early (client gone) cancels the sequence in the child; its slot frees at the next
   step. A sequence the engine fails raises ``SequenceFailed`` as in process; a request the engine refuses raises
   ``ValueError``.
@@ -132,15 +134,15 @@ class EngineProcess:
     check_request = Engine.check_request
 
     async def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
-                       tenant: str = "") -> AsyncIterator[TokenEvent]:
+                       tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
         self.check_request(len(prompt_tokens), params.max_tokens)
         await self._connect()
         if self._dead is not None:
             raise SequenceFailed(f"generation failed: the engine process is gone ({self._dead})")
         key = next(self._ids)
-        events = self._streams[key] = _Events()
+        events = self._streams[key] = _Events(stream)
         self._send({"op": "add", "id": key, "prompt": list(prompt_tokens), "params": dataclasses.asdict(params),
-                    "priority": priority, "tenant": tenant})
+                    "priority": priority, "tenant": tenant, "stream": stream})
         finished = False
         try:
             while True:
@@ -259,6 +261,10 @@ async def _serve(sock: socket.socket) -> None:
         writer.write(_line({"op": "failed", "error": f"{e}"}))
         await writer.drain()
         return
+    # Nothing else runs here while a step computes (new requests and cancels act between steps anyway), so the steps
+    # run on the event loop's thread: no hand-off to a worker thread and back, twice per step, which cost most when
+    # the CPUs are busy with the replica and its clients.
+    engine.inline = True
     writer.write(_line({"op": "ready", "max_model_len": engine.max_model_len, "kv_cache_bytes": engine.kv_cache_bytes,
                         "tokenizer": engine.tokenizer.to_dict()}))
     loop = asyncio.get_running_loop()
@@ -279,14 +285,23 @@ async def _serve(sock: socket.socket) -> None:
 
     engine.after_step = flush
 
-    def sink(key: int):
+    def sink(key: int, stream: bool):
+        held: list = []  # stream=False: the events after the first, sent with the last
+
         def put(item) -> None:
             if isinstance(item, SequenceFailed):
-                outbox.append([key, "failed", str(item), item.client_error])
+                record = [key, "failed", str(item), item.client_error]
             else:
-                outbox.append([key, item.token, item.text, item.logprob, item.finish_reason, item.completion_tokens,
-                               item.top_logprobs, item.queue_wait_s])
-            if isinstance(item, SequenceFailed) or item.finish_reason is not None:
+                record = [key, item.token, item.text, item.logprob, item.finish_reason, item.completion_tokens,
+                          item.top_logprobs, item.queue_wait_s]
+            ended = isinstance(item, SequenceFailed) or item.finish_reason is not None
+            if not (stream or ended or item.completion_tokens == 1):
+                held.append(record)
+                return
+            outbox.extend(held)
+            held.clear()
+            outbox.append(record)
+            if ended:
                 cancels.pop(key, None)
         return put
 
@@ -305,8 +320,8 @@ async def _serve(sock: socket.socket) -> None:
         key = message.get("id")
         if op == "add":
             try:
-                cancels[key] = engine.submit(message["prompt"], _params(message["params"]), sink(key),
-                                             message["priority"], message["tenant"])
+                cancels[key] = engine.submit(message["prompt"], _params(message["params"]),
+                                             sink(key, message["stream"]), message["priority"], message["tenant"])
             except ValueError as e:  # the parent checked the request already; this is the engine's word on it
                 writer.write(_line({"op": "events", "events": [[key, "refused", str(e)]], "error": None}))
         elif op == "cancel":

@@ -786,7 +786,7 @@ class LLMServer:
         result.generated, result.finish_reason = 0, "length"  # max_tokens 0 (echo only): nothing generated
         self._record_gauges()
         if job.params.max_tokens:
-            async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant):
+            async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant, stream=False):
                 if not result.generated:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)

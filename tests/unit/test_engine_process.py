@@ -5,6 +5,7 @@ flight instead of hanging it."""
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -70,6 +71,34 @@ def test_the_child_generates_and_scores_what_the_engine_does_in_process(artifact
             assert have["logprobs"] == pytest.approx(want["logprobs"])
     assert [(s.token, s.top_logprobs and [t for t, _ in s.top_logprobs]) for s in got_scores] == \
         [(s.token, s.top_logprobs and [t for t, _ in s.top_logprobs]) for s in expected_scores]
+
+
+@pytest.mark.parametrize("where", ["in-process", "child"])
+def test_a_whole_completion_gets_the_streams_events_the_first_at_once_the_rest_at_the_end(artifact, where):
+    """``generate(..., stream=False)`` (a non-streamed completion) yields exactly the stream's events, but after the
+    first they arrive together when the sequence ends: one wake-up (and from a child, one message) per completion
+    instead of one per step."""
+    uri, model = artifact
+
+    async def scenario():
+        engine = Engine(model, ByteTokenizer(), CONFIG) if where == "in-process" else EngineProcess(uri, CONFIG)
+        try:
+            params = GenerationParams(max_tokens=24, seed=7, top_p=0.9, ignore_eos=True, logprobs=True)
+            streamed = [e async for e in engine.generate(list(b"def f("), params)]
+            arrivals, whole = [], []
+            async for event in engine.generate(list(b"def f("), params, stream=False):
+                arrivals.append(time.perf_counter())
+                whole.append(event)
+            return streamed, whole, arrivals
+        finally:
+            await engine.shutdown()
+
+    streamed, whole, arrivals = run(scenario())
+    fields = lambda e: (e.token, e.text, e.logprob, e.finish_reason, e.completion_tokens)  # noqa: E731
+    assert [fields(e) for e in whole] == [fields(e) for e in streamed] and len(whole) == 24
+    assert whole[0].queue_wait_s is not None
+    # 23 steps passed between the first event and the last; the rest came in one go
+    assert arrivals[-1] - arrivals[1] < 0.2 * (arrivals[-1] - arrivals[0])
 
 
 def test_closing_a_stream_early_frees_its_slot_in_the_child(artifact):
