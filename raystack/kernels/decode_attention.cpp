@@ -94,8 +94,28 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       }
       std::copy(v_in, v_in + D, v_slot + written * D);
 
+      // Scores, four positions at a time: four independent dot products share each load of q and keep the
+      // vector units busy while each one's horizontal sum completes.
       float top = -INFINITY;
-      for (int64_t t = 0; t <= last; ++t) {
+      const int64_t n = last + 1;
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        const float *k0 = k_slot + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t d = 0; d < D; ++d) {
+          d0 += q[d] * k0[d];
+          d1 += q[d] * k1[d];
+          d2 += q[d] * k2[d];
+          d3 += q[d] * k3[d];
+        }
+        weights[t] = d0 * sc;
+        weights[t + 1] = d1 * sc;
+        weights[t + 2] = d2 * sc;
+        weights[t + 3] = d3 * sc;
+        top = std::max(top, std::max(std::max(weights[t], weights[t + 1]), std::max(weights[t + 2], weights[t + 3])));
+      }
+      for (; t < n; ++t) {
         const float* k_t = k_slot + t * D;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -106,16 +126,24 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       float total = 0.f;
       float* w_ = weights.data();
 #pragma omp simd reduction(+ : total)
-      for (int64_t t = 0; t <= last; ++t) {
-        w_[t] = exp_nonpositive(w_[t] - top);
-        total += w_[t];
+      for (int64_t j = 0; j < n; ++j) {
+        w_[j] = exp_nonpositive(w_[j] - top);
+        total += w_[j];
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t <= last; ++t) {
-        const float* v_t = v_slot + t * D;
-        const float w = weights[t];
+      float* a = acc.data();
+      t = 0;
+      for (; t + 4 <= n; t += 4) {  // four positions per pass over the accumulator
+        const float *v0 = v_slot + t * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
+        const float w0 = w_[t], w1 = w_[t + 1], w2 = w_[t + 2], w3 = w_[t + 3];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * v_t[d];
+        for (int64_t d = 0; d < D; ++d) a[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d];
+      }
+      for (; t < n; ++t) {
+        const float* v_t = v_slot + t * D;
+        const float w = w_[t];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] += w * v_t[d];
       }
       float* o = O + b * H * D + h * D;
       const float inv = 1.f / total;
