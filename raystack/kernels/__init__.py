@@ -1,4 +1,5 @@
-"""Fused CPU ops for the engine's decode step, compiled from C++ on first use and cached (no build step at install).
+"""Fused CPU ops for the engine's decode step, compiled from C++ once per environment (``make install``, or the first
+use) and cached.
 
 Contract:
 - ``decode_attention()`` is ``torch.ops.raystack.decode_attention`` (``decode_attention.cpp``: one layer's rotary,
@@ -10,8 +11,8 @@ Contract:
   ``RAYSTACK_KERNEL_DIR`` when set, else ``<sys.prefix>/var/raystack-kernels/<key>`` (the environment the build is
   for) when writable, else ``~/.cache/raystack/kernels/<key>``; later processes load it in milliseconds. Processes
   building at once wait on one another (PyTorch's lock file; one older than 10 minutes is a killed build's and is
-  removed). ``python -m raystack.kernels`` builds ahead of time
-  (``make install`` does), so a first request never waits for a compiler.
+  removed). ``python -m raystack.kernels`` builds ahead of time (``make install`` does), so a first request never
+  waits for a compiler.
 - Compiled for the CPU it is built on (``-march=native``): the CPU's feature flags are part of the key, so a cache
   shared between different machines builds once per kind of CPU rather than running code a CPU cannot execute.
 """

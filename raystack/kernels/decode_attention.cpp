@@ -7,7 +7,8 @@
 //   3. attend over positions 0..max(p, 0) of that slot: softmax(q . k_s * scale) weighted sum of v_s, the
 //      softmax in float32 with its maximum subtracted.
 // The PyTorch equivalent (GPT.decode's reference path) is about fourteen ops per layer, two batched matrix-vector
-// products over the whole span among them; here the keys and values are read once, the rest stays in registers.
+// products over the whole span among them; here each row's keys and values are read once, and its scores live in
+// a per-thread buffer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
