@@ -187,6 +187,11 @@ def _decode_attention_op(cache: KVCache):
     return kernels.decode_attention()
 
 
+def _slot_ids(slots, device) -> torch.Tensor:
+    """The slot id of each row: ``slots`` itself, or the ids of a ``slice`` of consecutive slots."""
+    return torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, slice) else slots
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``; no dispatch when it already is (the decode step runs tens of these per token)."""
     return x if x.dtype == dtype else x.to(dtype)
@@ -295,7 +300,7 @@ class GPT(nn.Module):
         op = _decode_attention_op(cache) if fused else None
         if op is None:
             return self._decode_reference(tokens, positions, cache, slots)
-        ids = (torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots)
+        ids = _slot_ids(slots, tokens.device)
         scale = 1.0 / math.sqrt(self.config.head_dim)
         x = self.embed(tokens)  # [B, C]
         for block in self.blocks:
@@ -320,8 +325,7 @@ class GPT(nn.Module):
         mask = torch.zeros(B, H, 1, span, device=tokens.device, dtype=cache.k.dtype)
         mask.masked_fill_(hidden[:, None, None, :], float("-inf"))
         mask = mask.view(B * H, 1, span)
-        ids = (torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice)
-               else slots)
+        ids = _slot_ids(slots, tokens.device)
         rows = ((ids[:, None] * H + torch.arange(H, device=tokens.device)) * S + written[:, None]).view(-1)
         scale = 1.0 / math.sqrt(D)
         x = self.embed(tokens)  # [B, C]

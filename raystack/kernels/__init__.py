@@ -112,4 +112,3 @@ def decode_attention() -> Optional[Callable]:
                                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
                     _state["op"] = None
     return _state["op"]
-
