@@ -12,9 +12,10 @@ Contract:
   output is garbage.
 - The engine's two steps are the same computation in fewer, larger ops: ``GPT.prefill(tokens, cache, slots)`` for
   prompts from position 0 (plain causal attention over their own keys, the logits of the last position only) and
-  ``GPT.decode(tokens, positions, cache, slots)`` for one token per row (keys and values written with one
-  ``index_copy_``, attention as two batched matrix-vector products); both equal the general call above within float
-  tolerance (tests/unit/test_model.py).
+  ``GPT.decode(tokens, positions, cache, slots)`` for one token per row (on CPU in float32 every block in one fused
+  op, ``raystack.kernels``; elsewhere keys and values written with one ``index_copy_`` and attention as two batched
+  matrix-vector products, over a fixed ``span`` of the cache when asked, as CUDA graphs need); both equal the
+  general call above within float tolerance (tests/unit/test_model.py, test_kernels.py).
 
 Architecture: pre-norm (RMSNorm) blocks, causal attention through ``F.scaled_dot_product_attention``, rotary
 position embeddings, a GELU MLP (4x), no biases, input and output embeddings tied.
@@ -178,13 +179,18 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, _as(keys, q.dtype), _as(values, q.dtype), attn_mask=visible)
 
 
-def _decode_attention_op(cache: KVCache):
-    """The fused decode-attention op for ``cache`` (a float32 CPU cache), or None."""
+_fused_ops: dict = {}
+
+
+def _fused_op(cache: KVCache, name: str):
+    """The fused CPU op ``name`` (``raystack.kernels``) for ``cache`` (a float32 CPU cache), or None."""
     if cache.k.device.type != "cpu" or cache.k.dtype != torch.float32:
         return None
-    from raystack import kernels
+    if name not in _fused_ops:  # looked up once per process: the decode step asks every call
+        from raystack import kernels
 
-    return kernels.decode_attention()
+        _fused_ops[name] = getattr(kernels, name)()
+    return _fused_ops[name]
 
 
 def _slot_ids(slots, device) -> torch.Tensor:
@@ -287,7 +293,7 @@ class GPT(nn.Module):
         return F.linear(self.norm(x[:, -1]), self.embed.weight)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots,
-               fused: bool = True) -> torch.Tensor:
+               fused: bool = True, span: int | None = None) -> torch.Tensor:
         """One token per row: logits ``[B, vocab]`` for ``tokens`` ``[B]`` at ``positions`` ``[B]`` of cache
         ``slots`` (a ``slice`` of consecutive slots, read in place, or a tensor of slot ids, gathered); equal to
         ``forward(tokens[:, None], positions[:, None], cache, slots)[:, -1]`` within float tolerance, and the
@@ -296,14 +302,22 @@ class GPT(nn.Module):
         (``raystack.kernels``: each row's keys and values read once, in place); elsewhere, or where that op cannot be
         built, PyTorch ops: keys and values written with one ``index_copy_`` each, and attention as two batched
         matrix-vector products around an additive mask, built once per call (``scaled_dot_product_attention``
-        costs ~2x that for a single query row on CPU)."""
-        op = _decode_attention_op(cache) if fused else None
+        costs ~2x that for a single query row on CPU). ``span``: the cache positions the PyTorch ops attend over
+        (masked per row); None reads up to the largest position, which costs one host sync for its value; a fixed
+        span (at most the cache's length) gives every call the same shapes and no host sync, as a CUDA graph needs
+        (``raystack.decode_graphs``)."""
+        op = _fused_op(cache, "decode_attention") if fused else None
         if op is None:
-            return self._decode_reference(tokens, positions, cache, slots)
+            return self._decode_reference(tokens, positions, cache, slots, span)
         ids = _slot_ids(slots, tokens.device)
         scale = 1.0 / math.sqrt(self.config.head_dim)
         x = self.embed(tokens)  # [B, C]
-        for block in self.blocks:
+        layers, weights = _fused_op(cache, "decode_layers"), self._block_weights()
+        if layers is not None and weights is not None:  # every block in one call
+            x = layers(x, weights, self.rope_cos, self.rope_sin, positions, ids, cache.k, cache.v, scale,
+                       self.blocks[0].attn_norm.eps)
+            return F.linear(self.norm(x), self.embed.weight)
+        for block in self.blocks:  # int8 linear layers (``raystack.engine.quantize_int8``): the attention op alone
             attn = block.attn
             y = op(attn.qkv(block.attn_norm(x)), self.rope_cos, self.rope_sin, positions, ids,
                    cache.k[attn.layer], cache.v[attn.layer], scale)
@@ -311,11 +325,30 @@ class GPT(nn.Module):
             x = x + block.fc_proj(F.gelu(block.fc(block.mlp_norm(x))))
         return F.linear(self.norm(x), self.embed.weight)
 
-    def _decode_reference(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor:
+    def _block_weights(self) -> list[torch.Tensor] | None:
+        """The blocks' weights as ``decode_layers`` takes them (6 per block), or None when a block is not plain
+        float32 ``nn.Linear`` and ``RMSNorm`` layers of one ``eps`` (int8 weights, say)."""
+        weights, eps = [], self.blocks[0].attn_norm.eps
+        for block in self.blocks:  # through _modules and _parameters: this runs on every decode step
+            mods, attn = block._modules, block._modules["attn"]._modules
+            for m in (mods["attn_norm"], attn["qkv"], attn["proj"], mods["mlp_norm"], mods["fc"], mods["fc_proj"]):
+                kind = type(m)
+                if kind is not nn.Linear and (kind is not RMSNorm or m.eps != eps):
+                    return None
+                weight = m._parameters["weight"]
+                if weight.dtype != torch.float32:
+                    return None
+                weights.append(weight)
+        return weights
+
+    def _decode_reference(self, tokens, positions, cache: KVCache, slots, span: int | None = None) -> torch.Tensor:
         """``decode`` in PyTorch ops (any device and dtype)."""
         B = tokens.shape[0]
         H, D, S = self.config.n_head, self.config.head_dim, cache.k.shape[3]
-        span = int(positions.max()) + 1
+        if span is None:
+            span = int(positions.max()) + 1
+        elif not 0 < span <= S:
+            raise ValueError(f"span must be in 1..{S} (the cache's positions), got {span}")
         written = positions.remainder(S)  # an idle row (-1) writes the last position, which nothing reads
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
         cos = torch.cat((cos, cos), -1)[:, None, None]  # [B, 1, 1, D]: rotate-half as x * cos + swap(x) * sin

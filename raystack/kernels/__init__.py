@@ -2,11 +2,13 @@
 use) and cached.
 
 Contract:
-- ``decode_attention()`` is ``torch.ops.raystack.decode_attention`` (``decode_attention.cpp``: one layer's rotary,
-  cache write and attention for a decode step, in one pass over each row's keys and values), or None where it cannot
-  be had: switched off (``RAYSTACK_CPU_KERNELS=0``), or the build failed (no C++ compiler, say; logged once as a
-  warning). Callers then run their PyTorch path, which the op equals within float tolerance
-  (tests/unit/test_kernels.py); nothing else changes.
+- ``decode_attention()`` is ``torch.ops.raystack.decode_attention`` (``decode.cpp``: one layer's rotary, cache
+  write and attention for a decode step, in one pass over each row's keys and values) and ``decode_layers()`` is
+  ``torch.ops.raystack.decode_layers`` (every block of a decode step in one call: norms, matrix products through
+  ATen, that attention, GELU, residuals), or None where they cannot be had: switched off
+  (``RAYSTACK_CPU_KERNELS=0``), or the build failed (no C++ compiler, say; logged once as a warning). Callers then
+  run their PyTorch path, which the ops equal within float tolerance (tests/unit/test_kernels.py); nothing else
+  changes.
 - The build (``torch.utils.cpp_extension``, ~30 s on 2 cores) happens once per source, torch, Python and CPU, into
   ``RAYSTACK_KERNEL_DIR`` when set, else ``<sys.prefix>/var/raystack-kernels/<key>`` (the environment the build is
   for) when writable, else ``~/.cache/raystack/kernels/<key>``; later processes load it in milliseconds. Processes
@@ -33,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCE = Path(__file__).with_name("decode.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in torch's own thread pool
 STALE_LOCK_S = 600
 """A build lock older than this is a killed build's, not a running one's (a build takes ~10-60 s)."""
@@ -95,20 +97,33 @@ def _load() -> Callable:
         logger.warning("building raystack's CPU kernels into %s (once; ~30 s)", directory)
     load(name="raystack_kernels", sources=[str(SOURCE)], build_directory=str(directory), extra_cflags=FLAGS,
          extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    return torch.ops.raystack.decode_attention
+    return {"decode_attention": torch.ops.raystack.decode_attention, "decode_layers": torch.ops.raystack.decode_layers}
 
 
-def decode_attention() -> Optional[Callable]:
-    """The fused decode-attention op, built or loaded on the first call; None where it cannot be used."""
+def _op(name: str) -> Optional[Callable]:
+    """One of the ops, all built or loaded on the first call; None where they cannot be used."""
     if not enabled():
         return None
-    if "op" not in _state:
+    if "ops" not in _state:
         with _lock:
-            if "op" not in _state:
+            if "ops" not in _state:
                 try:
-                    _state["op"] = _load()
+                    _state["ops"] = _load()
                 except Exception as e:  # no compiler, a read-only cache, a failed build: the PyTorch path runs
                     logger.warning("raystack's CPU kernels are not available (%s); decode runs on PyTorch ops",
                                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-                    _state["op"] = None
-    return _state["op"]
+                    _state["ops"] = None
+    return None if _state["ops"] is None else _state["ops"][name]
+
+
+def decode_attention() -> Optional[Callable]:
+    """``torch.ops.raystack.decode_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, scale)``: one
+    layer's attention for a decode step (``decode.cpp``), or None."""
+    return _op("decode_attention")
+
+
+def decode_layers() -> Optional[Callable]:
+    """``torch.ops.raystack.decode_layers(x, weights, cos, sin, positions, slots, k_cache, v_cache, scale, eps)``:
+    every block of a decode step (6 weights per layer: attn_norm, qkv, proj, mlp_norm, fc, fc_proj; the caches
+    ``[layers, slots, heads, positions, head_dim]``), or None."""
+    return _op("decode_layers")

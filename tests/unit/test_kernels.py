@@ -1,5 +1,5 @@
-"""raystack.kernels: the fused decode-attention op is built where a compiler is, equals the PyTorch path, refuses
-bad inputs with an error (never reads out of bounds), and its absence only switches decode to PyTorch ops."""
+"""raystack.kernels: the fused decode ops are built where a compiler is, equal the PyTorch path, refuse bad inputs
+with an error (never read out of bounds), and their absence only switches decode to PyTorch ops."""
 
 import os
 import shutil
@@ -27,15 +27,19 @@ def op():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("fused", ["layers", "attention"])
 @pytest.mark.parametrize("preset,overrides", [("tiny", dict(max_seq_len=64)),
                                               ("tiny", dict(n_head=2, n_embd=48, max_seq_len=40))])
-def test_decode_steps_equal_the_pytorch_path_token_by_token(preset, overrides):
+def test_decode_steps_equal_the_pytorch_path_token_by_token(preset, overrides, fused):
     """Many decode steps over rows at different positions (one idle, one at the cache's last position, gathered
-    and in-place slots): the fused op and PyTorch ops give the same logits and leave the same caches."""
+    and in-place slots): the fused ops and PyTorch ops give the same logits and leave the same caches; every block
+    in one op (``decode_layers``), and each layer's attention alone (what int8 linear layers run)."""
     op()
     torch.manual_seed(5)
     config = ModelConfig.from_preset(preset, **overrides)
     model = GPT(config).eval()
+    if fused == "attention":
+        model._block_weights = lambda: None
     fused, plain = KVCache(config, slots=6), KVCache(config, slots=6)
     keys, values = torch.randn_like(fused.k), torch.randn_like(fused.v)  # what earlier steps left there
     for cache in (fused, plain):
@@ -75,6 +79,28 @@ def test_bad_inputs_are_errors_not_out_of_bounds_reads():
         decode_attention(qkv.double(), cos, sin, torch.tensor([1, 2]), torch.tensor([0, 1]), k, v, 0.5)
     with pytest.raises(RuntimeError, match="qkv"):
         decode_attention(qkv[:, :-1], cos, sin, torch.tensor([1, 2]), torch.tensor([0, 1]), k, v, 0.5)
+
+
+def test_the_layers_op_refuses_weights_that_do_not_fit_its_caches():
+    op()
+    decode_layers = kernels.decode_layers()
+    config = ModelConfig.from_preset("tiny", max_seq_len=16)
+    model = GPT(config).eval()
+    cache = KVCache(config, 2)
+    weights = model._block_weights()
+    x, positions, slots = torch.randn(2, config.n_embd), torch.tensor([3, 0]), torch.tensor([0, 1])
+    args = (model.rope_cos, model.rope_sin, positions, slots, cache.k, cache.v, 0.5, 1e-6)
+    assert decode_layers(x, weights, *args).shape == x.shape
+    with pytest.raises(RuntimeError, match="6 weights per layer"):
+        decode_layers(x, weights[:-1], *args)
+    swapped = list(weights)
+    swapped[1], swapped[4] = weights[4], weights[1]  # qkv and fc exchanged: shapes that do not fit
+    with pytest.raises(RuntimeError, match="layer 0's weights do not fit"):
+        decode_layers(x, swapped, *args)
+    with pytest.raises(RuntimeError, match="float32"):
+        decode_layers(x, [w.double() for w in weights], *args)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        decode_layers(x[:, :-1], weights, *args)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

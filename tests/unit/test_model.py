@@ -76,12 +76,14 @@ def test_prefill_then_decode_with_rows_at_different_positions():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-op", "pytorch-ops"])
+@pytest.mark.parametrize("fused,span", [(True, None), (False, None), (False, 32)],
+                         ids=["fused-op", "pytorch-ops", "pytorch-ops-fixed-span"])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_decode_step_equals_the_general_forward_and_idle_rows_touch_nothing_read(in_place, fused):
+def test_decode_step_equals_the_general_forward_and_idle_rows_touch_nothing_read(in_place, fused, span):
     """``GPT.decode`` (the engine's decode step) gives the general forward's logits and writes the same keys and
     values, over consecutive slots read in place (with an idle row at position -1) or gathered slots; with the
-    fused CPU op (raystack.kernels, tests/unit/test_kernels.py checks it is built) and with PyTorch ops alone."""
+    fused CPU op (raystack.kernels, tests/unit/test_kernels.py checks it is built), with PyTorch ops alone, and with
+    PyTorch ops over the cache's whole length (the fixed shape CUDA graphs capture, raystack.decode_graphs)."""
     torch.manual_seed(2)
     config = ModelConfig.from_preset("tiny", max_seq_len=32)
     model = GPT(config).eval()
@@ -97,7 +99,7 @@ def test_decode_step_equals_the_general_forward_and_idle_rows_touch_nothing_read
         slots, positions = torch.tensor([4, 0, 3]), torch.tensor([9, 7, 20])
     tokens = torch.randint(0, 257, (len(positions),))
     expected = model(tokens[:, None], positions=positions[:, None], cache=general, slots=slots)[:, -1]
-    got = model.decode(tokens, positions, fast, slots, fused=fused)
+    got = model.decode(tokens, positions, fast, slots, fused=fused, span=span)
     live = positions >= 0
     torch.testing.assert_close(got[live], expected[live], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got).all()  # an idle row's output is dropped, but never NaN

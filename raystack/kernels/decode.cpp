@@ -1,6 +1,7 @@
-// raystack's CPU decode-attention op: one layer of the engine's decode step, fused (see __init__.py).
+// raystack's CPU decode ops: the engine's decode step, fused (see __init__.py).
 //
-// For each row b and head h of a step (one new token per row), in one pass over that row's cache:
+// decode_attention: one layer's attention. For each row b and head h of a step (one new token per row), in one
+// pass over that row's cache:
 //   1. rotate q and k by the rotary angle of position p = positions[b] (rotate-half, as model.apply_rope);
 //   2. write k and v into the cache at (slots[b], h, p mod S) (an idle row, p = -1, writes position S - 1,
 //      which no sequence reads);
@@ -9,6 +10,11 @@
 // The PyTorch equivalent (GPT.decode's reference path) is about fourteen ops per layer, two batched matrix-vector
 // products over the whole span among them; here each row's keys and values are read once, and its scores live in
 // a per-thread buffer.
+//
+// decode_layers: every transformer block of the step in one call (GPT.decode's fused path), each block
+//   x += proj(decode_attention(qkv(rms_norm(x)))); x += fc_proj(gelu(fc(rms_norm(x))))
+// with the matrix products in ATen (MKL) and the norms in place: the ~12 operator calls per block that Python
+// would make, and their dispatch, become one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -154,10 +160,67 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   return out;
 }
 
+// out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * weight, for rows of x [B, C] (as F.rms_norm over the last dimension).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, float eps) {
+  const int64_t B = x.size(0), C = x.size(1);
+  auto out = at::empty_like(x);
+  const float* X = x.data_ptr<float>();
+  const float* W = weight.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = X + b * C;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < C; ++c) squares += row[c] * row[c];
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(C) + eps);
+    float* o = O + b * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = row[c] * inv * W[c];
+  }
+  return out;
+}
+
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, double scale, double eps) {
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes(),
+              "decode_layers: caches must be [layers, slots, heads, positions, head_dim] alike");
+  const int64_t L = k_cache.size(0), C = k_cache.size(2) * k_cache.size(4);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L,
+              "decode_layers: 6 weights per layer (attn_norm, qkv, proj, mlp_norm, fc, fc_proj), got ",
+              weights.size(), " for ", L, " layers");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == C && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
+              "decode_layers: x must be float32 [B, ", C, "] on CPU");
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
+                "decode_layers: weights must be contiguous float32 CPU tensors");
+  }
+  const float e = static_cast<float>(eps);
+  auto x = x_in.contiguous();
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + 6 * l;
+    TORCH_CHECK(w[0].numel() == C && w[3].numel() == C && w[1].dim() == 2 && w[1].size(0) == 3 * C &&
+                w[1].size(1) == C && w[2].sizes() == at::IntArrayRef({C, C}) && w[4].dim() == 2 &&
+                w[4].size(1) == C && w[5].dim() == 2 && w[5].size(0) == C && w[5].size(1) == w[4].size(0),
+                "decode_layers: layer ", l, "'s weights do not fit a ", C, "-wide block");
+    const auto qkv = at::mm(rms_norm(x, w[0], e), w[1].t());
+    const auto y = decode_attention(qkv, cos, sin, positions, slots, k_cache.select(0, l), v_cache.select(0, l),
+                                    scale);
+    x = at::addmm(x, y, w[2].t());
+    auto hidden = at::mm(rms_norm(x, w[3], e), w[4].t());
+    at::gelu_(hidden);
+    x = at::addmm(x, hidden, w[5].t());
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(raystack, m) {
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor slots, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, float scale) -> Tensor");
   m.impl("decode_attention", c10::DispatchKey::CPU, &decode_attention);
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor positions, Tensor slots, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, float eps) -> Tensor");
+  m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
 }
