@@ -55,6 +55,7 @@ from typing import AsyncIterator, Optional
 import torch
 
 from raystack.checkpoint import load_artifact
+from raystack.decode_graphs import DecodeGraphs
 from raystack.model import GPT, KVCache
 from raystack.sampling import SamplingParamError, SamplingParams, sample, validate
 from raystack.tokenizer import ByteTokenizer
@@ -85,6 +86,9 @@ class EngineConfig:
     """``none``, or ``int8``: the transformer's linear layers with int8 weights (PyTorch's dynamic quantization,
     CPU only; the tied output embedding stays float32). Faster where matrix work dominates (``small`` and up), not
     at tiny shapes; benchmarks/serve_vs_hf.py --int8 prints both speed and held-out loss."""
+    cuda_graphs: bool = True
+    """On CUDA, run the decode step as CUDA graphs captured at start-up, one per batch-size bucket
+    (``raystack.decode_graphs``); False runs it eagerly (vLLM's ``enforce_eager``). No effect on CPU."""
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -293,6 +297,10 @@ class Engine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {limit}")
         self.cache = KVCache(model.config, self.config.max_batch_size, device=self.device, dtype=dtype)
+        self.graphs: Optional[DecodeGraphs] = None
+        """The decode step's CUDA graphs (``EngineConfig.cuda_graphs``), or None: eager decode."""
+        if self.device.type == "cuda" and self.config.cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.cache)
         self._free_slots = list(range(self.config.max_batch_size))  # a heap: the lowest free slot first, so the
         # running sequences stay packed at the front and a decode step reads their caches in place (``_decode``)
         self._waiting: collections.deque[_Sequence] = collections.deque()
@@ -635,8 +643,14 @@ class Engine:
         """One token for each of ``decodes`` (in slot order). When their slots are packed (at most
         ``DECODE_SLACK`` free slots among them), the forward runs over the whole slot range and reads the caches in
         place, the free slots decoding an idle row (position -1) whose output is dropped; otherwise the rows' caches
-        are gathered."""
+        are gathered. With ``graphs``, slots 0..last run as one captured graph (idle rows for the free ones)."""
         first, last = decodes[0].slot, decodes[-1].slot
+        if self.graphs is not None:
+            token_ids, position_ids = [0] * (last + 1), [-1] * (last + 1)
+            for s in decodes:
+                token_ids[s.slot], position_ids[s.slot] = s.generated[-1], s.position
+            out = self.graphs.run(token_ids, position_ids)
+            return out if len(decodes) == last + 1 else out[[s.slot for s in decodes]]
         width = last - first + 1
         if width > len(decodes) + DECODE_SLACK:
             tokens = torch.tensor([s.generated[-1] for s in decodes], device=self.device)
