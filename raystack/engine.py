@@ -11,8 +11,10 @@ Contract:
 - One scheduler task per engine admits waiting requests into free slots at every step, prefills them, runs one
   batched decode forward over all active slots, and samples every row with its own parameters through
   ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
-  do not depend on what else is in the batch. Where the forward passes run (``Engine.compute_inline``): on CUDA, or
-  a CPU with one torch thread, in a worker thread, so the event loop serves while the model computes; on a CPU with
+  do not depend on what else is in the batch. On CUDA the decode forward is replayed from CUDA graphs
+  (``raystack.decode_graphs``, ``EngineConfig.cuda_graphs``). Where the forward passes run
+  (``Engine.compute_inline``): on CUDA, or a CPU with one torch thread, in a worker thread, so the event loop serves
+  while the model computes; on a CPU with
   more torch threads, on the event loop's own thread between its turns (PyTorch's OpenMP pool runs at full speed only
   while one thread of the process uses it: a second thread's pool makes libgomp throttle both, which measured 2-3x
   slower per forward on 2 cores); there too wherever ``Engine.inline`` is set (an engine alone in its process).
@@ -20,6 +22,8 @@ Contract:
   logits before the logit bias, penalties, temperature and filters. ``engine.score(prompt_tokens, top)`` gives the
   same for every prompt token (what ``echo`` with ``logprobs`` returns, and how evaluation harnesses score text).
 - Closing the iterator (client gone, timeout: ``asyncio`` cancellation) frees the request's slot at the next step.
+- ``engine.generate_ready(...)`` is ``generate`` in lists: each time the caller asks, every event made since it last
+  asked (a streamed HTTP completion reads it, so a slow client takes several tokens per wake-up).
 - ``engine.submit(prompt_tokens, params, sink)`` is ``generate`` without an iterator: each event goes to ``sink`` as
   the step makes it, ``after_step`` runs once a step's events are all out, and the returned function cancels
   (``raystack.engine_process`` forwards a step's tokens in one message this way).
@@ -43,6 +47,7 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import logging
@@ -231,11 +236,19 @@ class _Events:
         if waiter is not None and not waiter.done():  # done: the consumer was cancelled while it waited
             waiter.set_result(None)
 
-    async def get(self):
+    async def get_ready(self) -> list:
+        """Every event put and not yet taken, in order; waits for one when there is none. An error put behind
+        events is raised by the call after the one that takes them."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        return self._items.popleft()
+        items = self._items
+        if isinstance(items[0], BaseException):
+            raise items.popleft()
+        ready = []
+        while items and not isinstance(items[0], BaseException):
+            ready.append(items.popleft())
+        return ready
 
 
 class _Sequence:
@@ -353,15 +366,23 @@ class Engine:
         ``priority`` (higher first) and ``tenant`` decide who gets a slot when they are scarce (module doc).
         ``stream=False`` (a caller that wants the whole completion): the same events, but after the first they are
         handed over together when the sequence ends, so the caller wakes twice, not once per token."""
+        async with contextlib.aclosing(self.generate_ready(prompt_tokens, params, priority, tenant, stream)) as ready:
+            async for events in ready:
+                for event in events:
+                    yield event
+
+    async def generate_ready(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
+                             tenant: str = "", stream: bool = True) -> AsyncIterator[list[TokenEvent]]:
+        """``generate``'s events in lists: each time the caller asks, every event made since it last asked (one at
+        least), in order. A caller slower than the engine (a stream whose client reads slowly) takes several tokens
+        in one go, without a timer and without a wake-up per token."""
         events = _Events(stream)
         cancel = self.submit(prompt_tokens, params, events.put_nowait, priority, tenant)
         try:
             while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
+                ready = await events.get_ready()
+                yield ready
+                if ready[-1].finish_reason is not None:
                     return
         finally:
             cancel()

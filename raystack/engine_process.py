@@ -9,9 +9,9 @@ Contract:
 - ``EngineProcess(artifact_uri, EngineConfig)`` starts ``python -m raystack.engine_process`` with one end of a
   socket pair, waits until the child has loaded the artifact and built its ``Engine`` (a bad artifact or config is
   the constructor's ``ValueError``, with the child's message), and then offers what the replica uses of an
-  ``Engine``: ``generate`` (an async iterator of ``TokenEvent``), ``score``, ``check_request``, ``encode_prompt``,
-  ``check_health``, ``queue_depth``, ``active``, ``tokenizer``, ``max_model_len``, ``kv_cache_bytes``, ``shutdown``;
-  with the same semantics (the child runs the same ``Engine``: same tokens for the same seed).
+  ``Engine``: ``generate`` (an async iterator of ``TokenEvent``), ``generate_ready`` (of lists of them), ``score``,
+  ``check_request``, ``encode_prompt``, ``check_health``, ``queue_depth``, ``active``, ``tokenizer``,
+  ``max_model_len``, ``kv_cache_bytes``, ``shutdown``; with the same semantics (the child runs the same ``Engine``: same tokens for the same seed).
 - Messages are JSON lines. A step's events for every sequence travel as one message (``Engine.submit`` hands the
   child each token as the step makes it, ``Engine.after_step`` sends them), so the cost is per step, not per token.
   ``generate(..., stream=False)`` (a non-streamed completion): the first event at once (time to first token, and
@@ -27,6 +27,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -135,6 +136,13 @@ class EngineProcess:
 
     async def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
                        tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
+        async with contextlib.aclosing(self.generate_ready(prompt_tokens, params, priority, tenant, stream)) as ready:
+            async for events in ready:
+                for event in events:
+                    yield event
+
+    async def generate_ready(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
+                             tenant: str = "", stream: bool = True) -> AsyncIterator[list[TokenEvent]]:
         self.check_request(len(prompt_tokens), params.max_tokens)
         await self._connect()
         if self._dead is not None:
@@ -146,13 +154,14 @@ class EngineProcess:
         finished = False
         try:
             while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
+                try:
+                    ready = await events.get_ready()
+                except Exception:  # the sequence's error, from the child (cancellation is no Exception)
                     finished = True
-                    raise event
+                    raise
                 self._started.add(key)
-                yield event
-                if event.finish_reason is not None:
+                yield ready
+                if ready[-1].finish_reason is not None:
                     finished = True
                     return
         finally:

@@ -41,6 +41,7 @@ mid-stream); everyone else's requests carry on.
 
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -243,22 +244,22 @@ async def _internal_error(request: Request, error: Exception):
 
 
 async def _ready_pieces(queue: asyncio.Queue):
-    """The stream's pieces in batches: the next one (waited for), plus every piece already queued behind it: the
-    first token goes out at once, and a consumer slower than the engine gets fewer, fuller chunks without a timer.
-    Ends at the ``None`` sentinel; a ``SequenceFailed`` is yielded alone."""
-    while (piece := await queue.get()) is not None:
-        if isinstance(piece, SequenceFailed):
-            yield piece
+    """The pieces of several choices (``queue`` holds lists of them) in batches: the next list (waited for), plus
+    every piece already queued behind it: the first token goes out at once, and a consumer slower than the engine
+    gets fewer, fuller chunks without a timer. Ends at the ``None`` sentinel; a ``SequenceFailed`` is yielded alone."""
+    while (pieces := await queue.get()) is not None:
+        if isinstance(pieces, SequenceFailed):
+            yield pieces
             return
-        ready = [piece]
+        ready = list(pieces)
         while not queue.empty():
-            piece = queue.get_nowait()
-            if piece is None or isinstance(piece, SequenceFailed):
+            pieces = queue.get_nowait()
+            if pieces is None or isinstance(pieces, SequenceFailed):
                 yield ready
-                if piece is not None:
-                    yield piece
+                if pieces is not None:
+                    yield pieces
                 return
-            ready.append(piece)
+            ready.extend(pieces)
         yield ready
 
 
@@ -801,32 +802,56 @@ class LLMServer:
         self._record_gauges()
         return result
 
-    async def _stream(self, parsed: CompletionRequest, shape: "_Shape", jobs: list["_Job"],
-                      tenant: Optional[Tenant] = None, grant=None, where: str = ""):
-        """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``."""
-        queue: asyncio.Queue = asyncio.Queue()
-        usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0}
-
-        async def pump(job: _Job):
-            start, first = time.monotonic(), True
-            echoed = await self._echo(job, parsed)
-            if echoed is not None:
-                await queue.put(echoed)
-            if not job.params.max_tokens:
-                await queue.put(_Piece(job.index, "", "length"))
-                return
-            async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant):
+    async def _job_pieces(self, job: "_Job", parsed: CompletionRequest, usage: dict):
+        """One choice's pieces, in lists of those ready together (``Engine.generate_ready``): the echoed prompt first
+        when asked, then the text of every token the engine made since the stream last asked for more."""
+        start = time.monotonic()
+        echoed = await self._echo(job, parsed)
+        if echoed is not None:
+            yield [echoed]
+        if not job.params.max_tokens:
+            yield [_Piece(job.index, "", "length")]
+            return
+        first = True
+        async with contextlib.aclosing(self.engine.generate_ready(job.tokens, job.params, job.priority,
+                                                                  job.tenant)) as batches:
+            async for events in batches:
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - start)
-                    self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
+                    self.metrics.queue_wait.observe(events[0].queue_wait_s or 0.0)
                     self.outcomes.ttft(time.monotonic() - start)
                     first = False
-                usage["completion_tokens"] += 1  # into raystack_generated_tokens_total once per chunk (below)
-                piece = _Piece(job.index, event.text, event.finish_reason)
-                if parsed.logprobs is not None:
-                    piece.add(event.token, event.logprob, event.top_logprobs)
-                if event.text or event.finish_reason or piece.tokens:
-                    await queue.put(piece)
+                usage["completion_tokens"] += len(events)  # into raystack_generated_tokens_total once per chunk
+                pieces = []
+                for event in events:
+                    piece = _Piece(job.index, event.text, event.finish_reason)
+                    if parsed.logprobs is not None:
+                        piece.add(event.token, event.logprob, event.top_logprobs)
+                    if event.text or event.finish_reason or piece.tokens:
+                        pieces.append(piece)
+                if pieces:
+                    yield pieces
+
+    async def _ready(self, parsed: CompletionRequest, jobs: list["_Job"], usage: dict):
+        """The stream's pieces in lists of those ready together, ending with a ``SequenceFailed`` if a choice fails.
+        One choice (the usual request) comes straight from the engine; several are pumped into one queue."""
+        if len(jobs) == 1:
+            try:
+                async with contextlib.aclosing(self._job_pieces(jobs[0], parsed, usage)) as pieces:
+                    async for ready in pieces:
+                        yield ready
+            except SequenceFailed as failed:
+                yield failed
+            except Exception as e:  # a bug: logged here, and the client still gets an error event, not a hang
+                logger.exception("stream %s failed", parsed.request_id)
+                yield SequenceFailed(repr(e))
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(job: _Job):
+            async with contextlib.aclosing(self._job_pieces(job, parsed, usage)) as pieces:
+                async for ready in pieces:
+                    await queue.put(ready)
 
         async def run_all():
             pumps = [asyncio.ensure_future(pump(job)) for job in jobs]
@@ -843,6 +868,16 @@ class LLMServer:
                 await queue.put(None)
 
         task = asyncio.create_task(run_all())
+        try:
+            async for ready in _ready_pieces(queue):
+                yield ready
+        finally:
+            task.cancel()  # a client that went away cancels its sequences; their slots free at the next step
+
+    async def _stream(self, parsed: CompletionRequest, shape: "_Shape", jobs: list["_Job"],
+                      tenant: Optional[Tenant] = None, grant=None, where: str = ""):
+        """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``."""
+        usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0}
         error, status = None, "499"  # the status counted if the client goes away before the end (nginx's code)
         counted = 0
 
@@ -857,8 +892,9 @@ class LLMServer:
                 opening = shape.opening([job.index for job in jobs])
                 if opening:
                     yield opening
-                async with asyncio.timeout(self.config.request_timeout_s):
-                    async for ready in _ready_pieces(queue):
+                async with asyncio.timeout(self.config.request_timeout_s), \
+                        contextlib.aclosing(self._ready(parsed, jobs, usage)) as stream:
+                    async for ready in stream:
                         if isinstance(ready, SequenceFailed):
                             error = _sequence_error(ready)
                             break
@@ -868,8 +904,6 @@ class LLMServer:
             except TimeoutError:
                 error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
                                  type="timeout")
-            finally:
-                task.cancel()  # a client that went away cancels its sequences; their slots free at the next step
             status = str(error.status) if error is not None else "200"
             if error is not None:  # OpenAI's mid-stream shape: an error event, then [DONE]
                 yield _sse(error.body())

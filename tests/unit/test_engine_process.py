@@ -101,6 +101,50 @@ def test_a_whole_completion_gets_the_streams_events_the_first_at_once_the_rest_a
     assert arrivals[-1] - arrivals[1] < 0.2 * (arrivals[-1] - arrivals[0])
 
 
+@pytest.mark.parametrize("where", ["in-process", "child"])
+def test_a_slow_consumer_of_generate_ready_takes_every_token_made_meanwhile_in_one_list(artifact, where):
+    """``generate_ready`` (what a streamed HTTP completion reads): each list holds every event made since the consumer
+    last asked, in order, so a consumer slower than the engine gets several tokens per wake-up; together they are
+    exactly ``generate``'s events, the finishing one last."""
+    uri, model = artifact
+
+    async def scenario():
+        engine = Engine(model, ByteTokenizer(), CONFIG) if where == "in-process" else EngineProcess(uri, CONFIG)
+        try:
+            params = GenerationParams(max_tokens=30, seed=7, top_p=0.9, ignore_eos=True)
+            streamed = [e async for e in engine.generate(list(b"def f("), params)]
+            lists = []
+            async for ready in engine.generate_ready(list(b"def f("), params):
+                lists.append(ready)
+                await asyncio.sleep(0.02)  # a slow client: the engine makes several tokens meanwhile
+            return streamed, lists
+        finally:
+            await engine.shutdown()
+
+    streamed, lists = run(scenario())
+    fields = lambda e: (e.token, e.text, e.finish_reason, e.completion_tokens)  # noqa: E731
+    assert [fields(e) for ready in lists for e in ready] == [fields(e) for e in streamed]
+    assert len(lists[0]) == 1 and lists[-1][-1].finish_reason == "length"
+    assert len(lists) < 15 and max(len(ready) for ready in lists) > 1
+
+
+def test_events_behind_which_an_error_waits_are_handed_over_before_it_is_raised():
+    from raystack.engine import TokenEvent, _Events
+
+    async def scenario():
+        events = _Events()
+        made = [TokenEvent(token=i, text=str(i), logprob=None, completion_tokens=i + 1) for i in range(2)]
+        for item in (*made, SequenceFailed("generation failed: boom")):
+            events.put_nowait(item)
+        first = await events.get_ready()
+        with pytest.raises(SequenceFailed, match="boom"):
+            await events.get_ready()
+        return first, made
+
+    first, made = run(scenario())
+    assert first == made
+
+
 def test_closing_a_stream_early_frees_its_slot_in_the_child(artifact):
     uri, _ = artifact
 
