@@ -10,7 +10,9 @@ path, so all do the same work), top_p 0.9:
 - ``engine``: raystack's ``Engine``, ``c`` concurrent requests, in process;
 - ``http`` / ``http-stream``: ``c`` concurrent requests to raystack on Ray Serve over loopback HTTP, non-streamed and
   streamed (one replica holding the same CPU budget), through HAProxy and the replica's own HTTP server where
-  ``raystack.cluster`` switches Serve's throughput mode on (``--ingress proxy``: Serve's proxy actor instead);
+  ``raystack.cluster`` switches Serve's throughput mode on (``--ingress proxy``: Serve's proxy actor instead), sent
+  with ``aiohttp`` as ``vllm bench serve`` does (``--clients aiohttp,httpx`` adds the same paths with ``httpx``, the
+  client before 2026-12-01, as ``http/httpx``: the client shares the machine's cores with the server);
 - ``engine-int8`` (``--int8``): the engine with int8 weights in its linear layers, with the held-out loss of both
   (nats per byte on the Python standard library's ``json`` package source; random weights unless ``--model``).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -142,37 +145,62 @@ async def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int, co
     return Run(time.perf_counter() - start, list(requests))
 
 
-async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bool, concurrency: int) -> Run:
-    import httpx
-
+async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bool, concurrency: int,
+                   client_kind: str = "aiohttp") -> Run:
+    """``batch`` over HTTP, ``concurrency`` at a time, with ``aiohttp`` (what ``vllm bench serve`` sends with) or
+    ``httpx`` (this benchmark's client before 2026-12-01; ~0.4 of this machine's 2 cores at 32 streams)."""
     slots = asyncio.Semaphore(concurrency)
 
     async def one(client, i: int, prompt: list[int]) -> Request:
         async with slots:
             return await request_once(client, i, prompt)
 
+    def record(request: Request, chunk: dict) -> None:
+        if chunk.get("usage"):
+            request.tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"]:  # a chunk may carry several tokens (coalesced)
+            request.events.append(time.perf_counter())
+
     async def request_once(client, i: int, prompt: list[int]) -> Request:
         body = {"model": "raystack", "prompt": prompt, "max_tokens": new_tokens, "top_p": 0.9, "seed": i,
                 "ignore_eos": True, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         request = Request(time.perf_counter())
+        if client_kind == "aiohttp":
+            async with client.post(f"{url}/v1/completions", json=body) as response:
+                response.raise_for_status()
+                if not stream:
+                    request.events.append(time.perf_counter())  # non-streamed: the first token comes with the last
+                    request.tokens = (await response.json())["usage"]["completion_tokens"]
+                    return request
+                async for line in response.content:  # SSE: one "data: {json}" line per event
+                    if line.startswith(b"data: {"):
+                        record(request, json.loads(line[6:]))
+            return request
         if not stream:
             response = await client.post(f"{url}/v1/completions", json=body)
             response.raise_for_status()
-            request.events.append(time.perf_counter())  # non-streamed: the first token arrives with the last
+            request.events.append(time.perf_counter())
             request.tokens = response.json()["usage"]["completion_tokens"]
             return request
-        body["stream_options"] = {"include_usage": True}
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             response.raise_for_status()
-            async for chunk in sse_chunks(response):  # a chunk may carry several tokens (coalesced)
-                if chunk.get("usage"):
-                    request.tokens = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"]:
-                    request.events.append(time.perf_counter())
+            async for chunk in sse_chunks(response):
+                record(request, chunk)
         return request
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    if client_kind == "aiohttp":
+        import aiohttp
+
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
+                                        timeout=aiohttp.ClientTimeout(total=600))
+    else:
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        session = httpx.AsyncClient(timeout=600, limits=limits)
+    async with session as client:
         start = time.perf_counter()
         requests = await asyncio.gather(*(one(client, i, p) for i, p in enumerate(batch)))
     return Run(time.perf_counter() - start, list(requests))
@@ -267,8 +295,12 @@ def measure_shape(name: str, args, rows: list) -> None:
         print(f"{name}: held-out loss float32 {exact:.4f} nats/byte, int8 {quantized:.4f} "
               f"({(quantized / exact - 1) * 100:+.2f}%)", flush=True)
     if url:
-        paths["http"] = lambda batch, c: asyncio.run(run_http(url, batch, args.new_tokens, False, c))
-        paths["http-stream"] = lambda batch, c: asyncio.run(run_http(url, batch, args.new_tokens, True, c))
+        for n, kind in enumerate(args.clients.split(",")):  # the first client's paths are the goals' paths
+            suffix = "" if n == 0 else f"/{kind}"
+            paths["http" + suffix] = lambda batch, c, kind=kind: asyncio.run(
+                run_http(url, batch, args.new_tokens, False, c, kind))
+            paths["http-stream" + suffix] = lambda batch, c, kind=kind: asyncio.run(
+                run_http(url, batch, args.new_tokens, True, c, kind))
     for c in args.concurrency:
         batch = prompts(max(c, args.min_requests), args.prompt_tokens)
         runs: dict = {path: [] for path in paths}
@@ -293,11 +325,11 @@ def measure_shape(name: str, args, rows: list) -> None:
 def print_row(row) -> None:
     """Non-streamed HTTP has no per-token clock: its TTFT is the whole latency, TPOT and ITL are not defined."""
     name, path, c, f, ratio = row
-    per_token = path != "http"
+    per_token = not path.startswith("http") or path.startswith("http-stream")
     tpot = f"{f['tpot'] * 1e3:6.2f} ms" if per_token else "     -   "
     itl = f"{f['itl_p99'] * 1e3:7.1f} ms" if per_token else "      -   "
     goodput = f"{f['goodput']:.0%}" if per_token else "-"
-    print(f"{name:6s} {path:12s} c={c:<3d} {f['tokens_per_s']:9,.0f} tok/s  {ratio:5.2f}x hf   "
+    print(f"{name:6s} {path:17s} c={c:<3d} {f['tokens_per_s']:9,.0f} tok/s  {ratio:5.2f}x hf   "
           f"TTFT p50 {f['ttft_p50'] * 1e3:7.1f} ms p99 {f['ttft_p99'] * 1e3:7.1f} ms   TPOT {tpot}   "
           f"ITL p99 {itl}   goodput {goodput}", flush=True)
 
@@ -336,7 +368,13 @@ def main() -> None:
     parser.add_argument("--ingress", choices=["auto", "proxy"], default="auto",
                         help="auto: HAProxy in front of direct-ingress replicas where raystack.cluster enables it; "
                              "proxy: Serve's Python proxy actor (Ray's default)")
+    parser.add_argument("--clients", default="aiohttp",
+                        help="HTTP clients, comma-separated, of aiohttp (vllm bench serve's) and httpx; the first "
+                             "one's paths are the goals', the others' are printed as http/<client>")
     args = parser.parse_args()
+    unknown = set(args.clients.split(",")) - {"aiohttp", "httpx"}
+    if unknown:
+        parser.error(f"--clients: unknown {', '.join(sorted(unknown))}; known: aiohttp, httpx")
     if args.ingress == "proxy":
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"  # before the local Ray starts (raystack.cluster)
     from raystack.cluster import apply_local_ray_env
@@ -347,7 +385,7 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     print(f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.threads} cores per path; prompts "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new, top_p 0.9; best of {args.repeats}; HTTP through "
-          f"{ingress}", flush=True)
+          f"{ingress}, client {args.clients}", flush=True)
     rows: list = []
     for name in args.presets.split(","):
         measure_shape(name, args, rows)
