@@ -6,12 +6,16 @@ For B in {1, 8, 64, 256} and V in {32k, 128k} it prints the CPU fast path's late
 (sort, softmax, cumulative sum, mask, sample) on the same logits and parameters, their ratio, and the memory-read
 floor (bytes of logits / copy bandwidth measured now). Parameters: temperature 0.7, top_k 50, top_p 0.9 (common
 serving defaults); one extra line gives top_p 0.9 alone at B=64, V=128k. Goal: >= 3x at B=64, V=128k. Where a CUDA
-GPU is present the same table is printed for the Triton kernel against the sort-based path on the GPU.
+GPU is present the same table is printed for the Triton kernel against the sort-based path on the GPU. First, for the
+engine's byte vocabulary (V=257): the C++ sampling op (raystack.kernels.sample_rows) against the NumPy path and the
+sort-based sampler, interleaved, as ratios (below 1 is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import statistics
 import sys
 import time
@@ -75,6 +79,49 @@ def table(device: str, repeats: int, backend: str) -> None:
         print(f"{B:>4} {V:>7} {ours * 1e3:>12.2f} {base * 1e3:>14.2f} {base / ours:>8.1f}x {floor * 1e3:>14.3f}{note}")
 
 
+def byte_vocabulary(repeats: int) -> None:
+    """The engine's own vocabulary (257 bytes): the C++ op against the NumPy path it replaced there, and the sort-based
+    sampler; median of ``repeats`` rounds of 200 calls each, the paths interleaved."""
+    from raystack.sampling import cpu
+
+    if cpu._sample_rows_op(257) is None:
+        print("\nthe C++ sampling op is not available here (no C++ compiler, or RAYSTACK_CPU_KERNELS=0)")
+        return
+    print("\nbyte vocabulary (V=257), temperature 1.0, top_p 0.9 (issue 13's settings); ms per call, 200 calls a round")
+    print(f"{'B':>4} {'C++ op':>8} {'NumPy':>8} {'sort-based':>11} {'op / NumPy':>11} {'op / sort-based':>16}")
+    limit = cpu.SAMPLE_ROWS_MAX_VOCAB
+    for B in (1, 8, 32, 64):
+        logits = torch.randn(B, 257) * 3
+        params = SamplingParams.build(B, temperature=1.0, top_p=0.9, seed=list(range(B)))
+        t, top_k, top_p = torch.ones(B), torch.zeros(B, dtype=torch.int64), torch.full((B,), 0.9)
+        steps = itertools.count()  # each call one decode step further, as in the engine (uniforms drawn ahead)
+
+        def op():
+            sample(logits, dataclasses.replace(params, step=torch.full((B,), next(steps))), backend="cpu")
+
+        def numpy():
+            cpu.SAMPLE_ROWS_MAX_VOCAB = 0
+            try:
+                sample(logits, dataclasses.replace(params, step=torch.full((B,), next(steps))), backend="cpu")
+            finally:
+                cpu.SAMPLE_ROWS_MAX_VOCAB = limit
+
+        def sort():
+            sort_based(logits, t, top_k, top_p)
+
+        times: dict = {op: [], numpy: [], sort: []}
+        for _ in range(repeats):
+            for path in times:
+                start = time.perf_counter()
+                for _ in range(200):
+                    path()
+                times[path].append((time.perf_counter() - start) / 200 * 1e3)
+        ms = {path: statistics.median(v) for path, v in times.items()}
+        ratio = statistics.median(a / b for a, b in zip(times[op], times[numpy]))
+        ratio_sort = statistics.median(a / b for a, b in zip(times[op], times[sort]))
+        print(f"{B:>4} {ms[op]:>8.3f} {ms[numpy]:>8.3f} {ms[sort]:>11.3f} {ratio:>10.2f}x {ratio_sort:>15.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -83,6 +130,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} CPU threads, median of {args.repeats} runs")
+    byte_vocabulary(args.repeats)
     table("cpu", args.repeats, "cpu")
     if torch.cuda.is_available():
         table("cuda", args.repeats * 4, "triton")

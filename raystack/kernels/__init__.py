@@ -1,14 +1,15 @@
-"""Fused CPU ops for the engine's decode step, compiled from C++ once per environment (``make install``, or the first
-use) and cached.
+"""Fused CPU ops for the engine's decode step and sampling, compiled from C++ once per environment (``make install``,
+or the first use) and cached.
 
 Contract:
 - ``decode_attention()`` is ``torch.ops.raystack.decode_attention`` (``decode.cpp``: one layer's rotary, cache
-  write and attention for a decode step, in one pass over each row's keys and values) and ``decode_layers()`` is
+  write and attention for a decode step, in one pass over each row's keys and values); ``decode_layers()`` is
   ``torch.ops.raystack.decode_layers`` (every block of a decode step in one call: norms, matrix products through
-  ATen, that attention, GELU, residuals), or None where they cannot be had: switched off
-  (``RAYSTACK_CPU_KERNELS=0``), or the build failed (no C++ compiler, say; logged once as a warning). Callers then
-  run their PyTorch path, which the ops equal within float tolerance (tests/unit/test_kernels.py); nothing else
-  changes.
+  ATen, that attention, GELU, residuals); ``sample_rows()`` is ``torch.ops.raystack.sample_rows`` (``sample.cpp``:
+  the CPU sampling path's filters and draw for every row of a batch in one call). Each is None where it cannot be
+  had: switched off (``RAYSTACK_CPU_KERNELS=0``), or the build failed (no C++ compiler, say; logged once as a
+  warning). Callers then run their PyTorch or NumPy path, which the ops equal within float tolerance
+  (tests/unit/test_kernels.py, test_sampling.py); nothing else changes.
 - The build (``torch.utils.cpp_extension``, ~30 s on 2 cores) happens once per source, torch, Python and CPU, into
   ``RAYSTACK_KERNEL_DIR`` when set, else ``<sys.prefix>/var/raystack-kernels/<key>`` (the environment the build is
   for) when writable, else ``~/.cache/raystack/kernels/<key>``; later processes load it in milliseconds. Processes
@@ -35,7 +36,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "sample.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in torch's own thread pool
 STALE_LOCK_S = 600
 """A build lock older than this is a killed build's, not a running one's (a build takes ~10-60 s)."""
@@ -61,8 +62,8 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What a build depends on: the source, torch, Python, the compiler flags and the CPU's features."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode(),
-                 _cpu_flags().encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), sys.version.encode(),
+                 " ".join(FLAGS).encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -95,9 +96,11 @@ def _load() -> Callable:
         pass
     if not any(directory.glob("*.so")):
         logger.warning("building raystack's CPU kernels into %s (once; ~30 s)", directory)
-    load(name="raystack_kernels", sources=[str(SOURCE)], build_directory=str(directory), extra_cflags=FLAGS,
-         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    return {"decode_attention": torch.ops.raystack.decode_attention, "decode_layers": torch.ops.raystack.decode_layers}
+    load(name="raystack_kernels", sources=[str(source) for source in SOURCES], build_directory=str(directory),
+         extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    ops = torch.ops.raystack
+    return {"decode_attention": ops.decode_attention, "decode_layers": ops.decode_layers,
+            "sample_rows": ops.sample_rows}
 
 
 def _op(name: str) -> Optional[Callable]:
@@ -127,3 +130,10 @@ def decode_layers() -> Optional[Callable]:
     every block of a decode step (6 weights per layer: attn_norm, qkv, proj, mlp_norm, fc, fc_proj; the caches
     ``[layers, slots, heads, positions, head_dim]``), or None."""
     return _op("decode_layers")
+
+
+def sample_rows() -> Optional[Callable]:
+    """``torch.ops.raystack.sample_rows(logits, temperature, top_k, top_p, neg_log_min_p, uniform)`` -> ``(tokens,
+    logprobs)``: the CPU sampling path's draw for every row in one call (``sample.cpp``; ``raystack.sampling.cpu``
+    uses it for vocabularies up to ``SAMPLE_ROWS_MAX_VOCAB``), or None."""
+    return _op("sample_rows")

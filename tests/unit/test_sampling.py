@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raystack.sampling import SamplingParams, sample
+from raystack.sampling import SamplingParams, cpu, sample
 from raystack.sampling.cpu import survivors_cpu
 from raystack.sampling.philox import philox4x32, uniform
 from raystack.sampling.reference import filter_logits, filtered_probs, sample_reference
@@ -108,14 +108,28 @@ def test_greedy_is_the_first_argmax_and_has_logprob_zero():
     assert out.logprobs.tolist() == [0.0, 0.0]
 
 
+@pytest.fixture(params=["op", "numpy"])
+def cpu_path(request, monkeypatch):
+    """Each CPU path in turn: the C++ op (``raystack.kernels.sample_rows``, vocabularies up to 4096) and NumPy."""
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu, "SAMPLE_ROWS_MAX_VOCAB", 0)
+    else:
+        from tests.unit.test_kernels import op
+
+        op()  # fails where a compiler is but the ops did not build; skips where there is none
+        assert cpu._sample_rows_op(257) is not None
+    return request.param
+
+
 @pytest.mark.parametrize("V,make_logits", [(2048, lambda B, V: torch.randn(B, V) * 2.5),
                                            (257, lambda B, V: torch.randn(B, V) * 2.5),
                                            (257, lambda B, V: tie_logits(B, V)),
                                            (257, lambda B, V: torch.randn(B, V) * 0.05)],
                          ids=["selection", "whole-vocabulary", "whole-vocabulary-ties", "whole-vocabulary-flat"])
-def test_cpu_path_draws_the_reference_tokens_and_logprobs(V, make_logits):
+def test_cpu_path_draws_the_reference_tokens_and_logprobs(V, make_logits, cpu_path):
     """2048: survivors found by partial selection; 257 (the byte vocabulary): the whole row sorted and the draw made
-    over the rows as they are, above one threshold per row (ties and near-uniform rows included)."""
+    over the rows as they are, above one threshold per row (ties and near-uniform rows included); by the C++ op and
+    by NumPy."""
     params, B = grid_params(B_per=2)
     torch.manual_seed(1)
     logits = make_logits(B, V)
@@ -125,7 +139,7 @@ def test_cpu_path_draws_the_reference_tokens_and_logprobs(V, make_logits):
     torch.testing.assert_close(out.logprobs.double(), logprobs, rtol=0, atol=1e-5)
 
 
-def test_penalties_follow_the_vllm_definitions():
+def test_penalties_follow_the_vllm_definitions(cpu_path):
     torch.manual_seed(2)
     B, V = 4, 300
     logits = torch.randn(B, V) * 2
@@ -146,7 +160,7 @@ def test_penalties_follow_the_vllm_definitions():
     assert torch.equal(sample(logits, params, backend="cpu").tokens, sample_reference(logits.double(), params)[0])
 
 
-def test_logit_bias_forces_and_forbids_tokens_before_everything_else():
+def test_logit_bias_forces_and_forbids_tokens_before_everything_else(cpu_path):
     logits, params = bias_case()
     out = sample(logits, params, return_logprobs=True, backend="cpu")
     tokens, logprobs = sample_reference(logits.double(), params)
@@ -169,7 +183,7 @@ def test_logit_bias_forces_and_forbids_tokens_before_everything_else():
     dict(temperature=1.0, min_p=0.1),
     dict(temperature=0.8, top_k=12, top_p=0.85, min_p=0.02),
 ])
-def test_cpu_draws_follow_the_filtered_distribution(case):
+def test_cpu_draws_follow_the_filtered_distribution(case, cpu_path):
     """G-test at alpha = 1e-3: 20 000 draws of one row (steps 0..19 999) against the reference probabilities."""
     torch.manual_seed(3)
     V, N = 256, 20_000
@@ -180,7 +194,7 @@ def test_cpu_draws_follow_the_filtered_distribution(case):
     assert g_test_p_value(torch.bincount(tokens, minlength=V), expected) > 1e-3
 
 
-def test_same_seed_and_step_give_the_same_token_whatever_the_batch():
+def test_same_seed_and_step_give_the_same_token_whatever_the_batch(cpu_path):
     torch.manual_seed(4)
     logits = torch.randn(32, 4096) * 3
     params = SamplingParams.build(32, temperature=0.9, top_k=[0, 40] * 16, top_p=0.92, seed=list(range(32)), step=5)
