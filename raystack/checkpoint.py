@@ -217,29 +217,44 @@ def artifact_tokenizer_files(uri: str) -> dict[str, bytes]:
     return files
 
 
-def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, ByteTokenizer]:
-    """The model (in eval mode) and tokenizer of the artifact at ``uri``; ``CheckpointError`` naming what is wrong."""
+def _read_artifact(uri: str, names: list[str]) -> dict[str, bytes]:
     try:
-        _, files = commit.read_files(uri, ["config.json", "tokenizer.json", "model.safetensors"])
+        return commit.read_files(uri, names)[1]
     except commit.CommitError as e:
         raise CheckpointError(f"model artifact: {e}") from None
     except OSError as e:  # an unreachable store, missing credentials
         raise CheckpointError(f"cannot read the model artifact {uri!r}: {e}") from None
+
+
+def _model_config(uri: str, raw: bytes) -> ModelConfig:
     try:
-        config = json.loads(files["config.json"])
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"model artifact {uri!r} holds invalid JSON: {e}") from None
+    if not isinstance(config, dict) or config.pop("format", None) != ARTIFACT_FORMAT:
+        raise CheckpointError(f"{uri!r} is not a raystack model artifact (config.json lacks format={ARTIFACT_FORMAT!r})")
+    config.pop("format_version", None)
+    try:
+        return ModelConfig.from_dict(config)
+    except ValueError as e:
+        raise CheckpointError(f"model artifact {uri!r} has a bad config.json: {e}") from None
+
+
+def artifact_model_config(uri: str) -> ModelConfig:
+    """The ``ModelConfig`` of the artifact at ``uri`` (its config.json alone, checksum checked; no weights read)."""
+    return _model_config(uri, _read_artifact(uri, ["config.json"])["config.json"])
+
+
+def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, ByteTokenizer]:
+    """The model (in eval mode) and tokenizer of the artifact at ``uri``; ``CheckpointError`` naming what is wrong."""
+    files = _read_artifact(uri, ["config.json", "tokenizer.json", "model.safetensors"])
+    try:
         tokenizer = ByteTokenizer.from_dict(json.loads(files["tokenizer.json"]))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"model artifact {uri!r} holds invalid JSON: {e}") from None
     except ValueError as e:
         raise CheckpointError(f"model artifact {uri!r}: {e}") from None
-    if config.pop("format", None) != ARTIFACT_FORMAT:
-        raise CheckpointError(f"{uri!r} is not a raystack model artifact (config.json lacks format={ARTIFACT_FORMAT!r})")
-    config.pop("format_version", None)
-    try:
-        model_config = ModelConfig.from_dict(config)
-    except ValueError as e:
-        raise CheckpointError(f"model artifact {uri!r} has a bad config.json: {e}") from None
-    model = GPT(model_config)
+    model = GPT(_model_config(uri, files["config.json"]))
     try:
         model.load_state_dict(load(files["model.safetensors"]))
     except Exception as e:  # wrong shapes or a corrupt file

@@ -63,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raystack import api_schema as schema
 from raystack.api_keys import key_matches, load_api_keys
 from raystack.autoscale import deployment_autoscaling
+from raystack.checkpoint import artifact_model_config
 from raystack.config import from_dict
 from raystack.quota import Quota
 from raystack.rollout import OutcomeReporter
@@ -115,7 +116,8 @@ class ServeConfig:
     num_gpus: float = 0.0
     """GPUs per replica (0 on CPU machines)."""
     threads: int = 0
-    """torch threads per replica; 0 = ``num_cpus`` - 1, at least 1 (``replica_threads``)."""
+    """torch threads per replica; 0 = automatic: ``num_cpus`` - 1 (at least 1) for a small model, whose serving work
+    needs the core, else ``num_cpus`` (``replica_threads``)."""
     quantize: str = "none"
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
     engine_process: bool = True
@@ -456,13 +458,25 @@ def deployment_autoscaling_line(config: ServeConfig) -> str:
     return _autoscaling(config)[1]
 
 
-def replica_threads(config: ServeConfig) -> int:
-    """torch threads of a replica: ``threads``, or by default one fewer than its CPUs (at least one). The core left
-    over runs what serves the tokens: the replica's event loop, Serve's threads, the proxy beside it. Measured with
-    benchmarks/serve_vs_hf.py on 2 cores (2026-11-30): a 2-CPU replica with 1 torch thread streamed 1.37x the
-    tokens/s of one with 2 at concurrency 32 and cut TTFT at concurrency 1 from 38 to 26 ms, non-streamed unchanged
-    (vLLM's CPU backend keeps cores for its API server likewise)."""
-    return config.threads or max(1, int(config.num_cpus) - 1)
+LEAVE_A_CORE_BELOW = 4_000_000
+"""Block weights (12 x layers x width^2, the matrix work per token) below which a replica's default leaves a core to
+serving (``replica_threads``)."""
+
+
+def replica_threads(config: ServeConfig, block_weights: int = 0) -> int:
+    """torch threads of a replica: ``threads``, or by default, for a model of fewer ``block_weights`` than
+    ``LEAVE_A_CORE_BELOW``, one fewer than its CPUs (at least one): the core left over runs what serves the tokens
+    (the replica's event loop, Serve's threads, the proxy beside it), and for a small model that work is a large
+    share of a token's cost; a larger model's matrix work dominates, and it gets every CPU. Measured with
+    benchmarks/serve_vs_hf.py on 2 cores, c=32, two runs each (2026-12-01): issue 13's shape (0.8 M block weights)
+    streamed 1.15x / 1.33x HF with 1 thread against 0.99x / 0.96x with 2 (non-streamed 1.32x / 1.60x against 1.70x
+    / 1.86x; c=1 streamed at half the speed with 2); the ``small`` preset (19 M) 1.06x streamed and 1.12x
+    non-streamed with 1 thread against 1.32x and 1.60x with 2 (vLLM's CPU backend keeps cores for its API server
+    likewise)."""
+    if config.threads:
+        return config.threads
+    cpus = max(1, int(config.num_cpus))
+    return cpus if block_weights >= LEAVE_A_CORE_BELOW else max(1, cpus - 1)
 
 
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -470,7 +484,8 @@ def replica_threads(config: ServeConfig) -> int:
 class LLMServer:
     def __init__(self, config: ServeConfig):
         self.config = config
-        threads = replica_threads(config)
+        model = artifact_model_config(config.model)
+        threads = replica_threads(config, 12 * model.n_layer * model.n_embd ** 2)
         torch.set_num_threads(threads)
         engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
                                      threads=threads, quantize=config.quantize)

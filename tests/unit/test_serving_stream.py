@@ -183,11 +183,21 @@ def test_each_request_is_counted_once_by_its_outcome_streamed_or_not():
     assert counted.statuses == ["200", "500", "200", "500", "400", "499"]
 
 
-def test_a_replica_leaves_one_of_its_cores_to_serving_unless_told():
+def test_a_replica_leaves_one_of_its_cores_to_serving_unless_told_or_its_model_is_large():
+    from raystack.model import ModelConfig
     from raystack.serving import replica_threads
 
-    assert [replica_threads(ServeConfig(model="m", num_cpus=c)) for c in (0.5, 1, 2, 3, 8)] == [1, 1, 1, 2, 7]
-    assert replica_threads(ServeConfig(model="m", num_cpus=2, threads=2)) == 2
+    def weights(preset):
+        config = ModelConfig.from_preset(preset)
+        return 12 * config.n_layer * config.n_embd ** 2
+
+    small_model = weights("tiny")
+    assert [replica_threads(ServeConfig(model="m", num_cpus=c), small_model) for c in (0.5, 1, 2, 3, 8)] == \
+        [1, 1, 1, 2, 7]
+    assert [replica_threads(ServeConfig(model="m", num_cpus=c), weights("small")) for c in (0.5, 1, 2, 8)] == \
+        [1, 1, 2, 8]
+    assert replica_threads(ServeConfig(model="m", num_cpus=2, threads=2), small_model) == 2
+    assert replica_threads(ServeConfig(model="m", num_cpus=4, threads=1), weights("gpt2")) == 1
 
 
 @pytest.mark.parametrize("threads", [-1, 10**9])
