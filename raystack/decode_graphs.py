@@ -14,8 +14,10 @@ Contract:
 - Inputs reach the device from pinned host buffers with non-blocking copies, ordered on the stream before the
   replay; the engine reads each step's sampled tokens back before the next step fills the buffers again.
 - ``capture=True`` (CUDA only) captures every bucket at construction, largest first, in one shared memory pool, each
-  after a warm-up run on a side stream (what capture needs). ``capture=False`` runs the same static-buffer,
-  fixed-shape step eagerly: the path the CPU tests exercise, as CUDA graphs need a CUDA device.
+  after a warm-up run on a side stream (what capture needs), then checks each graph's replay against the same step
+  run eagerly (a ``RuntimeError`` if they differ; ``Engine`` then logs a warning and decodes eagerly).
+  ``capture=False`` runs the same static-buffer, fixed-shape step eagerly: the path the CPU tests exercise, as CUDA
+  graphs need a CUDA device.
 - A captured graph reads the model's weights and the cache in place: neither may be replaced (``model.to``, a new
   cache) after construction; make a new ``DecodeGraphs`` instead.
 """
@@ -87,6 +89,10 @@ class DecodeGraphs:
                 out = self._step(n)
             self._graphs[n] = (graph, out)
         torch.cuda.synchronize()
+        for n, (graph, out) in self._graphs.items():  # all rows idle: nothing a sequence reads is written
+            graph.replay()
+            if not torch.allclose(out.float(), self._step(n).float(), rtol=2e-2, atol=2e-2):
+                raise RuntimeError(f"the captured decode step for {n} rows differs from the eager one")
         logger.info("captured the decode step as CUDA graphs for batch sizes %s", self.buckets)
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:

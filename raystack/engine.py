@@ -313,7 +313,10 @@ class Engine:
         self.graphs: Optional[DecodeGraphs] = None
         """The decode step's CUDA graphs (``EngineConfig.cuda_graphs``), or None: eager decode."""
         if self.device.type == "cuda" and self.config.cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.cache)
+            try:
+                self.graphs = DecodeGraphs(self.model, self.cache)
+            except Exception as e:  # a capture the driver refuses, or a replay that differs: eager decode still works
+                logger.warning("capturing the decode step as CUDA graphs failed (%s); decoding eagerly", e)
         self._free_slots = list(range(self.config.max_batch_size))  # a heap: the lowest free slot first, so the
         # running sequences stay packed at the front and a decode step reads their caches in place (``_decode``)
         self._waiting: collections.deque[_Sequence] = collections.deque()

@@ -11,7 +11,8 @@ Contract:
   the constructor's ``ValueError``, with the child's message), and then offers what the replica uses of an
   ``Engine``: ``generate`` (an async iterator of ``TokenEvent``), ``generate_ready`` (of lists of them), ``score``,
   ``check_request``, ``encode_prompt``, ``check_health``, ``queue_depth``, ``active``, ``tokenizer``,
-  ``max_model_len``, ``kv_cache_bytes``, ``shutdown``; with the same semantics (the child runs the same ``Engine``: same tokens for the same seed).
+  ``max_model_len``, ``kv_cache_bytes``, ``shutdown``; with the same semantics (the child runs the same
+  ``Engine``: same tokens for the same seed).
 - Messages are JSON lines. A step's events for every sequence travel as one message (``Engine.submit`` hands the
   child each token as the step makes it, ``Engine.after_step`` sends them), so the cost is per step, not per token.
   ``generate(..., stream=False)`` (a non-streamed completion): the first event at once (time to first token, and
