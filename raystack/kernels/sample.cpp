@@ -95,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> sample_rows(const at::Tensor& logits, const a
       for (int64_t i = 0; i < V; ++i) z[i] = (row[i] - mx) / t;
       std::copy(z.begin(), z.end(), sorted.begin());
       std::sort(sorted.begin(), sorted.end(), std::greater<float>());
-      // n: how many of ``sorted`` survive (a prefix)
-      int64_t n = std::upper_bound(sorted.begin(), sorted.end(), -INFINITY, std::greater<float>()) - sorted.begin();
+      // n: how many of ``sorted`` survive (a prefix); never a -inf logit (a masked token)
+      int64_t n = std::lower_bound(sorted.begin(), sorted.end(), -INFINITY, std::greater<float>()) - sorted.begin();
       if (K[r] > 0 && K[r] < V) {
         const float kth = sorted[K[r] - 1];
         n = std::min<int64_t>(n, std::upper_bound(sorted.begin(), sorted.end(), kth, std::greater<float>()) -

@@ -103,6 +103,25 @@ def test_the_layers_op_refuses_weights_that_do_not_fit_its_caches():
         decode_layers(x[:, :-1], weights, *args)
 
 
+def test_the_sampling_op_never_draws_a_masked_token_even_at_the_top_of_the_uniform():
+    """A uniform of exactly 1.0 lands past every survivor's mass: the draw is the last survivor in token order (the
+    reference's rule), never a -inf (masked) token after it, with and without filters, and rows are independent."""
+    op()
+    sample_rows = kernels.sample_rows()
+    inf = float("inf")
+    logits = torch.tensor([[1.0, 2.0, -inf, 0.5, -inf], [-inf, 3.0, 3.0, -inf, -inf], [0.0, -inf, -inf, -inf, 1.0]])
+    B = len(logits)
+    for top_k, top_p in ((0, 1.0), (2, 1.0), (0, 0.99)):
+        tokens, logprobs = sample_rows(logits, torch.ones(B), torch.full((B,), top_k), torch.full((B,), top_p),
+                                       torch.full((B,), inf), torch.ones(B, dtype=torch.float64))
+        assert torch.isfinite(logprobs).all(), (top_k, top_p, logprobs)
+        assert torch.isfinite(logits[torch.arange(B), tokens]).all(), (top_k, top_p, tokens)
+    assert tokens.tolist() == [3, 2, 4]
+    with pytest.raises(ValueError, match="row 1 contain NaN"):
+        sample_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.ones(2), torch.zeros(2), torch.ones(2),
+                    torch.full((2,), inf), torch.ones(2, dtype=torch.float64))
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
