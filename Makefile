@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt $(wildcard raystack/kernels/*.cpp)
+$(STAMP): pyproject.toml constraints.txt $(wildcard raystack/kernels/*.cpp raystack/kernels/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0 -c constraints.txt
 	$(BIN)/pip install --quiet -e '.[test]' -c constraints.txt

@@ -37,6 +37,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "sample.cpp")]
+HEADERS = [Path(__file__).with_name("exp_nonpositive.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in torch's own thread pool
 STALE_LOCK_S = 600
 """A build lock older than this is a killed build's, not a running one's (a build takes ~10-60 s)."""
@@ -62,7 +63,7 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What a build depends on: the source, torch, Python, the compiler flags and the CPU's features."""
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), sys.version.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES + HEADERS), torch.__version__.encode(), sys.version.encode(),
                  " ".join(FLAGS).encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "exp_nonpositive.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,23 +28,7 @@
 
 namespace {
 
-// exp(x) for x <= 0 (z is at most 0): as in decode.cpp, Cephes' expf, within ~2 ulp of expf.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * x * x + x + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
+using raystack::exp_nonpositive;  // z is at most 0
 
 inline double weight(float z) { return z == -INFINITY ? 0.0 : static_cast<double>(exp_nonpositive(z)); }
 
