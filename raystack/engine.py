@@ -363,16 +363,13 @@ class Engine:
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return tokens or [self.tokenizer.eot_id]  # an empty prompt starts a new document
 
-    async def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
-                       tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
+    def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
+                 tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
         """Stream the completion of ``prompt_tokens``; the caller validated lengths (``check_request``).
         ``priority`` (higher first) and ``tenant`` decide who gets a slot when they are scarce (module doc).
         ``stream=False`` (a caller that wants the whole completion): the same events, but after the first they are
         handed over together when the sequence ends, so the caller wakes twice, not once per token."""
-        async with contextlib.aclosing(self.generate_ready(prompt_tokens, params, priority, tenant, stream)) as ready:
-            async for events in ready:
-                for event in events:
-                    yield event
+        return flatten_ready(self.generate_ready(prompt_tokens, params, priority, tenant, stream))
 
     async def generate_ready(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
                              tenant: str = "", stream: bool = True) -> AsyncIterator[list[TokenEvent]]:
@@ -784,6 +781,14 @@ def _find_stop(text: str, stops: list[str], searched: int = 0) -> Optional[int]:
         return None
     hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+async def flatten_ready(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    """A ``generate_ready`` iterator's events one by one (``generate``); closing this closes ``batches``."""
+    async with contextlib.aclosing(batches):
+        async for events in batches:
+            for event in events:
+                yield event
 
 
 async def generate_text(engine: Engine, prompt: str | list[int], params: GenerationParams) -> dict:

@@ -28,7 +28,6 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -41,7 +40,7 @@ import time
 from typing import AsyncIterator, Optional
 
 from raystack.engine import (Engine, EngineConfig, GenerationParams, PromptLogprob, SequenceFailed, TokenEvent,
-                             _Events)
+                             _Events, flatten_ready)
 from raystack.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -135,12 +134,9 @@ class EngineProcess:
     encode_prompt = Engine.encode_prompt
     check_request = Engine.check_request
 
-    async def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
-                       tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
-        async with contextlib.aclosing(self.generate_ready(prompt_tokens, params, priority, tenant, stream)) as ready:
-            async for events in ready:
-                for event in events:
-                    yield event
+    def generate(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
+                 tenant: str = "", stream: bool = True) -> AsyncIterator[TokenEvent]:
+        return flatten_ready(self.generate_ready(prompt_tokens, params, priority, tenant, stream))
 
     async def generate_ready(self, prompt_tokens: list[int], params: GenerationParams, priority: int = 0,
                              tenant: str = "", stream: bool = True) -> AsyncIterator[list[TokenEvent]]:
