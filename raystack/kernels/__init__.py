@@ -12,10 +12,14 @@ Contract:
   (tests/unit/test_kernels.py, test_sampling.py); nothing else changes.
 - The build (``torch.utils.cpp_extension``, ~30 s on 2 cores) happens once per source, torch, Python and CPU, into
   ``RAYSTACK_KERNEL_DIR`` when set, else ``<sys.prefix>/var/raystack-kernels/<key>`` (the environment the build is
-  for) when writable, else ``~/.cache/raystack/kernels/<key>``; later processes load it in milliseconds. Processes
-  building at once wait on one another (PyTorch's lock file; one older than 10 minutes is a killed build's and is
-  removed). ``python -m raystack.kernels`` builds ahead of time (``make install`` does), so a first request never
-  waits for a compiler.
+  for) when writable, else ``~/.cache/raystack/kernels/<key>``. It compiles copies of the sources kept in that
+  directory, not the files beside this module: a process that imports raystack from elsewhere (a Ray job's unpacked
+  working_dir) would otherwise write a build file naming its own paths, and ninja would rebuild for it and again for
+  the next process from the first path, each time holding the lock while requests wait. Once a build has loaded, the
+  directory's ``built`` marker lets later processes load the library directly (milliseconds: no ninja, no lock).
+  Processes building at once wait on one another (PyTorch's lock file; one older than 10 minutes is a killed
+  build's and is removed). ``python -m raystack.kernels`` builds ahead of time (``make install`` does), so a first
+  request never waits for a compiler.
 - Compiled for the CPU it is built on (``-march=native``): the CPU's feature flags are part of the key, so a cache
   shared between different machines builds once per kind of CPU rather than running code a CPU cannot execute.
 """
@@ -84,21 +88,42 @@ def build_dir() -> Path:
     return Path.home() / ".cache" / "raystack" / "kernels" / key
 
 
-def _load() -> Callable:
-    from torch.utils.cpp_extension import load
+def _staged_sources(directory: Path) -> list[Path]:
+    """The sources and headers copied into ``directory/src`` (once: the key names their content, so a copy there
+    never changes, nor does its modification time, which is what ninja compares); the sources' paths."""
+    staged = directory / "src"
+    staged.mkdir(exist_ok=True)
+    for source in SOURCES + HEADERS:
+        target = staged / source.name
+        content = source.read_bytes()
+        if not target.exists() or target.read_bytes() != content:
+            partial = staged / f".{source.name}.{os.getpid()}"
+            partial.write_bytes(content)
+            os.replace(partial, target)  # whole or absent, for a process compiling beside us
+    return [staged / source.name for source in SOURCES]
 
+
+def _load() -> Callable:
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"  # PyTorch's build lock; one left by a build that was killed would block us forever
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
-    if not any(directory.glob("*.so")):
-        logger.warning("building raystack's CPU kernels into %s (once; ~30 s)", directory)
-    load(name="raystack_kernels", sources=[str(source) for source in SOURCES], build_directory=str(directory),
-         extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    library, built = directory / "raystack_kernels.so", directory / "built"
+    if built.exists() and library.exists():
+        torch.ops.load_library(str(library))
+    else:
+        from torch.utils.cpp_extension import load
+
+        lock = directory / "lock"  # PyTorch's build lock; one left by a build that was killed would block us forever
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+        if not library.exists():
+            logger.warning("building raystack's CPU kernels into %s (once; ~30 s)", directory)
+        load(name="raystack_kernels", sources=[str(source) for source in _staged_sources(directory)],
+             build_directory=str(directory), extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
+        built.touch()
     ops = torch.ops.raystack
     return {"decode_attention": ops.decode_attention, "decode_layers": ops.decode_layers,
             "sample_rows": ops.sample_rows}

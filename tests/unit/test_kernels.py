@@ -155,16 +155,46 @@ def test_a_failed_build_warns_once_and_decode_still_runs(tmp_path):
     assert "decode runs on PyTorch ops" in done.stderr
 
 
-def test_a_killed_builds_lock_does_not_block_a_new_build(tmp_path):
-    """A build killed half-way leaves PyTorch's lock file behind, which would make every later process wait forever;
-    one older than ``STALE_LOCK_S`` is removed and the op builds (a real build from source, into an empty dir)."""
+@pytest.fixture(scope="module")
+def killed_build(tmp_path_factory):
+    """A real build from source into an empty kernel directory holding a lock file left by a killed build (older
+    than ``STALE_LOCK_S``): the root, the key's directory, and the finished process."""
     op()
-    directory = tmp_path / kernels.build_key()
+    root = tmp_path_factory.mktemp("kernels")
+    directory = root / kernels.build_key()
     directory.mkdir()
     (directory / "lock").touch()
     old = (directory / "lock").stat().st_mtime - kernels.STALE_LOCK_S - 60
     os.utime(directory / "lock", (old, old))
-    done = _run(CHECK, RAYSTACK_KERNEL_DIR=str(tmp_path))
+    return root, directory, _run(CHECK, RAYSTACK_KERNEL_DIR=str(root))
+
+
+def test_a_killed_builds_lock_does_not_block_a_new_build(killed_build):
+    """A build killed half-way leaves PyTorch's lock file behind, which would make every later process wait forever;
+    one older than ``STALE_LOCK_S`` is removed and the op builds."""
+    _, directory, done = killed_build
     assert done.returncode == 0, done.stderr
     assert "op True finite True" in done.stdout
-    assert list(directory.glob("*.so"))
+    assert list(directory.glob("*.so")) and (directory / "built").exists()
+
+
+def test_raystack_imported_from_another_path_loads_the_build_without_rebuilding(killed_build, tmp_path):
+    """A Ray job imports raystack from its unpacked working_dir: the same sources at another path. It loads the
+    library built from the first path as it is (no new build, no build lock taken), where a build naming the
+    sources' own paths had ninja rebuild for every path in turn, and a request waited out each ~30 s rebuild."""
+    root, directory, first = killed_build
+    assert first.returncode == 0, first.stderr
+    library = directory / "raystack_kernels.so"
+    before = library.stat().st_mtime_ns, (directory / ".ninja_log").read_text()
+    shutil.copytree(ROOT / "raystack", tmp_path / "working_dir" / "raystack",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (directory / "lock").touch()  # a lock held right now: a process that took the build path would wait on it
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(CHECK + "    print('from', kernels.__file__)\n")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "working_dir"),
+                               "RAYSTACK_KERNEL_DIR": str(root)})
+    (directory / "lock").unlink()
+    assert done.returncode == 0, done.stderr
+    assert "op True finite True" in done.stdout
+    assert f"from {tmp_path / 'working_dir'}" in done.stdout  # the copy, not the checkout, was imported
+    assert (library.stat().st_mtime_ns, (directory / ".ninja_log").read_text()) == before
