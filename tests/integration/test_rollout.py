@@ -88,11 +88,13 @@ class Load:
         self.url, self.clients = url, clients
         self.codes: collections.Counter = collections.Counter()
         self.broken = 0
+        self.samples: list[str] = []  # how the first few broken streams ended, for the failure message
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _one(self, client, i: int) -> None:
         body = {"model": "raystack", "prompt": f"Zone {i} = ", "max_tokens": 12, "seed": i, "stream": True}
+        started = time.monotonic()
         try:
             async with client.stream("POST", f"{self.url}/v1/completions", json=body) as response:
                 self.codes[response.status_code] += 1
@@ -102,8 +104,14 @@ class Load:
                 lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
             if not lines or lines[-1] != "data: [DONE]" or any('"error"' in line for line in lines):
                 self.broken += 1
-        except httpx.HTTPError:
+                self._sample(f"{time.monotonic() - started:.1f} s, ended {lines[-2:]}")
+        except httpx.HTTPError as e:
             self.codes["connection error"] += 1
+            self._sample(f"{time.monotonic() - started:.1f} s, {e!r}")
+
+    def _sample(self, what: str) -> None:
+        if len(self.samples) < 3:
+            self.samples.append(what)
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -123,7 +131,7 @@ class Load:
         self._thread.join(timeout=120)
 
     def report(self) -> str:
-        return f"responses {dict(self.codes)}, broken streams {self.broken}"
+        return f"responses {dict(self.codes)}, broken streams {self.broken}" + "".join(f"; {s}" for s in self.samples)
 
 
 def _spec(artifacts, name: str, watch_s: float = 8) -> RolloutSpec:
