@@ -11,7 +11,8 @@
 //   over the tokens with z >= tau in token-index order, cumulated in float64, at the row's uniform u (Philox, made
 //   by the caller): the first token whose cumulative mass exceeds u times the total, at most the last token with
 //   mass. Its log-probability is log(exp(z) / total).
-// The NumPy path makes ~40 array calls per batch for this; here it is one pass per row plus a sort of the row's z.
+// The NumPy path makes ~40 array calls per batch for this; here it is one pass per row, plus a sort of the row's z
+// when it has top-k or top-p.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -79,40 +80,47 @@ std::tuple<at::Tensor, at::Tensor> sample_rows(const at::Tensor& logits, const a
       }
       const float mx = *top, t = T[r];
       for (int64_t i = 0; i < V; ++i) z[i] = (row[i] - mx) / t;
-      std::copy(z.begin(), z.end(), sorted.begin());
-      std::sort(sorted.begin(), sorted.end(), std::greater<float>());
-      // n: how many of ``sorted`` survive (a prefix); never a -inf logit (a masked token)
-      int64_t n = std::lower_bound(sorted.begin(), sorted.end(), -INFINITY, std::greater<float>()) - sorted.begin();
-      if (K[r] > 0 && K[r] < V) {
-        const float kth = sorted[K[r] - 1];
-        n = std::min<int64_t>(n, std::upper_bound(sorted.begin(), sorted.end(), kth, std::greater<float>()) -
-                                     sorted.begin());
-      }
-      if (P[r] < 1.f) {
-        double total = 0.0;
-        for (int64_t j = 0; j < n; ++j) total += weight(sorted[j]);
-        const double limit = static_cast<double>(P[r]) * total;
-        double running = 0.0, group_above = 0.0;
-        int64_t kept = n;
-        for (int64_t j = 0; j < n; ++j) {
-          const double w = weight(sorted[j]);
-          running += w;
-          if (j == 0 || sorted[j] != sorted[j - 1]) {
-            group_above = running - w;  // the mass strictly above this group (cumsum - w, as the NumPy path)
-            if (!(group_above < limit)) {
-              kept = j;
-              break;
+      // Only top-k and top-p need z in order. Without them the survivors are every finite z with -z <= nlm (all
+      // finite z when there is no min-p): the same tokens the sorted prefix below gives, as tau is then the least
+      // such z, without the sort (a row with only a temperature is the common case of a batch job's rows).
+      const bool ordered = (K[r] > 0 && K[r] < V) || P[r] < 1.f;
+      float tau = N[r] < INFINITY ? -N[r] : std::nextafter(-INFINITY, 0.f);
+      if (ordered) {
+        std::copy(z.begin(), z.end(), sorted.begin());
+        std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+        // n: how many of ``sorted`` survive (a prefix); never a -inf logit (a masked token)
+        int64_t n = std::lower_bound(sorted.begin(), sorted.end(), -INFINITY, std::greater<float>()) - sorted.begin();
+        if (K[r] > 0 && K[r] < V) {
+          const float kth = sorted[K[r] - 1];
+          n = std::min<int64_t>(n, std::upper_bound(sorted.begin(), sorted.end(), kth, std::greater<float>()) -
+                                       sorted.begin());
+        }
+        if (P[r] < 1.f) {
+          double total = 0.0;
+          for (int64_t j = 0; j < n; ++j) total += weight(sorted[j]);
+          const double limit = static_cast<double>(P[r]) * total;
+          double running = 0.0, group_above = 0.0;
+          int64_t kept = n;
+          for (int64_t j = 0; j < n; ++j) {
+            const double w = weight(sorted[j]);
+            running += w;
+            if (j == 0 || sorted[j] != sorted[j - 1]) {
+              group_above = running - w;  // the mass strictly above this group (cumsum - w, as the NumPy path)
+              if (!(group_above < limit)) {
+                kept = j;
+                break;
+              }
             }
           }
+          n = kept;
         }
-        n = kept;
+        if (N[r] < INFINITY) {
+          int64_t j = 0;
+          while (j < n && -sorted[j] <= N[r]) ++j;
+          n = j;
+        }
+        tau = sorted[std::max<int64_t>(n, 1) - 1];
       }
-      if (N[r] < INFINITY) {
-        int64_t j = 0;
-        while (j < n && -sorted[j] <= N[r]) ++j;
-        n = j;
-      }
-      const float tau = sorted[std::max<int64_t>(n, 1) - 1];
       double cumulative = 0.0;
       int64_t last = 0;  // the last survivor in token order
       for (int64_t i = 0; i < V; ++i) {
