@@ -80,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor> sample_rows(const at::Tensor& logits, const a
       }
       const float mx = *top, t = T[r];
       for (int64_t i = 0; i < V; ++i) z[i] = (row[i] - mx) / t;
-      // Only top-k and top-p need z in order. Without them the survivors are every finite z with -z <= nlm (all
-      // finite z when there is no min-p): the same tokens the sorted prefix below gives, as tau is then the least
-      // such z, without the sort (a row with only a temperature is the common case of a batch job's rows).
+      // Min-p is a cut on z itself (survivors have -z <= nlm; every finite z when there is no min-p); only top-k
+      // and top-p need z in order, so a row without them is not sorted (a row with only a temperature is the common
+      // case of a batch job's rows). With them, the survivors are a prefix of z sorted descending and tau is the
+      // larger of the two cuts.
       const bool ordered = (K[r] > 0 && K[r] < V) || P[r] < 1.f;
       float tau = N[r] < INFINITY ? -N[r] : std::nextafter(-INFINITY, 0.f);
       if (ordered) {
@@ -114,12 +115,7 @@ std::tuple<at::Tensor, at::Tensor> sample_rows(const at::Tensor& logits, const a
           }
           n = kept;
         }
-        if (N[r] < INFINITY) {
-          int64_t j = 0;
-          while (j < n && -sorted[j] <= N[r]) ++j;
-          n = j;
-        }
-        tau = sorted[std::max<int64_t>(n, 1) - 1];
+        tau = std::max(tau, sorted[std::max<int64_t>(n, 1) - 1]);  // min-p's cut too: the prefix's z >= -nlm
       }
       double cumulative = 0.0;
       int64_t last = 0;  // the last survivor in token order
