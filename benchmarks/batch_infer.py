@@ -73,10 +73,12 @@ def main() -> None:
     ray.init(num_cpus=3, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
 
     def job(rows: int, name: str) -> tuple[dict, float]:
+        source = work / "in.parquet"
         if rows < args.rows:
-            pq.write_table(pq.read_table(work / "in.parquet").slice(0, rows), work / f"{name}.parquet")
+            source = work / f"{name}.parquet"
+            pq.write_table(pq.read_table(work / "in.parquet").slice(0, rows), source)
         config = from_dict(BatchConfig, {
-            "model": model, "input": str(work / ("in.parquet" if rows == args.rows else f"{name}.parquet")),
+            "model": model, "input": str(source),
             "output": str(work / name), "sampling": {"max_tokens": args.max_tokens, "temperature": 0.8},
             "batch_size": args.batch_size, "min_actors": 1, "max_actors": 1, "num_cpus": 1, "threads": args.threads})
         start = time.perf_counter()
