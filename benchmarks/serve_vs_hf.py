@@ -385,8 +385,7 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     print(f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; {args.threads} cores per path; prompts "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new, top_p 0.9; {args.repeats} runs per path (tokens/s: the "
-          f"best; latencies: all their requests); HTTP through "
-          f"{ingress}, client {args.clients}", flush=True)
+          f"best; latencies: all their requests); HTTP through {ingress}, client {args.clients}", flush=True)
     rows: list = []
     for name in args.presets.split(","):
         measure_shape(name, args, rows)
