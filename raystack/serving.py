@@ -891,7 +891,8 @@ class LLMServer:
 
     async def _stream(self, parsed: CompletionRequest, shape: "_Shape", jobs: list["_Job"],
                       tenant: Optional[Tenant] = None, grant=None, where: str = ""):
-        """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``."""
+        """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``;
+        the last text goes out with usage and ``[DONE]`` as one message."""
         usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0}
         error, status = None, "499"  # the status counted if the client goes away before the end (nginx's code)
         counted = 0
@@ -902,11 +903,13 @@ class LLMServer:
                 self.metrics.tokens.inc(usage["completion_tokens"] - counted)
                 counted = usage["completion_tokens"]
 
+        accounted = False
         try:
             try:
                 opening = shape.opening([job.index for job in jobs])
                 if opening:
                     yield opening
+                last, finished = "", 0
                 async with asyncio.timeout(self.config.request_timeout_s), \
                         contextlib.aclosing(self._ready(parsed, jobs, usage)) as stream:
                     async for ready in stream:
@@ -914,21 +917,34 @@ class LLMServer:
                             error = _sequence_error(ready)
                             break
                         # Everything ready goes out together: one message through Serve's proxy, not one per token.
-                        yield "".join(_sse(shape.chunk([choice])) for choice in _coalesce(ready))
+                        chunks = "".join(_sse(shape.chunk([choice])) for choice in _coalesce(ready))
                         count_tokens()
+                        finished += sum(1 for piece in ready if piece.finish_reason)
+                        if finished < len(jobs):
+                            yield chunks
+                        else:  # every choice has ended: these go out with the stream's tail, in one message
+                            last = chunks
             except TimeoutError:
                 error = APIError(504, f"generation exceeded the request timeout of {self.config.request_timeout_s} s",
                                  type="timeout")
             status = str(error.status) if error is not None else "200"
             if error is not None:  # OpenAI's mid-stream shape: an error event, then [DONE]
-                yield _sse(error.body())
+                tail = _sse(error.body())
             elif parsed.include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield _sse(shape.chunk([], usage))
-            yield "data: [DONE]\n\n"
-        finally:
+                tail = _sse(shape.chunk([], usage))
+            else:
+                tail = ""
+            # The request is counted before its last message leaves: that bookkeeping runs before the client sees
+            # the end, not beside the client's next request on the same cores.
             count_tokens()
             self._finish(tenant, grant, where, status, usage["prompt_tokens"], usage["completion_tokens"])
+            accounted = True
+            yield last + tail + "data: [DONE]\n\n"
+        finally:
+            if not accounted:
+                count_tokens()
+                self._finish(tenant, grant, where, status, usage["prompt_tokens"], usage["completion_tokens"])
 
 
 def deployment_options(config: ServeConfig) -> dict:

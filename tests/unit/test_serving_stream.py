@@ -183,6 +183,35 @@ def test_each_request_is_counted_once_by_its_outcome_streamed_or_not():
     assert counted.statuses == ["200", "500", "200", "500", "400", "499"]
 
 
+@pytest.mark.parametrize("prompts", [["def a"], ["def a", "def b"]], ids=["one-choice", "two-choices"])
+def test_a_stream_ends_in_one_message_counted_before_it_leaves(prompts):
+    """The last tokens, the usage chunk and ``[DONE]`` leave together (one message through the proxy, not three),
+    and the request is counted by then, not after the client has seen its end."""
+    server = make_server(poison_after=10**6)
+    server.metrics = counted = _CountedRequests()
+    body = {"model": "raystack", "prompt": prompts, "max_tokens": 9, "seed": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+    async def go():
+        response = await server.completions(http_request(body))
+        seen = []
+        async for message in response.body_iterator:
+            seen.append((message, list(counted.statuses)))
+        await server.engine.shutdown()
+        return seen
+
+    seen = asyncio.run(go())
+    *before, (last, counted_by_then) = seen
+    assert all(statuses == [] for _, statuses in before) and counted_by_then == ["200"]
+    assert counted.statuses == ["200"]
+    payloads = sse_payloads([last])
+    assert payloads[-1] == "[DONE]" and json.loads(payloads[-2])["usage"]["completion_tokens"] == 9 * len(prompts)
+    assert json.loads(payloads[-3])["choices"][0]["finish_reason"] == "length"  # the last tokens, in the same message
+    chunks = [json.loads(p) for p in sse_payloads([m for m, _ in seen])[:-2]]
+    assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == \
+        list(range(len(prompts)))
+
+
 def test_a_replica_leaves_one_of_its_cores_to_serving_unless_told_or_its_model_is_large():
     from raystack.model import ModelConfig
     from raystack.serving import replica_threads
