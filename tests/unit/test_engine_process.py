@@ -124,7 +124,11 @@ def test_a_slow_consumer_of_generate_ready_takes_every_token_made_meanwhile_in_o
     streamed, lists = run(scenario())
     fields = lambda e: (e.token, e.text, e.finish_reason, e.completion_tokens)  # noqa: E731
     assert [fields(e) for ready in lists for e in ready] == [fields(e) for e in streamed]
-    assert len(lists[0]) == 1 and lists[-1][-1].finish_reason == "length"
+    assert lists[-1][-1].finish_reason == "length"
+    if where == "in-process":  # the first token alone: the engine loop lets its consumer run after every step
+        assert len(lists[0]) == 1
+    # In the child's case a reader that wakes late (a busy CI machine: 6 events, 2026-12-02) finds several of the
+    # child's step messages already in the socket and hands them over together, as it must.
     assert len(lists) < 15 and max(len(ready) for ready in lists) > 1
 
 
