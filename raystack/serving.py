@@ -904,6 +904,14 @@ class LLMServer:
                 counted = usage["completion_tokens"]
 
         accounted = False
+
+        def account():  # once: before the last message when there is one, else when the client went away
+            nonlocal accounted
+            if not accounted:
+                accounted = True
+                count_tokens()
+                self._finish(tenant, grant, where, status, usage["prompt_tokens"], usage["completion_tokens"])
+
         try:
             try:
                 opening = shape.opening([job.index for job in jobs])
@@ -937,14 +945,10 @@ class LLMServer:
                 tail = ""
             # The request is counted before its last message leaves: that bookkeeping runs before the client sees
             # the end, not beside the client's next request on the same cores.
-            count_tokens()
-            self._finish(tenant, grant, where, status, usage["prompt_tokens"], usage["completion_tokens"])
-            accounted = True
+            account()
             yield last + tail + "data: [DONE]\n\n"
         finally:
-            if not accounted:
-                count_tokens()
-                self._finish(tenant, grant, where, status, usage["prompt_tokens"], usage["completion_tokens"])
+            account()
 
 
 def deployment_options(config: ServeConfig) -> dict:
