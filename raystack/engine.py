@@ -61,7 +61,7 @@ import torch
 
 from raystack.checkpoint import load_artifact
 from raystack.decode_graphs import DecodeGraphs
-from raystack.model import GPT, KVCache
+from raystack.model import GPT, KVCache, pack_linears
 from raystack.sampling import SamplingParamError, SamplingParams, sample, validate
 from raystack.tokenizer import ByteTokenizer
 
@@ -304,6 +304,8 @@ class Engine:
         self.model = model.to(device=self.device, dtype=dtype).eval()
         if self.config.quantize == "int8":
             self.model = quantize_int8(self.model)
+        elif self.device.type == "cpu" and dtype == torch.float32:
+            self.model = pack_linears(self.model)  # oneDNN-prepacked weights: faster matrix products
         self.tokenizer = tokenizer
         limit = model.config.max_seq_len
         self.max_model_len = self.config.max_model_len or limit

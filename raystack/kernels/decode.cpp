@@ -13,10 +13,12 @@
 //
 // decode_layers: every transformer block of the step in one call (GPT.decode's fused path), each block
 //   x += proj(decode_attention(qkv(rms_norm(x)))); x += fc_proj(gelu(fc(rms_norm(x))))
-// with the matrix products in ATen (MKL) and the norms in place: the ~12 operator calls per block that Python
+// with the norms in place and the matrix products in ATen (MKL) or, for a weight prepacked by oneDNN
+// (raystack.model.pack_linears), oneDNN's linear with the GELU fused: the ~12 operator calls per block that Python
 // would make, and their dispatch, become one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "exp_nonpositive.h"
@@ -165,6 +167,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, float eps) {
   return out;
 }
 
+// x @ w.T for a float32 [N, K] weight w: ATen's mm for a plain one, oneDNN's linear for one prepacked by
+// mkldnn::_reorder_linear_weight (what torch.ops.mkldnn._linear_pointwise runs; `attr` "gelu" fuses the erf GELU).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, bool gelu) {
+  if (!w.is_mkldnn()) {
+    auto y = at::mm(x, w.t());
+    return gelu ? at::gelu_(y) : y;
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                               std::optional<c10::string_view>)>();
+  return op.call(x, w, std::nullopt, gelu ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(),
+                 gelu ? std::optional<c10::string_view>("none") : std::nullopt);
+}
+
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, double scale, double eps) {
@@ -177,8 +195,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, const a
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == C && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
               "decode_layers: x must be float32 [B, ", C, "] on CPU");
   for (const auto& w : weights) {
-    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
-                "decode_layers: weights must be contiguous float32 CPU tensors");
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && (w.is_mkldnn() || w.is_contiguous()),
+                "decode_layers: weights must be contiguous float32 CPU tensors (or oneDNN-prepacked ones)");
   }
   const float e = static_cast<float>(eps);
   auto x = x_in.contiguous();
@@ -188,13 +206,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, const a
                 w[1].size(1) == C && w[2].sizes() == at::IntArrayRef({C, C}) && w[4].dim() == 2 &&
                 w[4].size(1) == C && w[5].dim() == 2 && w[5].size(0) == C && w[5].size(1) == w[4].size(0),
                 "decode_layers: layer ", l, "'s weights do not fit a ", C, "-wide block");
-    const auto qkv = at::mm(rms_norm(x, w[0], e), w[1].t());
+    const auto qkv = linear(rms_norm(x, w[0], e), w[1], false);
     const auto y = decode_attention(qkv, cos, sin, positions, slots, k_cache.select(0, l), v_cache.select(0, l),
                                     scale);
-    x = at::addmm(x, y, w[2].t());
-    auto hidden = at::mm(rms_norm(x, w[3], e), w[4].t());
-    at::gelu_(hidden);
-    x = at::addmm(x, hidden, w[5].t());
+    x = w[2].is_mkldnn() ? x + linear(y, w[2], false) : at::addmm(x, y, w[2].t());
+    const auto hidden = linear(rms_norm(x, w[3], e), w[4], true);
+    x = w[5].is_mkldnn() ? x + linear(hidden, w[5], false) : at::addmm(x, hidden, w[5].t());
   }
   return x;
 }
@@ -208,4 +225,5 @@ TORCH_LIBRARY(raystack, m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor positions, Tensor slots, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, float eps) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
+  m.impl("decode_layers", c10::DispatchKey::MkldnnCPU, &decode_layers);  // prepacked weights among the Tensor[]
 }

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
-from raystack.model import GPT, ModelConfig
+from raystack.model import GPT, ModelConfig, PackedLinear
 from raystack.tokenizer import ByteTokenizer
 
 
@@ -18,6 +18,13 @@ from raystack.tokenizer import ByteTokenizer
 def model():
     torch.manual_seed(0)
     return GPT(ModelConfig.from_preset("tiny", max_seq_len=96))
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """256 wide: on CPU the engine runs its larger linear layers prepacked by oneDNN (``model.pack_linears``)."""
+    torch.manual_seed(1)
+    return GPT(ModelConfig(n_layer=2, n_head=4, n_embd=256, max_seq_len=96))
 
 
 def make_engine(model, slots=8):
@@ -38,7 +45,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_batched_generation_equals_one_at_a_time(model):
+@pytest.mark.parametrize("width", ["tiny", "wide"])
+def test_batched_generation_equals_one_at_a_time(model, wide_model, width):
+    model = wide_model if width == "wide" else model
+
     async def alone():
         results = []
         for prompt, params in REQUESTS:
@@ -49,6 +59,7 @@ def test_batched_generation_equals_one_at_a_time(model):
 
     async def together():
         engine = make_engine(model)
+        assert any(type(m) is PackedLinear for m in engine.model.modules()) == (width == "wide")
         results = await asyncio.gather(*(generate_text(engine, p, g) for p, g in REQUESTS))
         assert engine.stats["steps"] < sum(g.max_tokens for _, g in REQUESTS)  # rows really shared steps
         await engine.shutdown()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raystack import kernels
-from raystack.model import GPT, KVCache, ModelConfig
+from raystack.model import GPT, KVCache, ModelConfig, PackedLinear, pack_linears
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +59,63 @@ def test_decode_steps_equal_the_pytorch_path_token_by_token(preset, overrides, f
         torch.testing.assert_close(fused.v[:, :, :, :S - 1], plain.v[:, :, :, :S - 1])
         positions = torch.where(positions >= 0, positions + 1, positions)
     assert int(positions.max()) == S - 1  # the last step attended over the whole cache
+
+
+def packed_layers(model) -> int:
+    return sum(type(m) is PackedLinear for m in model.modules())
+
+
+@torch.no_grad()
+def test_prepacked_weights_give_the_plain_weights_logits_and_caches():
+    """``pack_linears`` (what the engine does on CPU in float32) packs a 256-wide model's larger linear layers, not
+    its 256 x 256 projections, so ``decode_layers`` gets prepacked and plain weights in one list. Every path gives
+    the plain model's logits and caches: prefill, the decode step (every block in one op, then the attention op
+    alone with ``PackedLinear`` around it, in place and gathered slots), and the general forward."""
+    op()
+    torch.manual_seed(7)
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=256, max_seq_len=48)
+    plain = GPT(config).eval()
+    packed = pack_linears(plain)
+    assert packed_layers(packed) == 6 and type(packed.blocks[1].fc) is PackedLinear
+    assert packed_layers(plain) == 0 and type(plain.blocks[1].fc) is torch.nn.Linear  # the model given is unchanged
+    assert {k: v.data_ptr() for k, v in packed.state_dict().items()} == {
+        k: v.data_ptr() for k, v in plain.state_dict().items()}  # the same tensors, not copies
+    assert [w.is_mkldnn for w in packed._block_weights()] == [False, True, False, False, True, True] * 2
+    caches = {name: KVCache(config, slots=4) for name in ("plain", "packed")}
+    models = {"plain": plain, "packed": packed}
+    prompts = torch.randint(0, 257, (4, 9))
+    logits = {name: models[name].prefill(prompts, caches[name], torch.arange(4)) for name in models}
+    torch.testing.assert_close(logits["packed"], logits["plain"], rtol=1e-5, atol=1e-5)
+    positions = torch.tensor([9, 9, -1, 9])
+    for step in range(6):
+        tokens = torch.randint(0, 257, (4,))
+        slots = slice(0, 4) if step % 2 == 0 else torch.tensor([3, 1, 2, 0])
+        if step == 4:
+            packed._block_weights = lambda: None  # the attention op alone, PackedLinear.forward around it
+        got = packed.decode(tokens, positions, caches["packed"], slots)
+        expected = plain.decode(tokens, positions, caches["plain"], slots, fused=False)
+        live = positions >= 0
+        torch.testing.assert_close(got[live], expected[live], rtol=1e-5, atol=1e-5)
+        positions = torch.where(positions >= 0, positions + 1, positions)
+    last = config.max_seq_len - 1
+    for kind in ("k", "v"):
+        torch.testing.assert_close(getattr(caches["packed"], kind)[..., :last, :],
+                                   getattr(caches["plain"], kind)[..., :last, :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed(prompts), plain(prompts), rtol=1e-5, atol=1e-5)
+
+
+def test_only_linear_layers_large_enough_to_gain_are_packed():
+    """Issue 13's 128-wide shape and the tiny preset keep ATen's products (oneDNN's fixed cost per call is
+    slower there); from ``PACK_MIN_WEIGHT`` elements up they are packed: at 256 wide three layers a block (not the
+    256 x 256 projection), from 512 wide (the small preset) all four."""
+    assert packed_layers(pack_linears(GPT(ModelConfig.from_preset("tiny")))) == 0
+    assert packed_layers(pack_linears(GPT(ModelConfig(n_layer=4, n_head=4, n_embd=128)))) == 0
+    model = pack_linears(GPT(ModelConfig(n_layer=3, n_head=4, n_embd=256, max_seq_len=32)))
+    assert packed_layers(model) == 9
+    assert packed_layers(pack_linears(model)) == 9  # packing twice changes nothing
+    assert packed_layers(pack_linears(GPT(ModelConfig(n_layer=1, n_head=8, n_embd=512, max_seq_len=32)))) == 4
+    with pytest.raises(ValueError, match="without bias"):
+        PackedLinear(torch.nn.Linear(512, 512))
 
 
 def test_bad_inputs_are_errors_not_out_of_bounds_reads():
@@ -130,7 +187,7 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 CHECK = """
     import torch
     from raystack import kernels
-    from raystack.model import GPT, KVCache, ModelConfig
+    from raystack.model import GPT, KVCache, ModelConfig, PackedLinear, pack_linears
     config = ModelConfig.from_preset("tiny", max_seq_len=16)
     model = GPT(config).eval()
     with torch.no_grad():
