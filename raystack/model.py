@@ -222,7 +222,8 @@ class PackedLinear(nn.Module):
     dict, ``parameters()`` and checks unchanged) and ``packed`` the same values in oneDNN's blocked layout, made once
     (``mkldnn::_reorder_linear_weight``), so a call runs oneDNN's matrix kernel without reordering the weight
     (``mkldnn::_linear_pointwise``, what ``torch.compile``'s CPU freezing emits); ``decode_layers`` takes ``packed``
-    directly. Inference only: no gradient flows through it, and it must be rebuilt if ``weight`` changes."""
+    directly. For inference: where autograd records (the packed op has no gradient), a call runs ``F.linear`` over
+    ``weight``; ``packed`` must be rebuilt if ``weight`` changes."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -233,6 +234,8 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 

@@ -104,6 +104,22 @@ def test_prepacked_weights_give_the_plain_weights_logits_and_caches():
     torch.testing.assert_close(packed(prompts), plain(prompts), rtol=1e-5, atol=1e-5)
 
 
+def test_a_packed_model_still_gives_gradients_where_autograd_records():
+    """The packed op has no gradient: with autograd on, ``PackedLinear`` runs ``F.linear`` over its weight, so a
+    backward pass through a packed model gives the plain model's gradients (not silently none)."""
+    torch.manual_seed(3)
+    plain = GPT(ModelConfig(n_layer=1, n_head=4, n_embd=256, max_seq_len=16))
+    packed = pack_linears(plain)
+    tokens = torch.randint(0, 257, (2, 9))
+    packed.loss(tokens).backward()
+    grads = {name: p.grad.clone() for name, p in plain.named_parameters()}  # the same tensors: their gradients
+    plain.zero_grad()
+    plain.loss(tokens).backward()
+    assert grads.keys() == {name for name, _ in plain.named_parameters()}
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
 def test_only_linear_layers_large_enough_to_gain_are_packed():
     """Issue 13's 128-wide shape and the tiny preset keep ATen's products (oneDNN's fixed cost per call is
     slower there); from ``PACK_MIN_WEIGHT`` elements up they are packed: at 256 wide three layers a block (not the
