@@ -35,6 +35,16 @@ def artifact(tmp_path_factory):
     return uri, model
 
 
+@pytest.fixture(scope="module")
+def wide_artifact(tmp_path_factory):
+    """256 wide: an engine on CPU runs its larger linear layers prepacked by oneDNN (``model.pack_linears``)."""
+    torch.manual_seed(1)
+    config = ModelConfig(n_layer=1, n_head=4, n_embd=256, max_seq_len=64)
+    model = GPT(config)
+    uri = save_artifact(str(tmp_path_factory.mktemp("engine-process-wide") / "model"), config, model.state_dict())
+    return uri, model
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -43,8 +53,9 @@ async def _generate_all(engine) -> list[dict]:
     return await asyncio.gather(*(generate_text(engine, prompt, params) for prompt, params in REQUESTS))
 
 
-def test_the_child_generates_and_scores_what_the_engine_does_in_process(artifact):
-    uri, model = artifact
+@pytest.mark.parametrize("which", ["artifact", "wide_artifact"])
+def test_the_child_generates_and_scores_what_the_engine_does_in_process(request, which):
+    uri, model = request.getfixturevalue(which)
 
     async def in_process():
         engine = Engine(model, ByteTokenizer(), CONFIG)
