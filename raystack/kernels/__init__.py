@@ -5,8 +5,9 @@ Contract:
 - ``decode_attention()`` is ``torch.ops.raystack.decode_attention`` (``decode.cpp``: one layer's rotary, cache
   write and attention for a decode step, in one pass over each row's keys and values); ``decode_layers()`` is
   ``torch.ops.raystack.decode_layers`` (every block of a decode step in one call: norms, matrix products through
-  ATen, or oneDNN for weights prepacked by ``raystack.model.pack_linears``, that attention, GELU, residuals); ``sample_rows()`` is ``torch.ops.raystack.sample_rows`` (``sample.cpp``:
-  the CPU sampling path's filters and draw for every row of a batch in one call). Each is None where it cannot be
+  ATen, or oneDNN for weights prepacked by ``raystack.model.pack_linears``, that attention, GELU, residuals);
+  ``sample_rows()`` is ``torch.ops.raystack.sample_rows`` (``sample.cpp``: the CPU sampling path's filters and draw
+  for every row of a batch in one call). Each is None where it cannot be
   had: switched off (``RAYSTACK_CPU_KERNELS=0``), or the build failed (no C++ compiler, say; logged once as a
   warning). Callers then run their PyTorch or NumPy path, which the ops equal within float tolerance
   (tests/unit/test_kernels.py, test_sampling.py); nothing else changes.
