@@ -32,15 +32,22 @@ class _Loader(yaml.SafeLoader):
     """YAML as people write numbers: ``3e-4`` is a float (YAML 1.2), not the string PyYAML's 1.1 rules make it."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """Writes YAML that ``_Loader`` reads back as written: a string it would take for a float (``3e4``) is quoted."""
+
+
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _side in (_Loader, _Dumper):
+    _side.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML that ``load_yaml`` reads back equal (PyYAML's own dumper leaves ``123e456`` unquoted)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def _describe(tp) -> str:

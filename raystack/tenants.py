@@ -294,6 +294,8 @@ def _load_for_edit(path: str) -> list[Tenant]:
 
 def write_tenants(path: str, tenants: list[Tenant]) -> None:
     """Write atomically (a temporary file renamed over the old one), readable by its owner only."""
+    from raystack.config import dump_yaml
+
     tree = {"tenants": {}}
     for t in tenants:
         body: dict[str, Any] = {"priority": t.priority}
@@ -305,7 +307,7 @@ def write_tenants(path: str, tenants: list[Tenant]) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tenants-", suffix=".yaml")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(HEADER + yaml.safe_dump(tree, sort_keys=False))
+            f.write(HEADER + dump_yaml(tree))  # an id such as 123e45678901 quoted: YAML 1.2 reads a float
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:

@@ -33,6 +33,21 @@ def test_keys_are_stored_as_salted_hashes_and_identify_their_tenant(tmp_path):
         revoke_key(path, key_a)
 
 
+@pytest.mark.parametrize("key_hex", ["123e45678901", "000000000000", "1e1234567890", "0x1234567890"])
+def test_a_key_id_that_yaml_could_read_as_a_number_survives_the_file(tmp_path, monkeypatch, key_hex):
+    """``keys add`` draws 12 random hex digits for an id; some of them (``123e45678901``, about 1 in 300) are a float to
+    the YAML 1.2 rule that specs are read with, which PyYAML's own dumper does not quote. The file must give every
+    id (and tenant name) back as the string written, so ``keys list`` and the server can read it."""
+    monkeypatch.setattr("raystack.tenants.secrets.token_hex", lambda n: key_hex)
+    path = str(tmp_path / "tenants.yaml")
+    key = add_key(path, "2e10", priority="high")
+    assert key_id(key) == key_hex
+    (tenant,) = read_tenants(path)
+    assert tenant.name == "2e10" and [k.id for k in tenant.keys] == [key_hex]
+    assert TenantBook([tenant]).identify(key.encode()).name == "2e10"
+    assert revoke_key(path, key_hex) == "2e10"
+
+
 GOOD = """tenants:
   team-a:
     priority: high
