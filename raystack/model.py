@@ -213,8 +213,9 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 PACK_MIN_WEIGHT = 1 << 17
 """``pack_linears`` packs a linear layer whose weight has at least this many elements: below it (issue 13's
-128-wide shape) oneDNN's fixed cost per call outweighs its faster kernel at decode batch sizes; from the 256-wide
-layers up it is faster at every batch size (measured on 1 and 2 threads, batch 1 to 64)."""
+128-wide shape) oneDNN's fixed cost per call outweighs its faster kernel below batch 64; from the 256-wide layers up
+it was faster from batch 4 (1.3-4x at 2 threads), about even at batch 1 on 2 threads and up to ~20 us a call slower
+on 1 (timed per layer shape, batch 1 to 64, 2026-12-02)."""
 
 
 class PackedLinear(nn.Module):

@@ -183,6 +183,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, bool gelu) {
                  gelu ? std::optional<c10::string_view>("none") : std::nullopt);
 }
 
+// x + y @ w.T, the residual add after a block's projection: one addmm for a plain weight, oneDNN's linear and an
+// add for a prepacked one.
+at::Tensor add_linear(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w) {
+  return w.is_mkldnn() ? x + linear(y, w, false) : at::addmm(x, y, w.t());
+}
+
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, double scale, double eps) {
@@ -209,9 +215,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, const a
     const auto qkv = linear(rms_norm(x, w[0], e), w[1], false);
     const auto y = decode_attention(qkv, cos, sin, positions, slots, k_cache.select(0, l), v_cache.select(0, l),
                                     scale);
-    x = w[2].is_mkldnn() ? x + linear(y, w[2], false) : at::addmm(x, y, w[2].t());
-    const auto hidden = linear(rms_norm(x, w[3], e), w[4], true);
-    x = w[5].is_mkldnn() ? x + linear(hidden, w[5], false) : at::addmm(x, hidden, w[5].t());
+    x = add_linear(x, y, w[2]);
+    x = add_linear(x, linear(rms_norm(x, w[3], e), w[4], true), w[5]);
   }
   return x;
 }
