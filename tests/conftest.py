@@ -71,6 +71,8 @@ def ray_session(s3_endpoint):
     """A local Ray cluster shared by every integration test; stopped (only it) at the end."""
     import ray
 
+    if ray.is_initialized():  # a unit test's Ray Data call auto-started a local Ray in this process (unit tests first)
+        ray.shutdown()
     ray.init(
         num_cpus=4,  # 2 cores here; training tests use 2 workers x 1 CPU plus Ray Data and the controller
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the workers
