@@ -79,7 +79,7 @@ async def engine_tokens_per_s(model: GPT, graphs: bool, requests: int, device: t
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=requests, device=device.type,
                                                          cuda_graphs=graphs))
     if device.type != "cuda" and graphs:
-        engine.graphs = DecodeGraphs(engine.model, engine.cache, capture=False)
+        engine.runner.graphs = DecodeGraphs(engine.runner.model, engine.runner.cache, capture=False)
     prompt = list(range(1, 65))
     params = [GenerationParams(max_tokens=128, temperature=1.0, top_p=0.9, seed=i, ignore_eos=True)
               for i in range(requests)]

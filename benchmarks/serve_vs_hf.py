@@ -292,7 +292,7 @@ def measure_shape(name: str, args, rows: list) -> None:
         loop.run_until_complete(run_engine(engine8, prompts(2, args.prompt_tokens), 4, 2))
         paths["engine-int8"] = lambda batch, c: loop.run_until_complete(run_engine(engine8, batch, args.new_tokens,
                                                                                    c))
-        exact, quantized = held_out_loss(engine.model), held_out_loss(engine8.model)
+        exact, quantized = held_out_loss(engine.runner.model), held_out_loss(engine8.runner.model)
         print(f"{name}: held-out loss float32 {exact:.4f} nats/byte, int8 {quantized:.4f} "
               f"({(quantized / exact - 1) * 100:+.2f}%)", flush=True)
     if url:

@@ -238,7 +238,7 @@ class Predictor:
 
     def _score(self, texts) -> dict:
         engine, eot = self.engine, self.engine.tokenizer.eot_id
-        limit = engine.model.config.max_seq_len
+        limit = engine.runner.model.config.max_seq_len
         out = {"log_likelihood": [None] * len(texts), "perplexity": [None] * len(texts),
                "tokens": [None] * len(texts), "error": [None] * len(texts)}
         for i, text in enumerate(texts):
@@ -251,8 +251,8 @@ class Predictor:
                                    "(its context less the leading end-of-text token)")
                 continue
             with torch.inference_mode():
-                batch = torch.tensor([tokens], device=engine.device)
-                total = -causal_lm_loss(engine.model, batch, reduction="sum").item()
+                batch = torch.tensor([tokens], device=engine.runner.device)
+                total = -causal_lm_loss(engine.runner.model, batch, reduction="sum").item()
             n = len(tokens) - 1
             out["log_likelihood"][i], out["perplexity"][i], out["tokens"][i] = total, float(np.exp(-total / n)), n
         return out

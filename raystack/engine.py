@@ -8,11 +8,13 @@ Contract:
   (``stop``: end-of-text or a stop string; ``length``: ``max_tokens`` or the context). Text is streamed in whole
   UTF-8 characters, and text that could still become a stop string is held back until it cannot; a stop string
   itself is never emitted.
-- One scheduler task per engine admits waiting requests into free slots at every step, prefills them, runs one
-  batched decode forward over all active slots, and samples every row with its own parameters through
-  ``raystack.sampling`` (seeded per request, keyed by the token's index in the completion), so a request's tokens
-  do not depend on what else is in the batch. On CUDA the decode forward is replayed from CUDA graphs
-  (``raystack.decode_graphs``, ``EngineConfig.cuda_graphs``). Where the forward passes run
+- One scheduler task per engine decides what runs: at every step it admits waiting requests into free slots, and
+  the model runner (``raystack.runner``: device, weights, KV cache) prefills them, runs one batched decode forward
+  over all active slots, and samples every row with its own parameters through ``raystack.sampling`` (seeded per
+  request, keyed by the token's index in the completion), so a request's tokens do not depend on what else is in
+  the batch. On CUDA the decode forward is replayed from CUDA graphs (``raystack.decode_graphs``,
+  ``EngineConfig.cuda_graphs``). The scheduler then turns each token into text: stop strings (``_find_stop``) and
+  what may be released while one could still form (``_releasable``) are pure functions. Where the forward passes run
   (``Engine.compute_inline``): on CUDA, or a CPU with one torch thread, in a worker thread, so the event loop serves
   while the model computes; on a CPU with
   more torch threads, on the event loop's own thread between its turns (PyTorch's OpenMP pool runs at full speed only
@@ -53,27 +55,20 @@ import itertools
 import logging
 import secrets
 import time
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 import torch
 
 from raystack.checkpoint import load_artifact
-from raystack.decode_graphs import DecodeGraphs
-from raystack.model import GPT, KVCache, pack_linears
-from raystack.sampling import SamplingParamError, SamplingParams, sample, validate
+from raystack.model import GPT
+from raystack.runner import ModelRunner
 from raystack.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (vLLM's default limit)."""
-
-DECODE_SLACK = 4
-"""Free slots a decode step may compute over to read the running sequences' caches in place instead of gathering
-them (an idle row costs one token's forward; a gather copies every running row's whole cache, every layer)."""
-
 
 @dataclass
 class EngineConfig:
@@ -165,19 +160,6 @@ def check_quantize(value: str) -> None:
     """The one check of a ``quantize`` setting (engine, serve and batch specs)."""
     if value not in ("none", "int8"):
         raise ValueError(f"quantize must be none or int8, got {value!r}")
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """``model`` with int8 weights in its linear layers (dynamic quantization: activations are quantized per call),
-    for CPU inference. Refused on CUDA, where PyTorch's dynamic quantization does not run."""
-    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
-        raise ValueError("quantize: int8 runs on CPU with float32 weights (PyTorch's dynamic quantization); "
-                         "use quantize: none with device cuda or dtype bfloat16")
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice (torchao is its successor)
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class SequenceFailed(RuntimeError):
@@ -292,35 +274,16 @@ class _Sequence:
 class Engine:
     def __init__(self, model: GPT, tokenizer: ByteTokenizer, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
-        if self.config.device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            device = self.config.device
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-            self.config.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
-        self.device = torch.device(device)
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)  # process-wide: once, not on every decode step
-        self.model = model.to(device=self.device, dtype=dtype).eval()
-        if self.config.quantize == "int8":
-            self.model = quantize_int8(self.model)
-        elif self.device.type == "cpu" and dtype == torch.float32:
-            self.model = pack_linears(self.model)  # oneDNN-prepacked weights: faster matrix products
-        self.tokenizer = tokenizer
         limit = model.config.max_seq_len
         self.max_model_len = self.config.max_model_len or limit
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {limit}")
-        self.cache = KVCache(model.config, self.config.max_batch_size, device=self.device, dtype=dtype)
-        self.graphs: Optional[DecodeGraphs] = None
-        """The decode step's CUDA graphs (``EngineConfig.cuda_graphs``), or None: eager decode."""
-        if self.device.type == "cuda" and self.config.cuda_graphs:
-            try:
-                self.graphs = DecodeGraphs(self.model, self.cache)
-            except Exception as e:  # a capture the driver refuses, or a replay that differs: eager decode still works
-                logger.warning("capturing the decode step as CUDA graphs failed (%s); decoding eagerly", e)
+        self.runner = ModelRunner(model, self.config)
+        """Runs each step on the model (``raystack.runner``): device, weights, KV cache, sampling."""
+        self.tokenizer = tokenizer
         self._free_slots = list(range(self.config.max_batch_size))  # a heap: the lowest free slot first, so the
-        # running sequences stay packed at the front and a decode step reads their caches in place (``_decode``)
+        # running sequences stay packed at the front and a decode step reads their caches in place
+        # (``ModelRunner.decode``)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: dict[int, _Sequence] = {}
         self._wakeup: Optional[asyncio.Event] = None
@@ -328,7 +291,6 @@ class Engine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self.error: Optional[BaseException] = None
         """Set while the engine is broken (loop died, or a whole step failed); cleared by a step that succeeds."""
-        self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): _sampling_params
         self.after_step = None
         """Called (no arguments) on the event loop's thread after each step has delivered its tokens (``submit``)."""
         self.inline = False
@@ -345,7 +307,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.cache.nbytes
+        return self.runner.cache.nbytes
 
     @property
     def queue_depth(self) -> int:
@@ -418,30 +380,20 @@ class Engine:
         prompt where the steps run, between two of them, outside the KV cache."""
         if not 1 <= len(prompt_tokens) <= self.max_model_len:
             raise ValueError(f"a scored prompt needs 1 to {self.max_model_len} tokens, got {len(prompt_tokens)}")
-        return await self._compute(self._score, list(prompt_tokens), top_logprobs)
+        rows = await self._compute(self.runner.score, list(prompt_tokens), top_logprobs)
+        return [PromptLogprob(*row) for row in rows]
 
     @property
     def compute_inline(self) -> bool:
         """Whether the forward passes run on the event loop's thread (a CPU engine with more than one torch thread,
         or ``inline`` set) rather than on the engine's worker thread (module doc)."""
-        return self.inline or (self.device.type == "cpu" and torch.get_num_threads() > 1)
+        return self.inline or (self.runner.device.type == "cpu" and torch.get_num_threads() > 1)
 
     async def _compute(self, fn, *args):
         if self.compute_inline:
             await asyncio.sleep(0)  # the consumers of the last step's tokens run first
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    @torch.inference_mode()
-    def _score(self, tokens: list[int], top: int) -> list[PromptLogprob]:
-        ids = torch.tensor([tokens], device=self.device)
-        logprobs = torch.log_softmax(self.model(ids)[0, :-1].float(), -1)  # position i predicts token i + 1
-        chosen = logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
-        alternatives = _top(logprobs, top)
-        out = [PromptLogprob(tokens[0], None, None)]
-        for i, token in enumerate(tokens[1:]):
-            out.append(PromptLogprob(token, chosen[i], alternatives[i] if alternatives else None))
-        return out
 
     def check_request(self, prompt_len: int, max_tokens: int) -> None:
         if max_tokens < 1:
@@ -490,8 +442,9 @@ class Engine:
             return
         prefills = self._admit()
         decodes = sorted((s for s in self._running.values() if s not in prefills), key=lambda s: s.slot)
-        results, failures = await self._compute(self._step, prefills, decodes)
+        results, failures = await self._compute(self.runner.step, prefills, decodes)
         self.stats["steps"] += 1
+        failures = [(seq, SequenceFailed(message, client_error)) for seq, message, client_error in failures]
         for seq, error in failures:
             self._fail(seq, error)
         for seq, token, logprobs in results:
@@ -585,143 +538,6 @@ class Engine:
             heapq.heappush(self._free_slots, seq.slot)
             seq.slot = None
 
-    @torch.inference_mode()
-    def _step(self, prefills: list[_Sequence], decodes: list[_Sequence]):
-        """One scheduler step (``_compute``): prefill new sequences, decode the rest, sample every row.
-
-        Returns ``(results, failures)``: ``(seq, token, logprob)`` for the rows that ran and ``(seq,
-        SequenceFailed)`` for those that failed on their own (a failing batch is retried one row at a time)."""
-        rows, logits, failures = [], [], []
-        for group in _same_length(prefills):  # one forward per prompt length
-            try:
-                logits.append(self._prefill(group))
-                rows.extend(group)
-            except Exception:
-                for seq in group:
-                    out = self._isolated(self._prefill, [seq], failures)
-                    if out is not None:
-                        rows.append(seq)
-                        logits.append(out)
-        if decodes:
-            try:
-                logits.append(self._decode(decodes))
-                rows.extend(decodes)
-            except Exception:
-                logger.exception("batched decode of %d rows failed; retrying them one at a time", len(decodes))
-                for seq in decodes:
-                    out = self._isolated(self._decode, [seq], failures)
-                    if out is not None:
-                        rows.append(seq)
-                        logits.append(out)
-        if not rows:
-            return [], failures
-        batch = torch.cat(logits).float()
-        try:
-            tokens = self._sample(rows, batch)
-        except Exception:
-            logger.exception("sampling a batch of %d rows failed; sampling them one at a time", len(rows))
-            kept, tokens = [], []
-            for i, seq in enumerate(rows):
-                out = self._isolated(self._sample, [seq], failures, batch[i:i + 1])
-                if out is not None:
-                    kept.append(i)
-                    tokens.append(out[0])
-            rows, batch = [rows[i] for i in kept], batch[kept]
-        return list(zip(rows, tokens, self._logprobs(rows, batch, tokens))), failures
-
-    @staticmethod
-    def _logprobs(rows: list[_Sequence], logits: torch.Tensor, tokens: list[int]) -> list:
-        """``(logprob, top_logprobs)`` per row: the model's own log-softmax (before bias, penalties and filters)
-        for the rows that asked, ``(None, None)`` for the rest."""
-        wanted = [i for i, seq in enumerate(rows) if seq.params.logprobs]
-        out = [(None, None)] * len(rows)
-        if not wanted:
-            return out
-        logprobs = torch.log_softmax(logits[wanted], -1)
-        chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device))[:, 0].tolist()
-        top = _top(logprobs, max(rows[i].params.top_logprobs for i in wanted))
-        for j, i in enumerate(wanted):
-            k = rows[i].params.top_logprobs
-            out[i] = (chosen[j], top[j][:k] if k else None)
-        return out
-
-    def _isolated(self, fn, seq_or_rows, failures, *args):
-        """``fn(seq_or_rows, *args)``, or None after recording the row's failure."""
-        try:
-            return fn(seq_or_rows, *args)
-        except Exception as e:
-            seq = seq_or_rows[0] if isinstance(seq_or_rows, list) else seq_or_rows
-            logger.warning("sequence %d failed: %r", seq.id, e)
-            # The sampling op refusing a row's parameters is the request's own input, not a server fault.
-            client = isinstance(e, SamplingParamError)
-            failures.append((seq, SequenceFailed(f"generation failed: {e}", client_error=client)))
-            return None
-
-    def _prefill(self, group: list[_Sequence]) -> torch.Tensor:
-        """Prompts of one length, in one forward."""
-        tokens = torch.tensor([seq.context for seq in group], device=self.device)
-        return self.model.prefill(tokens, self.cache, torch.tensor([seq.slot for seq in group], device=self.device))
-
-    def _decode(self, decodes: list[_Sequence]) -> torch.Tensor:
-        """One token for each of ``decodes`` (in slot order). When their slots are packed (at most
-        ``DECODE_SLACK`` free slots among them), the forward runs over the whole slot range and reads the caches in
-        place, the free slots decoding an idle row (position -1) whose output is dropped; otherwise the rows' caches
-        are gathered. With ``graphs``, slots 0..last run as one captured graph (idle rows for the free ones)."""
-        first, last = decodes[0].slot, decodes[-1].slot
-        if self.graphs is not None:
-            token_ids, position_ids = [0] * (last + 1), [-1] * (last + 1)
-            for s in decodes:
-                token_ids[s.slot], position_ids[s.slot] = s.generated[-1], s.position
-            out = self.graphs.run(token_ids, position_ids)
-            return out if len(decodes) == last + 1 else out[[s.slot for s in decodes]]
-        width = last - first + 1
-        if width > len(decodes) + DECODE_SLACK:
-            tokens = torch.tensor([s.generated[-1] for s in decodes], device=self.device)
-            positions = torch.tensor([s.position for s in decodes], device=self.device)
-            slots = torch.tensor([s.slot for s in decodes], device=self.device)
-            return self.model.decode(tokens, positions, self.cache, slots)
-        token_ids, position_ids = [0] * width, [-1] * width
-        for s in decodes:
-            token_ids[s.slot - first], position_ids[s.slot - first] = s.generated[-1], s.position
-        tokens = torch.tensor(token_ids, device=self.device)
-        positions = torch.tensor(position_ids, device=self.device)
-        out = self.model.decode(tokens, positions, self.cache, slice(first, last + 1))
-        if width == len(decodes):
-            return out
-        return out[torch.tensor([s.slot - first for s in decodes], device=self.device)]
-
-    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        params = self._sampling_params(rows, logits)
-        return sample(logits, params, params_checked=True).tokens.tolist()
-
-    def _sampling_params(self, rows: list[_Sequence], logits: torch.Tensor) -> SamplingParams:
-        """The rows' sampling parameters. What does not change while the same sequences decode (all but the step
-        and the penalty counts) is built and validated once and kept until the batch changes."""
-        key, vocab = tuple(s.id for s in rows), logits.shape[1]
-        if self._params[0] != key:
-            p = [s.params for s in rows]
-            bias = None
-            if any(s.bias is not None for s in rows):
-                bias = torch.stack([s.bias if s.bias is not None else torch.zeros(vocab) for s in rows]).to(self.device)
-            self._params = key, SamplingParams.build(
-                len(rows), temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
-                top_p=[x.top_p for x in p], min_p=[min(x.min_p, 0.99999994) for x in p],  # API min_p=1: the max
-                seed=[s.seed for s in rows], repetition_penalty=[x.repetition_penalty for x in p],
-                presence_penalty=[x.presence_penalty for x in p], frequency_penalty=[x.frequency_penalty for x in p],
-                logit_bias=bias, device=self.device), any(x.uses_penalties for x in p)
-            try:
-                validate(logits, self._params[1], check_nan=False)
-            except Exception:
-                self._params = (None, None, False)  # never kept unchecked
-                raise
-        _, base, penalties = self._params
-        counts = None
-        if penalties:
-            counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
-                                  for s in rows]).to(self.device)
-        step = torch.tensor([len(s.generated) for s in rows], dtype=torch.int64, device=self.device)
-        return replace(base, step=step, counts=counts)
-
     def _advance(self, seq: _Sequence, token: int, logprobs: tuple) -> None:
         if seq.cancelled:
             self._release(seq)
@@ -745,35 +561,15 @@ class Engine:
         elif finish is None and (len(seq.generated) >= seq.params.max_tokens
                                  or len(seq.prompt) + len(seq.generated) >= self.max_model_len):
             finish = "length"
-        if finish is not None:
-            if token != self.tokenizer.eot_id and stop_at is None:
-                seq.text += seq.decoder.decode(b"", final=True)
-            release_to = len(seq.text)
-        else:
-            # hold back what could still grow into a stop string
-            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-            release_to = max(seq.emitted, len(seq.text) - hold)
+        if finish is not None and token != self.tokenizer.eot_id and stop_at is None:
+            seq.text += seq.decoder.decode(b"", final=True)
+        release_to = _releasable(seq.text, seq.emitted, seq.params.stop, finish is not None)
         delta = seq.text[seq.emitted:release_to]
         seq.emitted = max(seq.emitted, release_to)
         seq.put(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1],
                            seq.queue_wait if len(seq.generated) == 1 else None))
         if finish is not None:
             self._release(seq)
-
-
-def _top(logprobs: torch.Tensor, k: int) -> Optional[list[list[tuple[int, float]]]]:
-    """Per row of ``logprobs`` ``[R, V]``, its ``k`` most likely ``(token, logprob)`` pairs (None when k is 0)."""
-    if k <= 0:
-        return None
-    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-
-
-def _same_length(prefills: list[_Sequence]) -> list[list[_Sequence]]:
-    groups: dict[int, list[_Sequence]] = {}
-    for seq in prefills:
-        groups.setdefault(len(seq.context), []).append(seq)
-    return list(groups.values())
 
 
 def _find_stop(text: str, stops: list[str], searched: int = 0) -> Optional[int]:
@@ -783,6 +579,16 @@ def _find_stop(text: str, stops: list[str], searched: int = 0) -> Optional[int]:
         return None
     hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+def _releasable(text: str, emitted: int, stops: list[str], finished: bool) -> int:
+    """How many characters of a completion's ``text`` (which holds no stop string) may have been released: all of
+    it once the completion has finished; before that, all but the last ``len(s) - 1`` characters for the longest
+    stop string ``s`` (they could still become the start of one), and never fewer than the ``emitted`` already."""
+    if finished:
+        return len(text)
+    hold = max((len(s) - 1 for s in stops), default=0)
+    return max(emitted, len(text) - hold)
 
 
 async def flatten_ready(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:

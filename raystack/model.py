@@ -383,7 +383,7 @@ class GPT(nn.Module):
             x = layers(x, weights, self.rope_cos, self.rope_sin, positions, ids, cache.k, cache.v, scale,
                        self.blocks[0].attn_norm.eps)
             return F.linear(self.norm(x), self.embed.weight)
-        for block in self.blocks:  # int8 linear layers (``raystack.engine.quantize_int8``): the attention op alone
+        for block in self.blocks:  # int8 linear layers (``raystack.runner.quantize_int8``): the attention op alone
             attn = block.attn
             y = op(attn.qkv(block.attn_norm(x)), self.rope_cos, self.rope_sin, positions, ids,
                    cache.k[attn.layer], cache.v[attn.layer], scale)

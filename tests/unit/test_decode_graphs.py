@@ -85,7 +85,7 @@ def test_capture_needs_a_cuda_cache(model):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA cache"):
         DecodeGraphs(model, KVCache(model.config, slots=2))
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=2, device="cpu"))
-    assert engine.graphs is None  # CPU: eager decode (and the fused op), whatever cuda_graphs says
+    assert engine.runner.graphs is None  # CPU: eager decode (and the fused op), whatever cuda_graphs says
 
 
 REQUESTS = [
@@ -104,10 +104,10 @@ def test_the_engine_on_the_graph_step_gives_every_request_its_eager_tokens(model
     async def serve(graphed: bool):
         engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=6))
         if graphed:
-            engine.graphs = DecodeGraphs(engine.model, engine.cache, capture=False)
+            engine.runner.graphs = DecodeGraphs(engine.runner.model, engine.runner.cache, capture=False)
             calls = []
-            run = engine.graphs.run
-            engine.graphs.run = lambda t, p: calls.append(len(t)) or run(t, p)
+            run = engine.runner.graphs.run
+            engine.runner.graphs.run = lambda t, p: calls.append(len(t)) or run(t, p)
         out = await asyncio.gather(*(generate_text(engine, p, g) for p, g in REQUESTS))
         await engine.shutdown()
         if graphed:
@@ -137,7 +137,7 @@ def test_captured_graphs_replay_the_eager_step_on_cuda():
                                    rtol=1e-4, atol=1e-4)
         positions = [p + 1 for p in positions]
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=4))
-    assert engine.graphs is not None and engine.graphs.buckets == [1, 2, 4]
+    assert engine.runner.graphs is not None and engine.runner.graphs.buckets == [1, 2, 4]
     assert Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=4, cuda_graphs=False)).graphs is None
     out = asyncio.run(generate_text(engine, "def main():", GenerationParams(max_tokens=8, temperature=0.0)))
     assert len(out["tokens"]) == 8

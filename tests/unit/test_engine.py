@@ -59,7 +59,7 @@ def test_batched_generation_equals_one_at_a_time(model, wide_model, width):
 
     async def together():
         engine = make_engine(model)
-        assert any(type(m) is PackedLinear for m in engine.model.modules()) == (width == "wide")
+        assert any(type(m) is PackedLinear for m in engine.runner.model.modules()) == (width == "wide")
         results = await asyncio.gather(*(generate_text(engine, p, g) for p, g in REQUESTS))
         assert engine.stats["steps"] < sum(g.max_tokens for _, g in REQUESTS)  # rows really shared steps
         await engine.shutdown()
@@ -144,9 +144,9 @@ def test_churning_slots_give_every_request_its_tokens_alone(model, monkeypatch, 
     """Requests of one prompt length (prefilled together) finish at different steps, leaving free slots among the
     running ones that later requests refill: with the caches read in place over the slot range (idle rows in the
     holes, slack 8) and gathered (slack 0), every request gets the tokens it gets alone."""
-    import raystack.engine as engine_module
+    import raystack.runner as runner_module
 
-    monkeypatch.setattr(engine_module, "DECODE_SLACK", slack)
+    monkeypatch.setattr(runner_module, "DECODE_SLACK", slack)
     first = [(f"ab{i}d", GenerationParams(max_tokens=3 + 5 * (i % 4), temperature=0.9, seed=i)) for i in range(6)]
     later = [(f"later {i}", GenerationParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=10 + i))
              for i in range(4)]
@@ -250,7 +250,7 @@ def test_a_row_whose_parameters_the_sampler_refuses_fails_alone(model):
 def test_a_forward_failure_of_one_row_fails_that_request_alone(model, monkeypatch):
     async def go():
         engine = make_engine(model)
-        prefill, decode = engine._prefill, engine._decode
+        prefill, decode = engine.runner.prefill, engine.runner.decode
 
         def poisoned_prefill(group):  # prompts of one length prefill together; a fault fails only its row
             if any(seq.prompt == list(b"poison") for seq in group):
@@ -262,8 +262,8 @@ def test_a_forward_failure_of_one_row_fails_that_request_alone(model, monkeypatc
                 raise RuntimeError("simulated fault mid-generation")
             return decode(seqs)
 
-        monkeypatch.setattr(engine, "_prefill", poisoned_prefill)
-        monkeypatch.setattr(engine, "_decode", poisoned_decode)
+        monkeypatch.setattr(engine.runner, "prefill", poisoned_prefill)
+        monkeypatch.setattr(engine.runner, "decode", poisoned_decode)
         results = await asyncio.gather(
             *(_outcome(engine, p, g) for p, g in REQUESTS[:3]),
             _outcome(engine, "poison", GenerationParams(max_tokens=8, seed=1)),
@@ -282,16 +282,16 @@ def test_a_forward_failure_of_one_row_fails_that_request_alone(model, monkeypatc
 def test_health_reflects_a_broken_engine_and_recovers(model, monkeypatch):
     async def go():
         engine = make_engine(model)
-        working = engine._prefill
+        working = engine.runner.prefill
 
         def broken(group):
             raise RuntimeError("device lost")
 
-        monkeypatch.setattr(engine, "_prefill", broken)
+        monkeypatch.setattr(engine.runner, "prefill", broken)
         failed = await _outcome(engine, "x", GenerationParams(max_tokens=4))
         with pytest.raises(RuntimeError, match="device lost"):
             engine.check_health()
-        monkeypatch.setattr(engine, "_prefill", working)
+        monkeypatch.setattr(engine.runner, "prefill", working)
         healed = await generate_text(engine, "x", GenerationParams(max_tokens=4, seed=0))
         engine.check_health()
         await engine.shutdown()
@@ -346,11 +346,11 @@ def test_int8_weights_keep_the_models_predictions_and_generate(model):
             if p.dim() == 2:
                 p.mul_(6)
     engine = Engine(peaked, ByteTokenizer(), EngineConfig(max_batch_size=2, quantize="int8"))
-    assert not any(type(m) is torch.nn.Linear for m in engine.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in engine.runner.model.modules())
     assert type(peaked.blocks[0].fc) is torch.nn.Linear  # the caller's model is left as it was
     tokens = torch.tensor([list(b"def main():\n    return 1")])
     with torch.inference_mode():
-        exact, quantized = F.softmax(peaked(tokens), -1), F.softmax(engine.model(tokens), -1)
+        exact, quantized = F.softmax(peaked(tokens), -1), F.softmax(engine.runner.model(tokens), -1)
     assert exact.max(-1).values.mean() > 10 / 257  # far from uniform (1/257)
     assert (exact - quantized).abs().max() < 0.1 and (exact.argmax(-1) == quantized.argmax(-1)).float().mean() > 0.9
     out = run(generate_text(engine, "import ", GenerationParams(max_tokens=6, seed=0)))
@@ -493,3 +493,21 @@ def test_stop_search_over_the_new_text_finds_what_a_whole_search_finds(pieces, s
         assert _find_stop(text, stops, searched) == whole
         if whole is not None:
             break
+
+
+@given(st.text(alphabet="ab\n", max_size=12), st.text(alphabet="ab\n", max_size=8),
+       st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), max_size=3))
+@settings(max_examples=500, deadline=None)
+def test_released_text_never_holds_the_start_of_a_later_stop_string(text, more, stops):
+    """Whatever text comes next, a stop string found later starts after what ``_releasable`` let out before it
+    (the text so far holds none: ``_advance`` cuts at the first); once finished, everything is released."""
+    from raystack.engine import _find_stop, _releasable
+
+    if _find_stop(text, stops) is not None:
+        return
+    released = _releasable(text, 0, stops, finished=False)
+    assert released <= len(text)
+    later = _find_stop(text + more, stops)
+    assert later is None or later >= released
+    assert _releasable(text, released, stops, finished=False) == released  # asking again releases nothing new
+    assert _releasable(text, released, stops, finished=True) == len(text)

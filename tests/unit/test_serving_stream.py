@@ -29,7 +29,7 @@ def make_server(poison_after: int):
     once ``poison_after`` tokens were generated."""
     torch.manual_seed(0)
     engine = Engine(GPT(ModelConfig.from_preset("tiny", max_seq_len=96)), ByteTokenizer(), EngineConfig(8))
-    decode = engine._decode
+    decode = engine.runner.decode
 
     def faulty(seqs):
         if any(bytes(t for t in s.prompt if t < 256).startswith(b"poison") and len(s.generated) >= poison_after
@@ -37,7 +37,7 @@ def make_server(poison_after: int):
             raise RuntimeError("simulated fault")
         return decode(seqs)
 
-    engine._decode = faulty
+    engine.runner.decode = faulty
     server = object.__new__(LLMServer.func_or_class)
     server.config, server.engine, server.metrics = ServeConfig(model="unused"), engine, _NoMetrics()
     server.limits = RequestLimits(vocab_size=257, max_model_len=96)

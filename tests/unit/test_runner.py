@@ -1,0 +1,74 @@
+"""The model runner alone, without the engine's scheduler: rows are plain objects, as the contract says."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from raystack.engine import EngineConfig, GenerationParams
+from raystack.model import GPT, ModelConfig
+from raystack.runner import ModelRunner
+
+
+@dataclass
+class Row:
+    id: int
+    slot: int
+    prompt: list[int]
+    params: GenerationParams
+    seed: int = 0
+    generated: list[int] = field(default_factory=list)
+    bias: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt) + len(self.generated) - 1
+
+
+def test_a_step_prefills_decodes_and_samples_rows_it_is_handed():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", max_seq_len=64)).eval()
+    runner = ModelRunner(model, EngineConfig(max_batch_size=4))
+    greedy = GenerationParams(temperature=0.0, logprobs=True, top_logprobs=2)
+    rows = [Row(0, 0, list(b"def f(x):"), greedy), Row(1, 2, list(b"import os"), greedy),
+            Row(2, 3, list(b"class A"), GenerationParams(temperature=0.0))]
+
+    def check(results) -> None:
+        """Each row's token is the argmax of the whole forward over its context, and its log-probability that
+        forward's (to float tolerance: a wrong cache position or slot changes it even where the argmax holds)."""
+        assert [r for r, _, _ in results] == rows
+        for row, token, (logprob, top) in results:
+            with torch.no_grad():
+                expected = torch.log_softmax(model(torch.tensor([row.context]))[0, -1], -1)
+            assert token == int(expected.argmax())
+            if row.params.logprobs:
+                assert abs(logprob - expected[token].item()) < 1e-4
+                assert [t for t, _ in top] == expected.topk(2).indices.tolist()
+            else:
+                assert (logprob, top) == (None, None)
+
+    results, failures = runner.step(rows, [])  # two prompt lengths: two prefill forwards, one sampling call
+    assert not failures
+    check(results)
+    for _ in range(3):  # decodes over slots 0, 2, 3: read in place, slot 1 an idle row
+        for row, token, _ in results:
+            row.generated.append(token)
+        results, failures = runner.step([], rows)
+        assert not failures
+        check(results)
+
+
+def test_a_row_whose_parameters_the_sampler_refuses_fails_alone():
+    torch.manual_seed(0)
+    runner = ModelRunner(GPT(ModelConfig.from_preset("tiny", max_seq_len=64)), EngineConfig(max_batch_size=2))
+    good = Row(0, 0, list(b"abc"), GenerationParams(temperature=0.0))
+    bad = Row(1, 1, list(b"abd"), GenerationParams(top_p=0.0))  # out of range: the API layer never sends it
+    results, failures = runner.step([good, bad], [])
+    assert [r for r, _, _ in results] == [good]
+    (row, message, client_error), = failures
+    assert row is bad and client_error and "top_p" in message
