@@ -20,6 +20,12 @@ Contract:
 - Closing a ``generate`` iterator early (client gone) cancels the sequence in the child; its slot frees at the next
   step. A sequence the engine fails raises ``SequenceFailed`` as in process; a request the engine refuses raises
   ``ValueError``.
+- ``unstreamed_threads`` (when set): the child computes with that many torch threads while no streamed sequence
+  runs, and with the config's ``threads`` while one does. A streamed completion's tokens are relayed by the replica
+  step by step (HTTP chunks through Serve), which needs a core the forward passes then leave free; a non-streamed
+  one needs the replica only at its start and end (``raystack.serving.replica_threads``). Tokens do not change
+  with the thread count (log-probabilities within float rounding). ``threads``: the child's count as of its last
+  message.
 - If the child dies, every sequence in flight fails with ``SequenceFailed``, and ``check_health`` raises from then on
   (Serve replaces the replica). The child exits when its socket closes, so a replica that dies takes its engine
   with it.
@@ -38,6 +44,8 @@ import subprocess
 import sys
 import time
 from typing import AsyncIterator, Optional
+
+import torch
 
 from raystack.engine import (Engine, EngineConfig, GenerationParams, PromptLogprob, SequenceFailed, TokenEvent,
                              _Events, flatten_ready)
@@ -61,7 +69,8 @@ def _params(values: dict) -> GenerationParams:
 
 
 class EngineProcess:
-    def __init__(self, artifact: str, config: EngineConfig, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, artifact: str, config: EngineConfig, start_timeout_s: float = START_TIMEOUT_S,
+                 unstreamed_threads: int = 0):
         self.config = config
         self._sock, child = socket.socketpair()
         try:
@@ -73,7 +82,8 @@ class EngineProcess:
             child.close()
         self._sock.settimeout(start_timeout_s)
         try:
-            self._sock.sendall(_line({"artifact": artifact, "config": dataclasses.asdict(config)}))
+            self._sock.sendall(_line({"artifact": artifact, "config": dataclasses.asdict(config),
+                                      "unstreamed_threads": unstreamed_threads}))
             ready = json.loads(self._read_line_blocking() or b'{"op": "failed", "error": "the engine process exited"}')
         except (OSError, ValueError) as e:
             self._kill()
@@ -85,6 +95,7 @@ class EngineProcess:
         self.max_model_len: int = ready["max_model_len"]
         self.kv_cache_bytes: int = ready["kv_cache_bytes"]
         self.tokenizer = ByteTokenizer.from_dict(ready["tokenizer"])
+        self.threads: int = ready["threads"]
         self._ids = itertools.count()
         self._streams: dict[int, _Events] = {}
         self._started: set[int] = set()  # streams that got their first token (so are not waiting for a slot)
@@ -245,6 +256,7 @@ class EngineProcess:
                     events.put_nowait(TokenEvent(token, text, logprob, finish, completion_tokens,
                                                  [tuple(x) for x in top] if top is not None else None, queue_wait))
             self._error = message.get("error")
+            self.threads = message["threads"]
         elif op == "scored":
             done = self._scores.get(message["id"])
             if done is not None and not done.done():
@@ -271,14 +283,24 @@ async def _serve(sock: socket.socket) -> None:
     # run on the event loop's thread: no hand-off to a worker thread and back, twice per step, which cost most when
     # the CPUs are busy with the replica and its clients.
     engine.inline = True
+    streamed: set = set()  # the streamed sequences running (module doc: ``unstreamed_threads``)
+    reserved, unstreamed = engine.config.threads, hello.get("unstreamed_threads") or 0
+
+    def fit_threads() -> None:  # between steps, on this (the computing) thread
+        want = reserved if streamed or not unstreamed else unstreamed
+        if want and want != torch.get_num_threads():
+            torch.set_num_threads(want)
+
+    fit_threads()
     writer.write(_line({"op": "ready", "max_model_len": engine.max_model_len, "kv_cache_bytes": engine.kv_cache_bytes,
-                        "tokenizer": engine.tokenizer.to_dict()}))
+                        "tokenizer": engine.tokenizer.to_dict(), "threads": torch.get_num_threads()}))
     loop = asyncio.get_running_loop()
     outbox: list = []
     cancels: dict = {}  # sequence id -> its cancel function, while it runs
     tasks: set = set()  # scores in flight (a reference keeps them alive)
 
     def flush() -> None:  # after each step: its tokens, for every sequence, in one message
+        fit_threads()  # the step's ended streams are out of ``streamed``
         if not outbox:
             return
         try:
@@ -286,7 +308,7 @@ async def _serve(sock: socket.socket) -> None:
             error = None
         except RuntimeError as e:
             error = str(e)
-        writer.write(_line({"op": "events", "events": outbox[:], "error": error}))
+        writer.write(_line({"op": "events", "events": outbox[:], "error": error, "threads": torch.get_num_threads()}))
         outbox.clear()
 
     engine.after_step = flush
@@ -309,6 +331,7 @@ async def _serve(sock: socket.socket) -> None:
             outbox.append(record)
             if ended:
                 cancels.pop(key, None)
+                streamed.discard(key)
         return put
 
     async def score(key: int, prompt: list[int], top: int) -> None:
@@ -329,11 +352,17 @@ async def _serve(sock: socket.socket) -> None:
                 cancels[key] = engine.submit(message["prompt"], _params(message["params"]),
                                              sink(key, message["stream"]), message["priority"], message["tenant"])
             except ValueError as e:  # the parent checked the request already; this is the engine's word on it
-                writer.write(_line({"op": "events", "events": [[key, "refused", str(e)]], "error": None}))
+                writer.write(_line({"op": "events", "events": [[key, "refused", str(e)]], "error": None,
+                                    "threads": torch.get_num_threads()}))
+                continue
+            if message["stream"]:
+                streamed.add(key)
+                fit_threads()
         elif op == "cancel":
             cancel = cancels.pop(key, None)
             if cancel is not None:
                 cancel()
+            streamed.discard(key)  # its slot frees at the next step; the threads follow after it
         elif op == "score":
             tasks.add(loop.create_task(score(key, message["prompt"], message["top"])))
     await engine.shutdown()  # the parent is gone

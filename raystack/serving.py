@@ -117,7 +117,8 @@ class ServeConfig:
     """GPUs per replica (0 on CPU machines)."""
     threads: int = 0
     """torch threads per replica; 0 = automatic: ``num_cpus`` - 1 (at least 1) for a small model, whose serving work
-    needs the core, else ``num_cpus`` (``replica_threads``)."""
+    needs the core, else ``num_cpus`` (``replica_threads``); with ``engine_process``, a small model's engine takes
+    every CPU while no streamed completion runs (``unstreamed_threads``)."""
     quantize: str = "none"
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
     engine_process: bool = True
@@ -479,6 +480,16 @@ def replica_threads(config: ServeConfig, block_weights: int = 0) -> int:
     return cpus if block_weights >= LEAVE_A_CORE_BELOW else max(1, cpus - 1)
 
 
+def unstreamed_threads(config: ServeConfig, threads: int) -> int:
+    """torch threads of the engine process while no streamed completion runs (``EngineProcess``): every CPU where
+    the default (``replica_threads``) left one to relay the streams' tokens, which a non-streamed completion does not
+    need; 0 (keep ``threads``) otherwise, and always when ``threads`` is set. Measured with
+    benchmarks/serve_vs_hf.py, issue 13's shape, c=32, 2 cores (2026-12-02): non-streamed 1.33x HF with 1 thread
+    against 2.02x with 2, streamed 1.18x against 0.88x."""
+    cpus = max(1, int(config.num_cpus))
+    return cpus if not config.threads and threads < cpus else 0
+
+
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(app)
 class LLMServer:
@@ -490,7 +501,8 @@ class LLMServer:
         engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
                                      threads=threads, quantize=config.quantize)
         if config.engine_process:
-            self.engine = EngineProcess(config.model, engine_config)
+            self.engine = EngineProcess(config.model, engine_config,
+                                        unstreamed_threads=unstreamed_threads(config, threads))
         else:
             self.engine = Engine.from_artifact(config.model, engine_config)
         self.tenants = TenantsFile(config.tenants_file, config.tenants_reload_s) if config.tenants_file else None

@@ -84,6 +84,35 @@ def test_the_child_generates_and_scores_what_the_engine_does_in_process(request,
         [(s.token, s.top_logprobs and [t for t, _ in s.top_logprobs]) for s in expected_scores]
 
 
+def test_the_child_computes_on_the_core_left_to_streams_while_no_stream_runs(artifact):
+    """``unstreamed_threads``: every completion that is not streamed runs with those torch threads, a streamed one
+    with the config's, and the tokens are the same either way."""
+    uri, _ = artifact
+    params = GenerationParams(max_tokens=10, seed=4, top_p=0.9, ignore_eos=True)
+
+    async def scenario():
+        fixed, adaptive = EngineProcess(uri, CONFIG), EngineProcess(uri, CONFIG, unstreamed_threads=2)
+        try:
+            seen = {"start": adaptive.threads}
+            whole = [e async for e in adaptive.generate(list(b"def f("), params, stream=False)]
+            seen["whole"] = adaptive.threads
+            streamed, during = [], []
+            async for event in adaptive.generate(list(b"def f("), params):
+                streamed.append(event)
+                during.append(adaptive.threads)
+            seen["after"] = adaptive.threads
+            plain = [e async for e in fixed.generate(list(b"def f("), params)]
+            return seen, during, [[e.token for e in x] for x in (whole, streamed, plain)], fixed.threads
+        finally:
+            await fixed.shutdown()
+            await adaptive.shutdown()
+
+    seen, during, (whole, streamed, plain), fixed_threads = run(scenario())
+    assert seen == {"start": 2, "whole": 2, "after": 2} and fixed_threads == 1
+    assert during[:-1] == [1] * 9 and during[-1] == 2  # the last step's message comes after the stream ended
+    assert whole == streamed == plain and len(whole) == 10
+
+
 @pytest.mark.parametrize("where", ["in-process", "child"])
 def test_a_whole_completion_gets_the_streams_events_the_first_at_once_the_rest_at_the_end(artifact, where):
     """``generate(..., stream=False)`` (a non-streamed completion) yields exactly the stream's events, but after the

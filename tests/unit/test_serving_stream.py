@@ -229,6 +229,21 @@ def test_a_replica_leaves_one_of_its_cores_to_serving_unless_told_or_its_model_i
     assert replica_threads(ServeConfig(model="m", num_cpus=4, threads=1), weights("gpt2")) == 1
 
 
+def test_the_engine_process_takes_the_core_left_to_streams_while_none_runs_unless_threads_are_set():
+    from raystack.model import ModelConfig
+    from raystack.serving import replica_threads, unstreamed_threads
+
+    def both(preset, **config):
+        config = ServeConfig(model="m", **config)
+        model = ModelConfig.from_preset(preset)
+        threads = replica_threads(config, 12 * model.n_layer * model.n_embd ** 2)
+        return threads, unstreamed_threads(config, threads)
+
+    assert [both("tiny", num_cpus=c) for c in (1, 2, 8)] == [(1, 0), (1, 2), (7, 8)]
+    assert both("small", num_cpus=2) == (2, 0)  # a large model already computes on every CPU
+    assert both("tiny", num_cpus=2, threads=1) == (1, 0)  # set by the spec: kept as it is
+
+
 @pytest.mark.parametrize("threads", [-1, 10**9])
 def test_serve_and_batch_specs_refuse_torch_threads_out_of_range(threads):
     from raystack.batch import BatchConfig
