@@ -23,9 +23,10 @@ Contract:
 - ``unstreamed_threads`` (when set): the child computes with that many torch threads while no streamed sequence
   runs, and with the config's ``threads`` while one does. A streamed completion's tokens are relayed by the replica
   step by step (HTTP chunks through Serve), which needs a core the forward passes then leave free; a non-streamed
-  one needs the replica only at its start and end (``raystack.serving.replica_threads``). Tokens do not change
-  with the thread count (log-probabilities within float rounding). ``threads``: the child's count as of its last
-  message.
+  one needs the replica only at its start and end (``raystack.serving.replica_threads``). The thread count does not
+  change which token is drawn, short of a float-rounding tie (1 against 2 threads gave the same tokens on both of
+  benchmarks/serve_vs_hf.py's shapes, log-probabilities within 1e-6; tests/unit/test_engine_process.py).
+  ``threads``: the child's count as of its last message.
 - If the child dies, every sequence in flight fails with ``SequenceFailed``, and ``check_health`` raises from then on
   (Serve replaces the replica). The child exits when its socket closes, so a replica that dies takes its engine
   with it.
