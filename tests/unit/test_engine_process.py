@@ -88,7 +88,7 @@ def test_the_child_computes_on_the_core_left_to_streams_while_no_stream_runs(art
     """``unstreamed_threads``: every completion that is not streamed runs with those torch threads, a streamed one
     with the config's, and the tokens are the same either way."""
     uri, _ = artifact
-    params = GenerationParams(max_tokens=10, seed=4, top_p=0.9, ignore_eos=True)
+    params = GenerationParams(max_tokens=50, seed=4, top_p=0.9, ignore_eos=True)  # 50 steps: the stream is seen
 
     async def scenario():
         fixed, adaptive = EngineProcess(uri, CONFIG), EngineProcess(uri, CONFIG, unstreamed_threads=2)
@@ -109,8 +109,10 @@ def test_the_child_computes_on_the_core_left_to_streams_while_no_stream_runs(art
 
     seen, during, (whole, streamed, plain), fixed_threads = run(scenario())
     assert seen == {"start": 2, "whole": 2, "after": 2} and fixed_threads == 1
-    assert during[:-1] == [1] * 9 and during[-1] == 2  # the last step's message comes after the stream ended
-    assert whole == streamed == plain and len(whole) == 10
+    # as the stream's messages were read: 1 while it ran, 2 from the message after its last step (a reader that
+    # falls behind on a busy machine may see that one early, never a 1 after it)
+    assert during[0] == 1 and during == sorted(during) and during[-1] == 2
+    assert whole == streamed == plain and len(whole) == 50
 
 
 @pytest.mark.parametrize("where", ["in-process", "child"])
