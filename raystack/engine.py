@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (vLLM's default limit)."""
 
+
 @dataclass
 class EngineConfig:
     max_batch_size: int = 16
