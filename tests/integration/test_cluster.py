@@ -208,15 +208,19 @@ def test_a_preempted_node_costs_no_steps(cluster):
     an elastic run (one 2-CPU worker per node) trains, and stopped when the deadline has passed (the reclaim). Ray Train
     tells the workers, the loop checkpoints at once and holds, and the run resumes from that checkpoint on the node
     that is left (the last test of the module: the cluster has one node after it). Steps lost: the last step
-    reported before the restart minus the step resumed from, 0 here (``checkpoint.every`` is 1000, which is what a
-    run without the notice could lose)."""
+    reported before the restart minus the step resumed from, 0 here (``checkpoint.every`` is past the run's end, so a
+    run without the notice would lose every step)."""
     import re
 
     shared = cluster["root"] / "shared"
+    # Long enough that the drain lands mid-run (it lands near step 80 here, at 5 steps/s), short enough that the
+    # one-worker run after the restart (most of this test's time) stays small.
+    steps = 400
     submitted = raystack("submit", "train", "--address", cluster["url"], "--",
                          "--set", "name=preempted", "--set", f"storage_path={shared}",
                          "--set", "scaling.num_workers=[1,2]", "--set", "scaling.placement_strategy=STRICT_SPREAD",
-                         "--set", "scaling.cpus_per_worker=2", "--set", "schedule.steps=900", "--set", "checkpoint.every=1000", "--set", "logging.every=10",
+                         "--set", "scaling.cpus_per_worker=2", "--set", f"schedule.steps={steps}",
+                         "--set", "checkpoint.every=1000", "--set", "logging.every=10",
                          "--set", "eval.every=0", "--set", "data.max_documents=20", "--set", "data.block_size=64",
                          "--set", "schedule.batch_size=4", "--set", "schedule.micro_batch_size=2", env=cluster["env"])
     assert submitted.returncode == 0, submitted.stderr[-3000:]
@@ -241,8 +245,10 @@ def test_a_preempted_node_costs_no_steps(cluster):
     assert re.search(r"preemption notice for node\(s\) [0-9a-f]+ \(deadline in \d+ s\): checkpointed step \d+",
                      followed.stdout), followed.stdout[-4000:]
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    restart = next(i for i in range(1, len(rows)) if rows[i]["resumed_from_step"] != rows[i - 1]["resumed_from_step"])
+    restart = next((i for i in range(1, len(rows)) if rows[i]["resumed_from_step"] != rows[i - 1]["resumed_from_step"]),
+                   None)
+    assert restart is not None, f"the run never restarted (did it end before the drain?): {rows[-3:]}"
     before, after = rows[restart - 1], rows[restart]
     assert before["checkpoint"] and before["world_size"] == 2 and after["world_size"] == 1  # resized onto the head
     assert before["step"] - after["resumed_from_step"] == 0  # steps lost
-    assert rows[-1]["step"] == 900
+    assert rows[-1]["step"] == steps
