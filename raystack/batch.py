@@ -4,10 +4,11 @@ Contract:
 - Input: parquet (a file, directory or glob; local or object-store URI) with a prompt column (``generate``) or a
   text column (``score``) and optionally an id column. Without an id column each row gets ``"<file>:<row>"`` (the
   file's index in sorted order and the row's index in that file), the same on every run.
-- Ray Data streams the files (row group by row group) into ``map_batches`` with a callable class that loads the
-  model artifact once per actor, on an autoscaling actor pool (``ActorPoolStrategy(min_size, max_size)``), with
-  ``num_gpus``/``num_cpus`` per actor and ``batch_size`` rows per call; results stream into parquet. Tables larger
-  than memory work: nothing is materialised.
+- Ray Data streams the files (row group by row group, cut into blocks of ``batch_size`` rows) into ``map_batches``
+  with a callable class that loads the model artifact once per actor, on an autoscaling actor pool
+  (``ActorPoolStrategy(min_size, max_size)``), with ``num_gpus``/``num_cpus`` per actor and one block per call, so
+  even a single file spreads over every actor; results stream into parquet parts of about ``ROWS_PER_FILE`` rows.
+  Tables larger than memory work: nothing is materialised.
 - ``generate`` rows get ``completion``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` (and
   ``logprobs``, on request) through the continuous-batching engine and the sampling op. Sampling parameters are
   the job's ``sampling`` section (the serve spec's type, ``GenerationParams``), or per row from columns named like
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raystack import commit, storage
-from raystack.data import DataError, check_parquet_column, resolve_source
+from raystack.data import DataError, check_parquet_column, read_parquet_rows, resolve_source
 from raystack.engine import (Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize, check_threads,
                              generate_text)
 from raystack.model import causal_lm_loss
@@ -50,6 +51,9 @@ from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check
                                  generation_params)
 
 logger = logging.getLogger(__name__)
+
+ROWS_PER_FILE = 4096
+"""Rows the writer gathers into one output part (fewer in the last); blocks are ``batch_size`` rows."""
 
 OUTPUT_TYPES = {
     "completion": pa.string(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
@@ -105,23 +109,7 @@ class BatchConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading: one task per file, row groups streamed, ids stable across runs
-
-
-def _read_file(batch: dict, columns: list[str], id_column: Optional[str]):
-    """``map_batches`` generator: the rows of each file in ``batch["path"]``, with ids."""
-    fs = storage.filesystem(batch["uri"][0])[0] if batch["uri"][0] else pafs.LocalFileSystem()
-    for path, file_index in zip(batch["path"], batch["file_index"]):
-        with fs.open_input_file(path) as f:
-            reader = pq.ParquetFile(f)
-            offset = 0
-            for record_batch in reader.iter_batches(columns=columns, batch_size=1024):
-                table = pa.Table.from_batches([record_batch])
-                if id_column is None:
-                    ids = [f"{file_index}:{offset + i}" for i in range(table.num_rows)]
-                    table = table.append_column("id", pa.array(ids, pa.string()))
-                offset += table.num_rows
-                yield table
+# Reading (``raystack.data.read_parquet_rows``: one task per file, row groups streamed, ids stable across runs)
 
 
 def _plan_input(config: BatchConfig) -> tuple[list[str], list[str], Optional[str], str]:
@@ -298,9 +286,11 @@ def run_batch(config: BatchConfig) -> dict:
     uri = config.input if storage.is_uri(config.input) else ""
     files = ray.data.from_items([{"path": p, "file_index": i, "uri": uri} for i, p in enumerate(paths)],
                                 override_num_blocks=max(1, len(paths)))
-    rows = files.map_batches(_read_file, batch_size=1, fn_kwargs={"columns": columns, "id_column": id_column})
-    if id_column and id_column != "id":
-        rows = rows.rename_columns({id_column: "id"})
+    rows = files.map_batches(read_parquet_rows, batch_size=1, fn_kwargs={"columns": columns, "id_column": id_column})
+    # Blocks of batch_size rows: each is one call on whichever actor is free, so one large file spreads over the
+    # whole pool (read whole, a file was one actor's task), results stream to the writer as they finish, and a
+    # killed actor costs only the blocks it held.
+    rows = rows.repartition(target_num_rows_per_block=config.batch_size)
     results = rows.map_batches(
         Predictor, fn_constructor_args=(config, column), batch_size=config.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
@@ -308,7 +298,7 @@ def run_batch(config: BatchConfig) -> dict:
 
     attempt = commit.begin(config.output)  # the previous output stays whole until the commit point
     try:
-        results.write_parquet(attempt.staging, filesystem=attempt.fs)
+        results.write_parquet(attempt.staging, filesystem=attempt.fs, min_rows_per_file=ROWS_PER_FILE)
     except Exception as e:
         attempt.abort()
         cause = getattr(e, "cause", None) or e

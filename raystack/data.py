@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -165,6 +166,25 @@ def check_parquet_column(source: str, fs, paths: list[str], column: str, setting
                             f"set {setting} to the column that holds the text")
         common = schema.names if common is None else [n for n in common if n in schema.names]
     return common or []
+
+
+def read_parquet_rows(batch: dict, columns: list[str], id_column: Optional[str]):
+    """``map_batches`` generator over file entries (``path``, ``file_index``, ``uri``): each file's ``columns``,
+    row group by row group, with the id column named ``id`` (``id_column`` renamed, or with None, ``"<file
+    index>:<row>"``, the same on every run). Imports nothing heavy: the Ray workers that read need no torch."""
+    fs = _filesystem(batch["uri"][0])[0] if batch["uri"][0] else pafs.LocalFileSystem()
+    for path, file_index in zip(batch["path"], batch["file_index"]):
+        with fs.open_input_file(path) as f:
+            offset = 0
+            for record_batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=1024):
+                table = pa.Table.from_batches([record_batch])
+                if id_column is None:
+                    ids = [f"{file_index}:{offset + i}" for i in range(table.num_rows)]
+                    table = table.append_column("id", pa.array(ids, pa.string()))
+                elif id_column != "id":
+                    table = table.rename_columns(["id" if name == id_column else name for name in table.column_names])
+                offset += table.num_rows
+                yield table
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -154,3 +154,31 @@ def test_a_killed_batch_actor_costs_no_row(ray_session, artifact, tmp_path):
     assert "summary" in outcome, "the job did not complete after its actor was killed"
     out = read(tmp_path / "out")
     assert len(out) == 400 and sorted(out["id"]) == list(range(400)) and out["error"].isna().all()
+
+
+def test_one_file_spreads_over_every_actor_of_the_pool(ray_session, artifact, tmp_path):
+    """A single input file is cut into blocks of batch_size rows, and each block goes to whichever actor is free:
+    read whole, a file was one actor's task, and the rest of the pool sat idle."""
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(160)], "prompt": [f"row {i}:" for i in range(160)]}),
+                   path)
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    wait = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = 300  # both actors up before the first block (a busy machine starts one late)
+    try:
+        start = time.time()
+        summary = run_batch(job(artifact, path, tmp_path / "out", {"max_tokens": 4}, batch_size=8, min_actors=2,
+                                id_column="key"))
+    finally:
+        context.wait_for_min_actors_s = wait
+    assert summary == {"output": str(tmp_path / "out"), "rows": 160, "errors": 0}
+    out = read(tmp_path / "out")
+    assert sorted(out["id"]) == sorted(f"k{i}" for i in range(160)) and (out["completion_tokens"] >= 1).all()
+    # Ray's task timeline: the pool's actors run their blocks as calls of the actor method ``submit``.
+    calls = {}
+    for event in ray_session.timeline():
+        if event.get("ph") == "X" and event.get("name") == "submit" and event["ts"] / 1e6 >= start:
+            calls[event["tid"]] = calls.get(event["tid"], 0) + 1
+    assert sum(calls.values()) == 20 and len(calls) == 2, f"blocks run per actor: {calls}"
