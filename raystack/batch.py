@@ -216,6 +216,14 @@ class Predictor:
                 out["logprobs"][i] = result["logprobs"]
         return out
 
+    def __del__(self):
+        """Ray Data calls it when the pool lets the actor go: the engine's scheduler task ends and its loop closes,
+        rather than being destroyed pending at exit (asyncio's "Task was destroyed but it is pending!")."""
+        loop = getattr(self, "loop", None)
+        if loop is not None and not loop.is_closed() and not loop.is_running():
+            loop.run_until_complete(self.engine.shutdown())
+            loop.close()
+
     @staticmethod
     def _value(batch: dict, name: str, i: int):
         """The row's own value of sampling field ``name``; None (the job's ``sampling`` applies) when absent."""

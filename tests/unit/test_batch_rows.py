@@ -78,3 +78,22 @@ def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
         run_batch(BatchConfig(model="m", input=str(tmp_path / "in"), output=str(tmp_path / "out.parquet"),
                               overwrite=True))
     assert (tmp_path / "out.parquet").read_bytes() == b"someone's file"
+
+
+def test_a_predictor_let_go_stops_its_engine_cleanly(tmp_path, caplog):
+    """Ray Data drops the pool's callable when it lets an actor go; the engine's scheduler task must end with it,
+    not be destroyed pending (asyncio logs that as an error in every batch actor's output)."""
+    import gc
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny")
+    artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
+    predictor = Predictor(BatchConfig(model=artifact, input="in", output="out", batch_size=4, num_cpus=1,
+                                      sampling=GenerationParams(max_tokens=2, seed=0)), "prompt")
+    assert predictor({"id": np.arange(2), "prompt": np.array(["a", "b"], dtype=object)}).num_rows == 2
+    loop = predictor.loop
+    with caplog.at_level("ERROR", logger="asyncio"):
+        del predictor
+        gc.collect()
+    assert loop.is_closed()
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()], caplog.text
