@@ -1,9 +1,10 @@
 """Batch inference throughput: the Ray Data job against a plain loop generating one row at a time, same run.
 
-    python benchmarks/batch_infer.py [--rows 512] [--max-tokens 32] [--threads 1]
+    python benchmarks/batch_infer.py [--rows 512] [--max-tokens 32] [--threads 1] [--actors 1]
 
 Both sides use the same model (default: a freshly initialised ``tiny``), prompts, sampling and torch thread count,
-and one model replica (the Ray job runs one actor), so the ratio is what batching buys. The Ray figure is end to
+and by default one model replica (the Ray job runs one actor), so the ratio is what batching buys; ``--actors 2``
+runs the job on a pool of two over the same single input file. The Ray figure is end to
 end (Ray Data start-up, reading and writing parquet included). Goal on a 2-core machine: >= 4x rows/s.
 
 A job's fixed cost (planning, starting the actor, loading the model: seconds) hides the engine's speed at a few
@@ -32,7 +33,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--actors", type=int, default=1, help="actors in the job's pool (the loop stays one process)")
     args = parser.parse_args()
+    if args.actors < 1:
+        parser.error(f"--actors must be >= 1, got {args.actors}")
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -70,7 +74,7 @@ def main() -> None:
     base_seconds = time.perf_counter() - start
     base_rows_per_s, base_tokens_per_s = args.baseline_rows / base_seconds, base_tokens / base_seconds
 
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    ray.init(num_cpus=2 + args.actors, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
 
     def job(rows: int, name: str) -> tuple[dict, float]:
         source = work / "in.parquet"
@@ -80,7 +84,8 @@ def main() -> None:
         config = from_dict(BatchConfig, {
             "model": model, "input": str(source),
             "output": str(work / name), "sampling": {"max_tokens": args.max_tokens, "temperature": 0.8},
-            "batch_size": args.batch_size, "min_actors": 1, "max_actors": 1, "num_cpus": 1, "threads": args.threads})
+            "batch_size": args.batch_size, "min_actors": args.actors, "max_actors": args.actors, "num_cpus": 1,
+            "threads": args.threads})
         start = time.perf_counter()
         summary = run_batch(config)
         return summary, time.perf_counter() - start
@@ -94,7 +99,8 @@ def main() -> None:
     ray.shutdown()
     steady = (summary["rows"] - one_batch) / max(warm_seconds - small_seconds, 1e-9)
 
-    print(f"model {model}; {args.max_tokens} tokens per row; {args.threads} torch thread(s); one replica each")
+    print(f"model {model}; {args.max_tokens} tokens per row; {args.threads} torch thread(s); "
+          f"{args.actors} actor(s) in the job, one process in the loop")
     print(f"plain loop, one row at a time (baseline, {args.baseline_rows} rows): {base_rows_per_s:8.2f} rows/s "
           f"{base_tokens_per_s:9.1f} output tokens/s")
     print(f"Ray Data job, batch {args.batch_size} ({summary['rows']} rows, end to end):  "
