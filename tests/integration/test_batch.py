@@ -159,11 +159,11 @@ def test_a_killed_batch_actor_costs_no_row(ray_session, artifact, tmp_path):
 def test_one_file_spreads_over_every_actor_of_the_pool(ray_session, artifact, tmp_path):
     """A single input file is cut into blocks of batch_size rows, and each block goes to whichever actor is free:
     read whole, a file was one actor's task, and the rest of the pool sat idle."""
+    import ray.data
+
     path = tmp_path / "one.parquet"
     pq.write_table(pa.table({"key": [f"k{i}" for i in range(160)], "prompt": [f"row {i}:" for i in range(160)]}),
                    path)
-    import ray.data
-
     context = ray.data.DataContext.get_current()
     wait = context.wait_for_min_actors_s
     context.wait_for_min_actors_s = 300  # both actors up before the first block (a busy machine starts one late)
