@@ -170,7 +170,7 @@ def test_one_file_spreads_over_every_actor_of_the_pool(ray_session, artifact, tm
     try:
         start = time.time()
         # Blocks long enough (48 tokens a row) that the next one arrives while an actor is still busy: blocks that
-        # each finished before the next came could all go to one actor however many it has (seen on a busy run).
+        # each finished before the next came could all go to one actor however many it has (seen in a CI run).
         summary = run_batch(job(artifact, path, tmp_path / "out", {"max_tokens": 48}, batch_size=8, min_actors=2,
                                 id_column="key"))
     finally:
