@@ -22,6 +22,7 @@ why, gate figures) that ``raystack rollout --history`` prints and ``raystack rol
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 import getpass
@@ -110,7 +111,9 @@ def monitor_actor(app: str, create: bool):
 
 class OutcomeReporter:
     """A replica's side: outcomes batched and sent to the app's monitor at most once a second (at once for a 5xx),
-    only while a monitor exists (a rollout creates it); never on the request's path, never failing a request."""
+    only while a monitor exists (a rollout creates it); never on the request's path, never failing a request. The
+    monitor is looked up (a GCS round trip that blocks) at most every ``LOOKUP_EVERY_S``, on a worker thread inside
+    ``send``: the replica's event loop never waits for it."""
 
     LOOKUP_EVERY_S = 5.0
 
@@ -125,22 +128,31 @@ class OutcomeReporter:
         self.ttfts.append((time.time(), seconds))
 
     def outcome(self, status: str) -> Optional[tuple]:
-        """Record one request's status; returns the ``(actor, args)`` to send when a batch is due, else None."""
+        """Record one request's status; returns the batch ``(artifact, statuses, ttfts)`` for ``send`` when one is
+        due and a monitor is known or due for a lookup, else None (without a monitor the batch is dropped)."""
         now = time.time()
         self.statuses.append((now, status))
         if now - self._sent < 1.0 and not status.startswith("5"):
             return None
-        if self._actor is None and now - self._looked_up >= self.LOOKUP_EVERY_S:
-            self._looked_up = now
-            try:
-                self._actor = monitor_actor(self.app, create=False)
-            except Exception:  # no rollout under way: nobody is watching
-                self._actor = None
         batch = (self.artifact, self.statuses, self.ttfts)
         self.statuses, self.ttfts, self._sent = [], [], now
-        return (self._actor, batch) if self._actor is not None else None
+        if self._actor is None:
+            if now - self._looked_up < self.LOOKUP_EVERY_S:
+                return None  # no rollout under way when last looked: nobody is watching
+            self._looked_up = now
+        return batch
 
-    async def send(self, actor, batch) -> None:
+    async def send(self, batch) -> None:
+        import ray
+
+        actor = self._actor
+        if actor is None:
+            if not ray.is_initialized():  # a server outside Ray (unit tests): no monitor, and no Ray to start
+                return
+            try:
+                actor = self._actor = await asyncio.to_thread(monitor_actor, self.app, False)
+            except Exception:  # no rollout under way: nobody is watching
+                return
         try:
             await actor.report.remote(*batch)
         except Exception as e:  # the monitor went away (rollout over): look it up again later

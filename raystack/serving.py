@@ -764,7 +764,7 @@ class LLMServer:
         self.metrics.requests.inc(tags={"status": status})
         due = self.outcomes.outcome(status)
         if due is not None:
-            self._background_call(self.outcomes.send(*due))
+            self._background_call(self.outcomes.send(due))
         tenant_metrics = tenant_metrics or tenant
         if tenant_metrics is None:
             return

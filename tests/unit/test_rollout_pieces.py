@@ -25,29 +25,71 @@ def test_the_monitor_counts_5xx_and_ttft_per_artifact_since_a_time():
     assert monitor.window("new", since=0)["requests"] == 11
 
 
+class FakeMonitor:
+    def __init__(self):
+        self.reports = []
+        outer = self
+
+        class Report:
+            @staticmethod
+            async def remote(*batch):
+                outer.reports.append(batch)
+
+        self.report = Report
+
+
 def test_a_replica_batches_outcomes_and_sends_a_5xx_at_once(monkeypatch):
+    import asyncio
+    import threading
+
     import raystack.rollout as rollout
 
-    monkeypatch.setattr(rollout, "monitor_actor", lambda app, create: "the-monitor")
+    monitor, lookups = FakeMonitor(), []
+
+    def lookup(app, create):  # a GCS round trip: it must not run on the replica's event loop
+        lookups.append(threading.current_thread() is threading.main_thread())
+        return monitor
+
+    monkeypatch.setattr(rollout, "monitor_actor", lookup)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)  # a replica's process
     reporter = OutcomeReporter("llm", "model-v2")
     first = reporter.outcome("200")  # nothing sent yet: the first is due
-    assert first is not None and first[0] == "the-monitor" and [s for _, s in first[1][1]] == ["200"]
+    assert first is not None and [s for _, s in first[1]] == ["200"] and lookups == []
+    asyncio.run(reporter.send(first))
+    assert lookups == [False] and monitor.reports == [first]  # looked up once, off the loop's thread
     assert reporter.outcome("200") is None and reporter.outcome("200") is None  # within the second: batched
     reporter.ttft(0.2)
     due = reporter.outcome("500")
-    assert due is not None and [s for _, s in due[1][1]] == ["200", "200", "500"] and due[1][0] == "model-v2"
-    assert [v for _, v in due[1][2]] == [0.2]
+    assert due is not None and [s for _, s in due[1]] == ["200", "200", "500"] and due[0] == "model-v2"
+    assert [v for _, v in due[2]] == [0.2]
+    asyncio.run(reporter.send(due))
+    assert lookups == [False] and monitor.reports == [first, due]  # the monitor found is kept
 
 
 def test_without_a_monitor_nothing_is_sent_or_kept(monkeypatch):
+    import asyncio
+
     import raystack.rollout as rollout
 
+    lookups = []
+
     def missing(app, create):
+        lookups.append(app)
         raise ValueError("Failed to look up actor")
 
     monkeypatch.setattr(rollout, "monitor_actor", missing)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)
     reporter = OutcomeReporter("llm", "m")
-    assert reporter.outcome("500") is None and reporter.statuses == []
+    due = reporter.outcome("500")
+    assert due is not None and reporter.statuses == []  # handed to send, which looks the monitor up
+    asyncio.run(reporter.send(due))  # no monitor: dropped, no error
+    assert lookups == ["llm"]
+    assert reporter.outcome("500") is None and reporter.statuses == []  # looked up within 5 s: not again
+    assert lookups == ["llm"]
+    monkeypatch.setattr("ray.is_initialized", lambda: False)  # a server outside Ray: no lookup (it would start one)
+    reporter._looked_up = 0.0
+    asyncio.run(reporter.send(reporter.outcome("500")))
+    assert lookups == ["llm"]
 
 
 def test_heldout_texts_and_the_specs_checks(tmp_path):
