@@ -81,13 +81,6 @@ class Quota:
         except Exception as e:
             self._fall_back(e)
 
-    def _remote(self):
-        if self._clock() < self._local_until:
-            return None
-        if self._actor is None:
-            self._actor = quota_actor(self.app)
-        return self._actor
-
     def _fall_back(self, error: BaseException) -> None:
         self._actor, self._local_until = None, self._clock() + RETRY_S
         logger.warning("the quota actor %s did not answer (%r): enforcing tenant limits on this replica alone for "
@@ -96,9 +89,12 @@ class Quota:
     async def _call(self, method: str, *args) -> tuple[bool, object]:
         """``(answered, result)``: the actor's answer, or ``(False, None)`` where it failed (the caller falls back)."""
         try:
-            actor = self._remote()
-            if actor is None:
+            if self._clock() < self._local_until:
                 return False, None
+            actor = self._actor
+            if actor is None:  # find or recreate the shared actor: a blocking GCS call, kept off the event loop
+                finding = asyncio.to_thread(quota_actor, self.app)
+                actor = self._actor = await asyncio.wait_for(finding, CALL_TIMEOUT_S)
             return True, await asyncio.wait_for(getattr(actor, method).remote(*args), CALL_TIMEOUT_S)
         except asyncio.CancelledError:
             raise

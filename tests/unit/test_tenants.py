@@ -153,3 +153,47 @@ def test_concurrent_sequences_are_held_until_settled_or_the_lease_expires():
     assert crashed.allowed and not limiter.acquire("a", limits, 1, 1, ttl=30).allowed
     now[0] = 31.0
     assert limiter.acquire("a", limits, 1, 1, ttl=30).allowed and limiter.in_flight("a") == 1
+
+
+def test_a_replica_finds_a_lost_quota_actor_again_off_its_event_loop(monkeypatch, caplog):
+    """The shared actor dies: the replica enforces its own limiter for RETRY_S, then looks the actor up again (a
+    blocking GCS call) on a worker thread, so its other requests keep being served meanwhile."""
+    import asyncio
+    import threading
+
+    import raystack.quota as quota
+
+    class Actor:
+        def __init__(self, alive: bool):
+            self.alive, self.calls = alive, []
+            outer = self
+
+            class Method:
+                @staticmethod
+                async def remote(*args):
+                    if not outer.alive:
+                        raise RuntimeError("the actor died")
+                    outer.calls.append(args)
+                    return quota.RateLimiter().acquire(*args)
+
+            self.acquire = Method
+
+    now, lookups, actors = [0.0], [], [Actor(alive=False), Actor(alive=True)]
+
+    def quota_actor(app, create=True):
+        lookups.append(threading.current_thread() is threading.main_thread())
+        return actors[len(lookups) - 1]
+
+    monkeypatch.setattr(quota, "quota_actor", quota_actor)
+    shared = quota.Quota("app", clock=lambda: now[0])
+    assert lookups == [True]  # at the replica's start: its constructor, not a request
+
+    limits = Limits(requests_per_minute=100)
+    with caplog.at_level(logging.WARNING, logger="raystack.quota"):
+        _, where = asyncio.run(shared.acquire("t", limits, 10, 1, 60.0))
+    assert where == "local" and "did not answer" in caplog.text  # the dead actor: this replica's own limiter
+    now[0] = quota.RETRY_S - 1
+    assert asyncio.run(shared.acquire("t", limits, 10, 1, 60.0))[1] == "local" and lookups == [True]
+    now[0] = quota.RETRY_S + 1
+    grant, where = asyncio.run(shared.acquire("t", limits, 10, 1, 60.0))
+    assert where == "actor" and grant.allowed and actors[1].calls and lookups == [True, False]  # off the loop's thread
