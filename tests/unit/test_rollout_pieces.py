@@ -25,26 +25,18 @@ def test_the_monitor_counts_5xx_and_ttft_per_artifact_since_a_time():
     assert monitor.window("new", since=0)["requests"] == 11
 
 
-class FakeMonitor:
-    def __init__(self):
-        self.reports = []
-        outer = self
-
-        class Report:
-            @staticmethod
-            async def remote(*batch):
-                outer.reports.append(batch)
-
-        self.report = Report
-
-
 def test_a_replica_batches_outcomes_and_sends_a_5xx_at_once(monkeypatch):
     import asyncio
     import threading
 
     import raystack.rollout as rollout
 
-    monitor, lookups = FakeMonitor(), []
+    reports, lookups = [], []
+
+    async def report(*batch):
+        reports.append(batch)
+
+    monitor = SimpleNamespace(report=SimpleNamespace(remote=report))  # an actor handle's shape
 
     def lookup(app, create):  # a GCS round trip: it must not run on the replica's event loop
         lookups.append(threading.current_thread() is threading.main_thread())
@@ -56,14 +48,14 @@ def test_a_replica_batches_outcomes_and_sends_a_5xx_at_once(monkeypatch):
     first = reporter.outcome("200")  # nothing sent yet: the first is due
     assert first is not None and [s for _, s in first[1]] == ["200"] and lookups == []
     asyncio.run(reporter.send(first))
-    assert lookups == [False] and monitor.reports == [first]  # looked up once, off the loop's thread
+    assert lookups == [False] and reports == [first]  # looked up once, off the loop's thread
     assert reporter.outcome("200") is None and reporter.outcome("200") is None  # within the second: batched
     reporter.ttft(0.2)
     due = reporter.outcome("500")
     assert due is not None and [s for _, s in due[1]] == ["200", "200", "500"] and due[0] == "model-v2"
     assert [v for _, v in due[2]] == [0.2]
     asyncio.run(reporter.send(due))
-    assert lookups == [False] and monitor.reports == [first, due]  # the monitor found is kept
+    assert lookups == [False] and reports == [first, due]  # the monitor found is kept
 
 
 def test_without_a_monitor_nothing_is_sent_or_kept(monkeypatch):

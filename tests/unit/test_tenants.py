@@ -160,25 +160,21 @@ def test_a_replica_finds_a_lost_quota_actor_again_off_its_event_loop(monkeypatch
     blocking GCS call) on a worker thread, so its other requests keep being served meanwhile."""
     import asyncio
     import threading
+    from types import SimpleNamespace
 
     import raystack.quota as quota
 
-    class Actor:
-        def __init__(self, alive: bool):
-            self.alive, self.calls = alive, []
-            outer = self
+    calls = []
 
-            class Method:
-                @staticmethod
-                async def remote(*args):
-                    if not outer.alive:
-                        raise RuntimeError("the actor died")
-                    outer.calls.append(args)
-                    return quota.RateLimiter().acquire(*args)
+    async def dead(*args):
+        raise RuntimeError("the actor died")
 
-            self.acquire = Method
+    async def alive(*args):
+        calls.append(args)
+        return RateLimiter().acquire(*args)
 
-    now, lookups, actors = [0.0], [], [Actor(alive=False), Actor(alive=True)]
+    # actor handles' shape: ``handle.acquire.remote(...)``
+    now, lookups, actors = [0.0], [], [SimpleNamespace(acquire=SimpleNamespace(remote=f)) for f in (dead, alive)]
 
     def quota_actor(app, create=True):
         lookups.append(threading.current_thread() is threading.main_thread())
@@ -196,4 +192,4 @@ def test_a_replica_finds_a_lost_quota_actor_again_off_its_event_loop(monkeypatch
     assert asyncio.run(shared.acquire("t", limits, 10, 1, 60.0))[1] == "local" and lookups == [True]
     now[0] = quota.RETRY_S + 1
     grant, where = asyncio.run(shared.acquire("t", limits, 10, 1, 60.0))
-    assert where == "actor" and grant.allowed and actors[1].calls and lookups == [True, False]  # off the loop's thread
+    assert where == "actor" and grant.allowed and calls and lookups == [True, False]  # off the loop's thread
