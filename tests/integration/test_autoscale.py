@@ -34,5 +34,8 @@ def test_engine_load_scales_up_where_the_request_count_does_not_and_back_down(se
         print(f"{r['policy']}: decided {r['decided_s']}, running {r['scale_up_s']}, down {r['scale_down_s']}, "
               f"wait p50 {r['wait_p50']:.2f} p99 {r['wait_p99']:.2f} s, {r['tokens_per_s']:.0f} tok/s")
     assert by_requests["max_replicas"] == 1 and by_requests["decided_s"] is None
-    assert by_load["scale_up_s"] is not None and by_load["scale_up_s"] < 30, by_load["timeline"]
+    # The policy must decide within the load; the new replica must then come up (when depends on the machine: a
+    # replica starting beside two busy loops on 2 cores was seen running only 28 s after the decision).
+    assert by_load["decided_s"] is not None and by_load["decided_s"] < 30, by_load["timeline"]
+    assert by_load["scale_up_s"] is not None, by_load["timeline"]
     assert by_load["scale_down_s"] is not None, by_load["timeline"]  # back to one replica after the load
