@@ -7,7 +7,8 @@ Contract:
 - Ray Data streams the files (row group by row group, cut into blocks of ``batch_size`` rows) into ``map_batches``
   with a callable class that loads the model artifact once per actor, on an autoscaling actor pool
   (``ActorPoolStrategy(min_size, max_size)``), with ``num_gpus``/``num_cpus`` per actor and one block per call, so
-  even a single file spreads over every actor; results stream into parquet parts of about ``ROWS_PER_FILE`` rows.
+  even a single file spreads over every actor; results stream into parquet parts of at least ``rows_per_file``
+  rows (the last part may hold fewer), each written as soon as it is full.
   Tables larger than memory work: nothing is materialised.
 - ``generate`` rows get ``completion``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` (and
   ``logprobs``, on request) through the continuous-batching engine and the sampling op. Sampling parameters are
@@ -52,9 +53,6 @@ from raystack.openai_api import (SAMPLING_FIELDS, APIError, RequestLimits, check
 
 logger = logging.getLogger(__name__)
 
-ROWS_PER_FILE = 4096
-"""Rows the writer gathers into one output part (fewer in the last); blocks are ``batch_size`` rows."""
-
 OUTPUT_TYPES = {
     "completion": pa.string(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
     "finish_reason": pa.string(), "logprobs": pa.list_(pa.float64()), "error": pa.string(),
@@ -90,6 +88,9 @@ class BatchConfig:
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU actors; ``raystack.engine.EngineConfig``)."""
     threads: int = 0
     """torch threads per actor; 0 = num_cpus."""
+    rows_per_file: int = 4096
+    """Rows the writer gathers into one output parquet part (the last may hold fewer); blocks are ``batch_size``
+    rows, so a smaller value stages parts sooner and in more files."""
 
     RENAMED: ClassVar[dict] = {name: f"sampling.{name}" for name in (*SAMPLING_FIELDS, "stop", "logprobs")}
 
@@ -103,6 +104,8 @@ class BatchConfig:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         check_quantize(self.quantize)
         check_threads(self.threads)
         check_sampling_section(self.sampling)
@@ -306,7 +309,7 @@ def run_batch(config: BatchConfig) -> dict:
 
     attempt = commit.begin(config.output)  # the previous output stays whole until the commit point
     try:
-        results.write_parquet(attempt.staging, filesystem=attempt.fs, min_rows_per_file=ROWS_PER_FILE)
+        results.write_parquet(attempt.staging, filesystem=attempt.fs, min_rows_per_file=config.rows_per_file)
     except Exception as e:
         attempt.abort()
         cause = getattr(e, "cause", None) or e

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raystack import commit
 from raystack.batch import BatchConfig, run_batch
 from raystack.checkpoint import load_artifact, save_artifact
 from raystack.config import ConfigError, from_dict
@@ -61,9 +62,13 @@ def test_every_row_once_with_errors_in_place_and_identical_reruns(ray_session, a
     assert (ok["prompt_tokens"] == ok["prompt"].str.len()).all()
     assert (tmp_path / "first" / "_SUCCESS").exists()
 
-    run_batch(job(artifact, table, tmp_path / "second", {"temperature": 0.9, "top_k": 40}))
+    # The same rows however the output is cut into parts: here of at least 64 rows (the last may hold fewer).
+    run_batch(job(artifact, table, tmp_path / "second", {"temperature": 0.9, "top_k": 40}, rows_per_file=64))
     second = read(tmp_path / "second")
     assert first.equals(second)
+    parts = sorted(entry["rows"] for entry in commit.read_manifest(str(tmp_path / "second"))["files"].values())
+    assert len(parts) >= 3 and sum(parts) == 200 and min(parts[1:]) >= 64, parts
+    assert len(commit.read_manifest(str(tmp_path / "first"))["files"]) == 1  # 200 rows: one part of the default 4096
 
 
 def test_generated_ids_and_per_row_parameters(ray_session, artifact, tmp_path):

@@ -85,14 +85,16 @@ def test_batch_to_s3_commits_replaces_whole_and_survives_a_killed_job(ray_sessio
     again = subprocess.run(job, env=env_for_jobs(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
 
-    # --overwrite, killed mid-way: the old output stays whole and readable. The killed run reads many files, so the
-    # first one is staged long before the job could finish, however fast the machine is.
+    # --overwrite, killed mid-way: the old output stays whole and readable. The killed run writes a part every 60 of
+    # its 1200 rows (the default, 4096 rows a part, would stage its one part only at the very end, moments before the
+    # commit), so the first part is staged long before the job could finish, however fast the machine is.
     for part in range(20):
         pq.write_table(pa.table({"id": list(range(part * 60, part * 60 + 60)),
                                  "prompt": [f"row {i}:" for i in range(part * 60, part * 60 + 60)]}),
                        f"{bucket}/big/part-{part:02d}.parquet", filesystem=fs)
     big = [a if a != f"s3://{bucket}/in/" else f"s3://{bucket}/big/" for a in job]
-    killed = subprocess.Popen([*big, "--overwrite", "--set", "sampling.max_tokens=48", "--set", "batch_size=4"],
+    killed = subprocess.Popen([*big, "--overwrite", "--set", "sampling.max_tokens=48", "--set", "batch_size=4",
+                               "--set", "rows_per_file=60"],
                               env=env_for_jobs(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300

@@ -69,6 +69,12 @@ def test_job_wide_sampling_values_obey_the_same_rules_as_a_rows(field, value, me
                 sampling=GenerationParams(temperature=2.0, top_k=-1, min_p=1.0, seed=2**63 - 1))
 
 
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("rows_per_file", 0), ("rows_per_file", -5)])
+def test_sizes_below_one_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be >= 1, got {value}$"):
+        BatchConfig(model="m", input="in", output="out", **{field: value})
+
+
 def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
     from raystack.batch import run_batch
     from raystack.data import DataError
