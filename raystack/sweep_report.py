@@ -85,7 +85,6 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
 def importances(sweep_dir: str, space, trials: list[dict]) -> dict:
     """``{"method": str, "values": {param: share}}``."""
     try:
-
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         storage = space.optuna_storage or f"sqlite:///{os.path.join(sweep_dir, 'optuna.db')}"
         study = optuna.load_study(study_name=space.name, storage=storage)

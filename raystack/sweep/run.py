@@ -50,15 +50,12 @@ def run_trial(trial_config: dict, space_dict: dict, data_uri: str, runs_dir: str
         _fit_data_parallel(space, config, loop_config, storage_path=runs_dir, name=trial_id)
         return
 
-
     device = torch.device("cuda" if torch.cuda.is_available() and space.gpus_per_trial > 0 else "cpu")
     run_training(loop_config, 0, 1, device, report=ray.tune.report, checkpoint=ray.tune.get_checkpoint(),
                  checkpoint_cls=ray.tune.Checkpoint, gauges=TrainMetrics(config.name))
 
 
 def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_path: str, name: str) -> None:
-
-
     workers = space.workers_per_trial
     per_worker = {"CPU": space.cpus_per_trial / workers}
     if space.gpus_per_trial:
@@ -129,7 +126,6 @@ def _dashboard_callback(home: str, space: SweepSpace, mirror: bool):
             if force or time.monotonic() - self.last > 5:
                 self.last = time.monotonic()
                 try:
-
                     if mirror:
                         _mirror_trial_results(trials, home)
                     statuses = {os.path.basename(str(t.path).rstrip("/")): t.status for t in trials}
@@ -242,8 +238,6 @@ def _tuner(space: SweepSpace, root: str, sweep_dir: str, data_uri: str):
 
 def _export_best(best, space: SweepSpace, best_config: dict, root: str) -> str:
     """Commit the best trial's final weights as the model artifact ``<root>/best_model``; return its location."""
-
-
     artifact = storage.join(root, "best_model")
     checkpoint = best.checkpoint  # a data-parallel trial's checkpoints live in its Train run; Tune has their path
     if checkpoint is None and best.metrics.get(CHECKPOINT_PATH_KEY):
