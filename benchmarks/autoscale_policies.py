@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 import tempfile
 import threading
@@ -153,15 +152,13 @@ def main() -> None:
     from ray import serve
 
     from raystack.checkpoint import save_artifact
-    from raystack.cluster import apply_local_ray_env, start_serve
+    from raystack.cluster import apply_local_ray_env, free_local_port, start_serve
     from raystack.model import GPT, ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset("tiny", max_seq_len=1024)
     model = save_artifact(tempfile.mkdtemp(prefix="raystack-bench-") + "/model", config, GPT(config).state_dict())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     apply_local_ray_env()  # as raystack starts Ray: replicas report their load every 2 s
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     _, port = start_serve({"host": "127.0.0.1", "port": port})

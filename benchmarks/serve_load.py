@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -78,7 +77,7 @@ def main() -> None:
     from ray import serve
 
     from raystack.checkpoint import save_artifact
-    from raystack.cluster import start_serve
+    from raystack.cluster import free_local_port, start_serve
     from raystack.model import GPT, ModelConfig
     from raystack.serving import build_app
 
@@ -87,9 +86,7 @@ def main() -> None:
         torch.manual_seed(0)
         config = ModelConfig.from_preset("tiny")
         model = save_artifact(tempfile.mkdtemp(prefix="raystack-bench-") + "/model", config, GPT(config).state_dict())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     _, port = start_serve({"host": "127.0.0.1", "port": port})
     common = {"model": model, "num_cpus": 1, "threads": args.threads, "min_replicas": 1, "max_replicas": 1,

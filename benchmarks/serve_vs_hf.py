@@ -239,17 +239,13 @@ def hf_model(config: ModelConfig):
 
 
 def start_http(artifact: str, cpus: int, slots: int, threads: int = 0) -> str:
-    import socket
-
     import ray
     from ray import serve
 
-    from raystack.cluster import init_ray, start_serve
+    from raystack.cluster import free_local_port, init_ray, start_serve
     from raystack.serving import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     if not ray.is_initialized():
         init_ray(num_cpus=cpus + 2, include_dashboard=False, object_store_memory=200 * 1024**2)
     host, port = start_serve({"host": "127.0.0.1", "port": port})

@@ -25,7 +25,9 @@ other nodes only at an address they bind for the network (``http_options.host: 0
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -76,6 +78,30 @@ def apply_local_ray_env() -> None:
         os.environ.setdefault(name, value)
     if not any(name in os.environ for name in SERVE_INGRESS) and haproxy_binary():
         os.environ.update(SERVE_INGRESS)
+
+
+def free_local_port() -> int:
+    """A TCP port free on loopback now, for tests and benchmarks that start Serve on a port of their own. Picked in
+    20000-29999, outside the kernel's ephemeral range (Linux's ``ip_local_port_range``, usually 32768-60999), Ray's
+    worker ports (10002-19999) and the ports Serve gives direct-ingress replicas (30000-31000, 40000-41000): a port
+    bound to 0 comes from the ephemeral range, where any outgoing connection of the Ray that starts next (its workers,
+    agents and proxies open hundreds) may take it as its source port before Serve's HAProxy binds it ("Address
+    already in use": a full test run lost its first Serve test to that once)."""
+    low, high = 32768, 60999
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):  # not Linux: its usual range
+        pass
+    candidates = [p for p in range(20000, 30000) if not low <= p <= high]
+    for port in random.sample(candidates, min(200, len(candidates))) + [0]:  # 0: the kernel's pick, at worst
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError("no free TCP port on loopback")
 
 
 def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str, int]:

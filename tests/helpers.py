@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,10 +19,10 @@ TINY_OVERRIDES = [
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on loopback right now, outside the ephemeral range (``raystack.cluster.free_local_port``)."""
+    from raystack.cluster import free_local_port
+
+    return free_local_port()
 
 
 def chromium() -> str | None:

