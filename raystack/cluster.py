@@ -24,6 +24,7 @@ other nodes only at an address they bind for the network (``http_options.host: 0
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -81,12 +82,12 @@ def apply_local_ray_env() -> None:
 
 
 def free_local_port() -> int:
-    """A TCP port free on loopback now, for tests and benchmarks that start Serve on a port of their own. Picked in
-    20000-29999, outside the kernel's ephemeral range (Linux's ``ip_local_port_range``, usually 32768-60999), Ray's
-    worker ports (10002-19999) and the ports Serve gives direct-ingress replicas (30000-31000, 40000-41000): a port
-    bound to 0 comes from the ephemeral range, where any outgoing connection of the Ray that starts next (its workers,
-    agents and proxies open hundreds) may take it as its source port before Serve's HAProxy binds it ("Address
-    already in use": a full test run lost its first Serve test to that once)."""
+    """A TCP port free on loopback now, for the demo, tests and benchmarks when they start Serve on a port of their
+    own. Picked in 20000-29999, outside the kernel's ephemeral range (Linux's ``ip_local_port_range``, usually
+    32768-60999), Ray's worker ports (10002-19999) and the ports Serve gives direct-ingress replicas (30000-31000,
+    40000-41000): a port bound to 0 comes from the ephemeral range, where any outgoing connection of the Ray that
+    starts next (its workers, agents and proxies open hundreds) may take it as its source port before Serve's HAProxy
+    binds it ("Address already in use": a full test run lost its first Serve test to that once)."""
     low, high = 32768, 60999
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -104,15 +105,57 @@ def free_local_port() -> int:
     raise OSError("no free TCP port on loopback")
 
 
+def check_http_port(http_options: dict) -> None:
+    """Refuse, with a ``ConfigError`` saying how to fix it, an HTTP port that another program holds on this machine
+    (Serve's proxy binds it on every node, this one included). Without this Serve's HTTP proxy fails to bind and is
+    restarted over and over, and worse, ``start_serve``'s readiness probe gets its answer from the other program, so a
+    deploy would report the other program's address as its own."""
+    from raystack.config import ConfigError
+
+    host, port = str(http_options.get("host") or "127.0.0.1"), http_options.get("port", 8000)
+    if isinstance(port, str) and port.strip().isdigit():  # Serve's HTTPOptions takes "8000" too
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"http_options.port must be a TCP port number from 1 to 65535, got {port!r}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port's TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                hint = ("another program listens there. Stop it, or serve on another port: --port N (or "
+                        "http_options.port in the Serve config file)")
+            elif e.errno == errno.EACCES:
+                hint = "ports below 1024 need privileges; serve on another port: --port N"
+            else:
+                hint = ("http_options.host must be an address of this machine (127.0.0.1, or 0.0.0.0 for every "
+                        "interface)")
+            raise ConfigError(f"Serve cannot listen on {host}:{port} ({e.strerror or e}): {hint}") from None
+
+
+def _serve_running() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str, int]:
     """``serve.start(http_options=...)``, then wait until the HTTP proxy answers HTTP (any status of
     ``/-/healthz``), for up to ``ready_timeout_s`` rather than the 60 s ``serve.start`` allows a starting proxy.
+    When no Serve runs yet, an HTTP port another program holds is refused first (``check_http_port``).
 
     Returns the proxy's ``(host, port)``: those of the Serve instance already running on the cluster, if there is
     one (Serve then keeps its own HTTP options and ignores ``http_options``)."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
+    if not _serve_running():
+        check_http_port(http_options)
     deadline = time.monotonic() + ready_timeout_s
     try:
         serve.start(http_options=http_options)
@@ -140,16 +183,12 @@ def stop_serve(timeout_s: float = 300.0) -> None:
     30 s and returns while it still drains replicas when that is not enough (a busy machine; each direct-ingress
     replica stays reachable ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``): a ``serve.start`` in that window
     joins the dying controller and gets its HTTP port, which then closes."""
-    import ray
     from ray import serve
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     serve.shutdown()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        except ValueError:  # no such actor: gone
+        if not _serve_running():
             return
         time.sleep(0.5)
     raise TimeoutError(f"Serve's controller was still shutting down after {timeout_s:.0f} s")

@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from raystack.batch import BatchConfig, run_batch
-from raystack.cluster import init_ray, start_serve
+from raystack.cluster import free_local_port, init_ray, start_serve
 from raystack.config import from_dict
 from raystack.serving import build_app
 from raystack.sweep import load_space, run_sweep
@@ -53,8 +53,7 @@ def _free_port(preferred: int) -> int:
             s.bind(("127.0.0.1", preferred))
             return preferred
         except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+            return free_local_port()
 
 
 def run(storage_path: str, train_steps: int, sweep_trials: int, batch_rows: int) -> dict:

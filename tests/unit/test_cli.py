@@ -31,6 +31,34 @@ def test_what_the_jobs_api_refuses_is_a_user_error(monkeypatch, capsys):
     assert "the Ray Jobs API at http://head:8265 refused: Request failed with status code 404" in err
 
 
+def test_deploy_refuses_a_port_another_program_holds_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """Serve would otherwise restart its proxy over and over, and the deploy's readiness probe would take the other
+    program's answer for Serve's."""
+    import socket
+
+    from raystack import cluster
+    from raystack.checkpoint import save_artifact
+    from raystack.model import GPT, ModelConfig
+
+    config = ModelConfig.from_preset("tiny")
+    artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "init_ray", lambda **kwargs: pytest.fail("Ray started for a deploy it must refuse"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", cluster.free_local_port()))
+        held.listen()
+        port = held.getsockname()[1]
+        assert cli.main(["deploy", "--model", artifact, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raystack: error: Serve cannot listen on 127.0.0.1:{port} (Address already in use): "
+                          "another program listens there") and "--port N" in err and err.count("\n") == 1
+    cluster.check_http_port({"host": "127.0.0.1", "port": port})  # free again: no error
+    with pytest.raises(cli.ConfigError, match="http_options.host must be an address of this machine"):
+        cluster.check_http_port({"host": "192.0.2.123", "port": port})  # TEST-NET: no interface has it
+    for bad in ("http", 0, 70000, True):
+        with pytest.raises(cli.ConfigError, match=f"port number from 1 to 65535, got {bad!r}"):
+            cluster.check_http_port({"host": "127.0.0.1", "port": bad})
+
 
 @pytest.mark.parametrize("job, module, name", [("train", "raystack.train", "TrainJobConfig"),
                                                ("tune", "raystack.sweep", "SweepSpace"),
