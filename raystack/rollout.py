@@ -12,9 +12,9 @@
    starts every new replica while the old ones keep serving, moves traffic once they are healthy, and only then
    stops the old ones, each draining for ``graceful_shutdown_timeout_s`` (= the app's ``request_timeout_s``, the
    longest a request may run), so in-flight requests and streams finish on the replica that started them.
-3. **The watch.** For ``watch_s`` seconds the replicas' outcomes (reported to a ``RolloutMonitor`` actor) are
-   checked: 5xx share over ``max_error_rate``, TTFT p99 over ``max_ttft_p99_s``, or the deployment unhealthy rolls
-   back to the previous artifact at once, the same way (surge, drain).
+3. **The watch.** For ``watch_s`` seconds the replicas' outcomes (reported to a ``RolloutMonitor`` actor, which
+   the rollout starts and stops) are checked: 5xx share over ``max_error_rate``, TTFT p99 over ``max_ttft_p99_s``,
+   or the deployment unhealthy rolls back to the previous artifact at once, the same way (surge, drain).
 
 Every rollout, refusal and rollback is appended to the history file (JSON lines: when, who, app, from, to, outcome,
 why, gate figures) that ``raystack rollout --history`` prints and ``raystack rollback`` reads to go back.
@@ -341,19 +341,26 @@ def rollout(spec: RolloutSpec, say=print) -> dict:
         say(f"refused at the {refused.gate} gate: {refused.reason}; {current['model']} keeps serving")
         return record(spec.history, {**base, "outcome": "refused", "gate": refused.gate, "reason": refused.reason,
                                      **refused.figures})
+    import ray
+
     monitor = monitor_actor(spec.app, create=True)
-    say(f"switching {spec.app} to {spec.model} (new replicas start beside the old, which drain when they are up)")
-    _deploy(spec.app, route, {**current, "model": spec.model})
-    switched = time.time()
-    breach = _watch(spec, monitor, switched, say)
-    if breach is None:
-        say(f"{spec.model} is serving {spec.app}; the watch saw no breach in {spec.watch_s:.0f} s")
-        return record(spec.history, {**base, "outcome": "rolled_out", "reason": "gates passed, watch clean",
-                                     **figures, **_stats(monitor, spec.model, switched)})
-    say(f"rolling back to {current['model']}: {breach}")
-    _deploy(spec.app, route, current)
-    return record(spec.history, {**base, "outcome": "rolled_back", "reason": breach, **figures,
-                                 **_stats(monitor, spec.model, switched)})
+    try:
+        say(f"switching {spec.app} to {spec.model} (new replicas start beside the old, which drain when they are up)")
+        _deploy(spec.app, route, {**current, "model": spec.model})
+        switched = time.time()
+        breach = _watch(spec, monitor, switched, say)
+        if breach is None:
+            say(f"{spec.model} is serving {spec.app}; the watch saw no breach in {spec.watch_s:.0f} s")
+            return record(spec.history, {**base, "outcome": "rolled_out", "reason": "gates passed, watch clean",
+                                         **figures, **_stats(monitor, spec.model, switched)})
+        say(f"rolling back to {current['model']}: {breach}")
+        _deploy(spec.app, route, current)
+        return record(spec.history, {**base, "outcome": "rolled_back", "reason": breach, **figures,
+                                     **_stats(monitor, spec.model, switched)})
+    finally:
+        # Nobody watches once the rollout ends: the detached monitor (a process of its own) would otherwise outlive
+        # it for good, and every replica would keep reporting to it. The replicas stop when it is gone.
+        ray.kill(monitor)
 
 
 def _stats(monitor, artifact: str, since: float) -> dict:

@@ -171,6 +171,22 @@ def test_a_refused_artifact_never_takes_traffic(live, name, gate):
         assert entry["heldout_loss_new"] > entry["heldout_loss_old"] + 0.5
 
 
+def _monitor_gone(timeout_s: float = 30.0) -> bool:
+    """The rollout's monitor actor has stopped with it (``ray.kill`` takes effect a moment later)."""
+    import ray
+
+    from raystack.rollout import NAMESPACE, monitor_name
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(monitor_name(APP), namespace=NAMESPACE)
+        except ValueError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_a_good_rollout_loses_no_request_and_the_new_model_serves(live):
     artifacts, url = live
     with Load(url) as load:
@@ -183,6 +199,7 @@ def test_a_good_rollout_loses_no_request_and_the_new_model_serves(live):
     assert entry["watch_requests"] > 0 and entry["watch_errors"] == 0
     assert {current_config(APP)["model"] for _ in range(3)} == {artifacts["v2"]}
     assert _greedy_http(url) == _greedy_local(artifacts["v2"])  # the new weights answer, not only the new config
+    assert _monitor_gone()
 
 
 def test_an_artifact_that_fails_on_real_traffic_is_rolled_back_within_the_watch(live):
@@ -202,6 +219,7 @@ def test_an_artifact_that_fails_on_real_traffic_is_rolled_back_within_the_watch(
     after = [_greedy_http(url) for _ in range(3)]
     assert after == [_greedy_local(artifacts["v2"])] * 3  # the old model serves again
     assert before_rollback  # traffic ran through the whole rollout
+    assert _monitor_gone()
 
 
 def test_rollback_by_hand_and_the_history(live, capsys):
