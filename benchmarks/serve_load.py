@@ -77,7 +77,7 @@ def main() -> None:
     from ray import serve
 
     from raystack.checkpoint import save_artifact
-    from raystack.cluster import free_local_port, start_serve
+    from raystack.cluster import apply_local_ray_env, free_local_port, start_serve
     from raystack.model import GPT, ModelConfig
     from raystack.serving import build_app
 
@@ -87,6 +87,7 @@ def main() -> None:
         config = ModelConfig.from_preset("tiny")
         model = save_artifact(tempfile.mkdtemp(prefix="raystack-bench-") + "/model", config, GPT(config).state_dict())
     port = free_local_port()
+    apply_local_ray_env()  # as raystack starts a local Ray: HAProxy ingress where a binary is there, niceness 0
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     _, port = start_serve({"host": "127.0.0.1", "port": port})
     common = {"model": model, "num_cpus": 1, "threads": args.threads, "min_replicas": 1, "max_replicas": 1,

@@ -74,14 +74,15 @@ def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -
 
 
 def cmd_deploy(args) -> int:
-    from raystack.cluster import check_http_port, init_ray, start_serve
+    from raystack.cluster import apply_local_ray_env, check_http_port, init_ray, start_serve
     from raystack.serving import build_app
 
     serve_args, http = load_serve_args(args.config, args.model, args.overrides)
     if args.port is not None:
         http["port"] = args.port
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    if not on_cluster:  # a Ray of its own, so no Serve holds the port yet: refuse a taken one before Ray starts
+    if not on_cluster:  # a Ray of its own, so no Serve holds the ports yet: refuse a taken one before Ray starts
+        apply_local_ray_env()
         check_http_port(http)
     init_ray()
     from ray import serve

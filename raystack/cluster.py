@@ -49,6 +49,12 @@ SERVE_TIMEOUTS = {
 # measured in back-to-back runs 2026-12-01: streamed tokens/s at 32 streams 1.4x-1.7x, TTFT at one request 0.6x-0.7x;
 # README "Measured").
 SERVE_INGRESS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# What else Serve's HAProxy ingress listens on, at fixed ports by default (Ray 2.60): variable -> (default, what).
+HAPROXY_PORTS = {
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": (8500, "Serve's fallback proxy actor"),
+    "RAY_SERVE_HAPROXY_STATS_PORT": (8404, "HAProxy's stats page"),
+    "RAY_SERVE_HAPROXY_METRICS_PORT": (9101, "HAProxy's Prometheus exporter"),
+}
 LOCAL_RAY_ENV = {
     "RAY_worker_niceness": "0",  # Ray's default is 15
     # A stopping replica stays reachable this long so that HAProxy drops it first (Ray's default 30 s covers a
@@ -74,20 +80,34 @@ def haproxy_binary() -> str | None:
 def apply_local_ray_env() -> None:
     """Set ``LOCAL_RAY_ENV`` in this process's environment (where the user has not) before a local Ray starts, and
     ``SERVE_INGRESS`` when an HAProxy binary is there and the user has set neither of its variables (setting either,
-    e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0``, keeps Ray's choice: the Python proxy actor)."""
+    e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0``, keeps Ray's choice: the Python proxy actor).
+
+    With HAProxy, Serve also listens at fixed ports besides the HTTP port (``HAPROXY_PORTS``: its fallback proxy
+    actor on 8500, HAProxy's stats page on 8404 and Prometheus exporter on 9101), so a second local Serve on the same
+    machine (another deploy on ``--port 8001``, a benchmark beside a deploy) failed to start ("cannot bind socket
+    (Address already in use)"). A local Ray gets free ports for them instead (``free_local_port``), where the user
+    has not set them."""
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
     if not any(name in os.environ for name in SERVE_INGRESS) and haproxy_binary():
         os.environ.update(SERVE_INGRESS)
+    if _haproxy_ingress():
+        for name in HAPROXY_PORTS:
+            os.environ.setdefault(name, str(free_local_port()))
+
+
+def _haproxy_ingress() -> bool:
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "").strip().lower() in ("1", "true")
 
 
 def free_local_port() -> int:
-    """A TCP port free on loopback now, for the demo, tests and benchmarks when they start Serve on a port of their
-    own. Picked in 20000-29999, outside the kernel's ephemeral range (Linux's ``ip_local_port_range``, usually
-    32768-60999), Ray's worker ports (10002-19999) and the ports Serve gives direct-ingress replicas (30000-31000,
-    40000-41000): a port bound to 0 comes from the ephemeral range, where any outgoing connection of the Ray that
-    starts next (its workers, agents and proxies open hundreds) may take it as its source port before Serve's HAProxy
-    binds it ("Address already in use": a full test run lost its first Serve test to that once)."""
+    """A TCP port free now on every interface, for the ports a local Serve listens on (``apply_local_ray_env``) and
+    for the demo, tests and benchmarks when they pick Serve's HTTP port. Picked in 20000-29999, outside the kernel's
+    ephemeral range (Linux's ``ip_local_port_range``, usually 32768-60999), Ray's worker ports (10002-19999) and the
+    ports Serve gives direct-ingress replicas (30000-31000, 40000-41000): a port bound to 0 comes from the ephemeral
+    range, where any outgoing connection of the Ray that starts next (its workers, agents and proxies open hundreds)
+    may take it as its source port before Serve's HAProxy binds it ("Address already in use": a full test run lost
+    its first Serve test to that once)."""
     low, high = 32768, 60999
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -98,7 +118,7 @@ def free_local_port() -> int:
     for port in random.sample(candidates, min(200, len(candidates))) + [0]:  # 0: the kernel's pick, at worst
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("0.0.0.0", port))  # free on every interface (HAProxy binds some ports on all of them)
             except OSError:
                 continue
             return sock.getsockname()[1]
@@ -109,7 +129,8 @@ def check_http_port(http_options: dict) -> None:
     """Refuse, with a ``ConfigError`` saying how to fix it, an HTTP port that another program holds on this machine
     (Serve's proxy binds it on every node, this one included). Without this Serve's HTTP proxy fails to bind and is
     restarted over and over, and worse, ``start_serve``'s readiness probe gets its answer from the other program, so a
-    deploy would report the other program's address as its own."""
+    deploy would report the other program's address as its own. On a local Ray with HAProxy ingress (whose Serve
+    reads this process's environment) its other ports are checked too (``HAPROXY_PORTS``, ``apply_local_ray_env``)."""
     from raystack.config import ConfigError
 
     host, port = str(http_options.get("host") or "127.0.0.1"), http_options.get("port", 8000)
@@ -117,14 +138,28 @@ def check_http_port(http_options: dict) -> None:
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"http_options.port must be a TCP port number from 1 to 65535, got {port!r}")
+    _check_bind(host, port, "another program listens there. Stop it, or serve on another port: --port N (or "
+                            "http_options.port in the Serve config file)")
+    if os.environ.get("RAY_ADDRESS") or not _haproxy_ingress():
+        return
+    for name, (default, what) in HAPROXY_PORTS.items():
+        value = os.environ.get(name, str(default)).strip()
+        if value.isdigit() and int(value) != port:
+            _check_bind("0.0.0.0", int(value), f"{what} (HAProxy ingress) needs it, and another program (another "
+                                               f"local Serve?) listens there. Set {name} to a free port, or leave "
+                                               "it unset: a local Ray then gets a free one")
+
+
+def _check_bind(host: str, port: int, in_use: str) -> None:
+    from raystack.config import ConfigError
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port's TIME_WAIT is free
         try:
             sock.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                hint = ("another program listens there. Stop it, or serve on another port: --port N (or "
-                        "http_options.port in the Serve config file)")
+                hint = in_use
             elif e.errno == errno.EACCES:
                 hint = "ports below 1024 need privileges; serve on another port: --port N"
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raystack import cluster
+from raystack.config import ConfigError
 
 INGRESS = list(cluster.SERVE_INGRESS)
 
@@ -14,7 +15,7 @@ def clean_env(monkeypatch):
     """An environment without the variables apply_local_ray_env sets, put back whole afterwards (it writes them)."""
     import os
 
-    names = {*cluster.LOCAL_RAY_ENV, *INGRESS}
+    names = {*cluster.LOCAL_RAY_ENV, *INGRESS, *cluster.HAPROXY_PORTS, "RAY_ADDRESS"}
     monkeypatch.setattr(cluster.os, "environ", {k: v for k, v in os.environ.items() if k not in names})
     return monkeypatch
 
@@ -25,13 +26,37 @@ def test_haproxy_ingress_is_switched_on_when_a_binary_is_there(clean_env):
     env = cluster.os.environ
     assert {name: env[name] for name in INGRESS} == cluster.SERVE_INGRESS
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+    # HAProxy's other ports are free ones, not Ray's fixed 8500 / 8404 / 9101, which a second local Serve could not bind
+    ports = [int(env[name]) for name in cluster.HAPROXY_PORTS]
+    assert all(20000 <= port < 30000 for port in ports) and len(set(ports)) == 3, ports
+    cluster.check_http_port({"host": "127.0.0.1", "port": cluster.free_local_port()})  # all free: no error
+    env["RAY_SERVE_HAPROXY_STATS_PORT"] = "8404"  # the user's choice stands
+    cluster.apply_local_ray_env()
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
+
+
+@pytest.mark.parametrize("name", list(cluster.HAPROXY_PORTS))
+def test_an_haproxy_port_someone_holds_is_refused_by_name(clean_env, name):
+    import socket
+
+    env = cluster.os.environ
+    env.update(cluster.SERVE_INGRESS)
+    env.update({other: str(cluster.free_local_port()) for other in cluster.HAPROXY_PORTS})
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", cluster.free_local_port()))
+        held.listen()
+        env[name] = str(held.getsockname()[1])
+        with pytest.raises(ConfigError, match=f"{cluster.HAPROXY_PORTS[name][1]} .*Set {name} to a free port"):
+            cluster.check_http_port({"host": "127.0.0.1", "port": cluster.free_local_port()})
+        env["RAY_ADDRESS"] = "ray://head:10001"  # a cluster's Serve reads the head's environment, not this one's
+        cluster.check_http_port({"host": "127.0.0.1", "port": cluster.free_local_port()})
 
 
 def test_no_binary_or_the_users_choice_keeps_serves_proxy_actor(clean_env):
     env = cluster.os.environ
     clean_env.setattr(cluster, "haproxy_binary", lambda: None)
     cluster.apply_local_ray_env()
-    assert not any(name in env for name in INGRESS)
+    assert not any(name in env for name in [*INGRESS, *cluster.HAPROXY_PORTS])
 
     clean_env.setattr(cluster, "haproxy_binary", lambda: "/usr/sbin/haproxy")
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
