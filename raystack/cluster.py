@@ -33,6 +33,8 @@ import time
 import urllib.error
 import urllib.request
 
+from raystack.config import ConfigError
+
 # Ray is imported inside the functions on purpose: Ray reads settings such as RAY_AUTH_MODE when it is imported,
 # and this module is what callers import to set the environment (apply_local_ray_env) before Ray starts.
 
@@ -122,7 +124,11 @@ def free_local_port() -> int:
             except OSError:
                 continue
             return sock.getsockname()[1]
-    raise OSError("no free TCP port on loopback")
+    raise OSError("no free TCP port on this machine")
+
+
+class PortInUse(ConfigError):
+    """Another program holds a port Serve needs (``check_http_port``)."""
 
 
 def check_http_port(http_options: dict) -> None:
@@ -130,9 +136,8 @@ def check_http_port(http_options: dict) -> None:
     (Serve's proxy binds it on every node, this one included). Without this Serve's HTTP proxy fails to bind and is
     restarted over and over, and worse, ``start_serve``'s readiness probe gets its answer from the other program, so a
     deploy would report the other program's address as its own. On a local Ray with HAProxy ingress (whose Serve
-    reads this process's environment) its other ports are checked too (``HAPROXY_PORTS``, ``apply_local_ray_env``)."""
-    from raystack.config import ConfigError
-
+    reads this process's environment) its other ports are checked too (``HAPROXY_PORTS``, ``apply_local_ray_env``).
+    A port another program holds is a ``PortInUse``."""
     host, port = str(http_options.get("host") or "127.0.0.1"), http_options.get("port", 8000)
     if isinstance(port, str) and port.strip().isdigit():  # Serve's HTTPOptions takes "8000" too
         port = int(port)
@@ -151,16 +156,14 @@ def check_http_port(http_options: dict) -> None:
 
 
 def _check_bind(host: str, port: int, in_use: str) -> None:
-    from raystack.config import ConfigError
-
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port's TIME_WAIT is free
         try:
             sock.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                hint = in_use
-            elif e.errno == errno.EACCES:
+                raise PortInUse(f"Serve cannot listen on {host}:{port} ({e.strerror}): {in_use}") from None
+            if e.errno == errno.EACCES:
                 hint = "ports below 1024 need privileges; serve on another port: --port N"
             else:
                 hint = ("http_options.host must be an address of this machine (127.0.0.1, or 0.0.0.0 for every "
@@ -179,19 +182,30 @@ def _serve_running() -> bool:
         return False
 
 
+PORT_WAIT_S = 30.0
+
+
 def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str, int]:
     """``serve.start(http_options=...)``, then wait until the HTTP proxy answers HTTP (any status of
     ``/-/healthz``), for up to ``ready_timeout_s`` rather than the 60 s ``serve.start`` allows a starting proxy.
-    When no Serve runs yet, an HTTP port another program holds is refused first (``check_http_port``).
+    When no Serve runs yet, a port another program holds is refused first (``check_http_port``), after
+    ``PORT_WAIT_S`` for it to come free.
 
     Returns the proxy's ``(host, port)``: those of the Serve instance already running on the cluster, if there is
     one (Serve then keeps its own HTTP options and ignores ``http_options``)."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    if not _serve_running():
-        check_http_port(http_options)
-    deadline = time.monotonic() + ready_timeout_s
+    started = time.monotonic()
+    deadline = started + ready_timeout_s
+    while not _serve_running():
+        try:
+            check_http_port(http_options)
+            break
+        except PortInUse:  # for a while: the HAProxy of a Serve that stop_serve just stopped may still be exiting
+            if time.monotonic() - started > PORT_WAIT_S:
+                raise
+            time.sleep(1)
     try:
         serve.start(http_options=http_options)
     except TimeoutError:  # the controller is up and its proxy is still starting: keep waiting for it below

@@ -93,3 +93,38 @@ def test_a_free_local_port_stays_out_of_the_ranges_others_take_ports_from():
     finally:
         for sock in held:
             sock.close()
+
+
+def test_start_serve_waits_a_while_for_a_held_port_then_refuses_it(monkeypatch):
+    """A Serve just stopped may hold its ports a moment longer: start_serve waits up to PORT_WAIT_S for them to
+    come free (then starts Serve), and refuses a port still held after that, before any Serve starts."""
+    import socket
+    import threading
+    import time
+
+    from ray import serve
+
+    class Started(Exception):
+        pass
+
+    def start(**kwargs):
+        raise Started(kwargs)
+
+    monkeypatch.setattr(cluster, "_serve_running", lambda: False)
+    monkeypatch.setattr(serve, "start", start)
+    for name in cluster.HAPROXY_PORTS:  # not the session's, which its Serve (integration tests) may hold
+        monkeypatch.setenv(name, str(cluster.free_local_port()))
+    monkeypatch.setattr(cluster, "PORT_WAIT_S", 1.0)
+    held = socket.socket()
+    held.bind(("127.0.0.1", cluster.free_local_port()))
+    held.listen()
+    options = {"host": "127.0.0.1", "port": held.getsockname()[1]}
+    began = time.monotonic()
+    with pytest.raises(cluster.PortInUse, match="another program listens there"):
+        cluster.start_serve(options)
+    assert 1.0 <= time.monotonic() - began < 10
+
+    monkeypatch.setattr(cluster, "PORT_WAIT_S", 30.0)
+    threading.Timer(1.5, held.close).start()  # the port comes free while start_serve waits
+    with pytest.raises(Started):
+        cluster.start_serve(options)
