@@ -19,7 +19,7 @@ TINY_OVERRIDES = [
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now, outside the ephemeral range (``raystack.cluster.free_local_port``)."""
+    """A TCP port free right now, outside the ephemeral range (``raystack.cluster.free_local_port``)."""
     from raystack.cluster import free_local_port
 
     return free_local_port()

@@ -43,8 +43,9 @@ def test_deploy_refuses_a_port_another_program_holds_before_ray_starts(tmp_path,
     config = ModelConfig.from_preset("tiny")
     artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for name in cluster.HAPROXY_PORTS:  # this test's own: the session's Serve (integration tests) may hold those
-        monkeypatch.setenv(name, str(cluster.free_local_port()))  # the session's local Ray got
+    # HAProxy's other ports of this test's own: the session's Serve (integration tests) may hold the session's ones
+    for name in cluster.HAPROXY_PORTS:
+        monkeypatch.setenv(name, str(cluster.free_local_port()))
     monkeypatch.setattr(cluster, "init_ray", lambda **kwargs: pytest.fail("Ray started for a deploy it must refuse"))
     with socket.socket() as held:
         held.bind(("127.0.0.1", cluster.free_local_port()))
