@@ -189,16 +189,19 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
     """``serve.start(http_options=...)``, then wait until the HTTP proxy answers HTTP (any status of
     ``/-/healthz``), for up to ``ready_timeout_s`` rather than the 60 s ``serve.start`` allows a starting proxy.
     When no Serve runs yet, a port another program holds is refused first (``check_http_port``), after
-    ``PORT_WAIT_S`` for it to come free.
+    ``PORT_WAIT_S`` for it to come free (not through Ray Client, whose process is on no node).
 
     Returns the proxy's ``(host, port)``: those of the Serve instance already running on the cluster, if there is
     one (Serve then keeps its own HTTP options and ignores ``http_options``)."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
+    import ray.util.client
+
     started = time.monotonic()
     deadline = started + ready_timeout_s
-    while not _serve_running():
+    # (Through Ray Client this process is not on a node: its machine's ports are not Serve's.)
+    while not ray.util.client.ray.is_connected() and not _serve_running():
         try:
             check_http_port(http_options)
             break
