@@ -193,10 +193,9 @@ def start_serve(http_options: dict, ready_timeout_s: float = 300.0) -> tuple[str
 
     Returns the proxy's ``(host, port)``: those of the Serve instance already running on the cluster, if there is
     one (Serve then keeps its own HTTP options and ignores ``http_options``)."""
+    import ray.util.client
     from ray import serve
     from ray.serve.context import _get_global_client
-
-    import ray.util.client
 
     started = time.monotonic()
     deadline = started + ready_timeout_s

