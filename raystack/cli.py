@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from raystack.checkpoint import CheckpointError
+from raystack.cluster import DeployFailed
 from raystack.commit import CommitError
 from raystack.config import ConfigError
 from raystack.data import DataError
@@ -74,13 +75,23 @@ def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -
 
 
 def cmd_deploy(args) -> int:
-    from raystack.cluster import apply_local_ray_env, check_http_port, init_ray, start_serve
+    from raystack import storage
+    from raystack.checkpoint import artifact_model_config
+    from raystack.cluster import (apply_local_ray_env, check_http_port, check_serve_env,
+                                  deployment_message, error_line, init_ray, start_serve)
+
+    check_serve_env()  # before raystack.serving imports ray.serve, which reads Serve's variables
     from raystack.serving import build_app
 
     serve_args, http = load_serve_args(args.config, args.model, args.overrides)
     if args.port is not None:
         http["port"] = args.port
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    model = serve_args["model"]
+    # A missing or broken artifact in one line now, where each replica would fail on it (constructor_retries times
+    # over) and serve.run end in a traceback. On a cluster a local path may exist on the replicas' nodes only.
+    if not on_cluster or storage.is_uri(model) or os.path.exists(os.path.expanduser(model)):
+        artifact_model_config(model)
     if not on_cluster:  # a Ray of its own, so no Serve holds the ports yet: refuse a taken one before Ray starts
         apply_local_ray_env()
         check_http_port(http)
@@ -88,7 +99,11 @@ def cmd_deploy(args) -> int:
     from ray import serve
 
     host, port = start_serve(http)
-    serve.run(build_app(serve_args), name=args.name, route_prefix=args.route_prefix)
+    try:
+        serve.run(build_app(serve_args), name=args.name, route_prefix=args.route_prefix)
+    except RuntimeError as e:  # Serve's "Deploying application ... failed": its replicas did not start
+        raise DeployFailed(f"deploying {args.name!r} failed: {error_line(deployment_message(args.name) or e)} "
+                           "(the Serve controller's log has the replicas' tracebacks)") from None
     prefix = args.route_prefix.rstrip("/")
     print(f"[raystack] serving {serve_args['model']} at http://{host}:{port}{prefix}/v1 "
           f"(model id {serve_args.get('model_name', 'raystack')!r})", flush=True)
@@ -246,7 +261,8 @@ def _jobs_api(address: str | None):
                            f"refused: {e}") from None
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError, TenantsError, RolloutError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CommitError, JobsAPIError, TenantsError, RolloutError,
+               DeployFailed)
 
 
 def _connect(address: str | None) -> None:
@@ -271,6 +287,7 @@ def _one_line(error: BaseException) -> str:
 def cmd_rollout(args) -> int:
     """``raystack rollout``: gate, switch and watch a new artifact (raystack.rollout), or print the history."""
     from raystack import rollout
+    from raystack.cluster import check_serve_env
 
     if args.history:
         print(rollout.format_history(rollout.read_history(args.history_file, args.app)))
@@ -279,6 +296,7 @@ def cmd_rollout(args) -> int:
                                max_loss_increase=args.max_loss_increase, watch_s=args.watch_s,
                                max_error_rate=args.max_error_rate, max_ttft_p99_s=args.max_ttft_p99_s,
                                history=args.history_file)
+    check_serve_env()
     rollout.heldout_texts(spec.heldout)  # a bad --heldout fails before anything is deployed
     _connect(args.address)
     entry = rollout.rollout(spec, say=lambda line: print(f"[raystack] {line}", flush=True))
@@ -288,7 +306,9 @@ def cmd_rollout(args) -> int:
 
 def cmd_rollback(args) -> int:
     from raystack import rollout
+    from raystack.cluster import check_serve_env
 
+    check_serve_env()
     _connect(args.address)
     entry = rollout.rollback(args.app, args.history_file, say=lambda line: print(f"[raystack] {line}", flush=True))
     print(f"[raystack] {args.app} serves {entry['to']} again", flush=True)

@@ -25,6 +25,7 @@ other nodes only at an address they bind for the network (``http_options.host: 0
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import random
 import shutil
@@ -127,6 +128,27 @@ def free_local_port() -> int:
     raise OSError("no free TCP port on this machine")
 
 
+def _is_port(value: str) -> bool:
+    value = value.strip()
+    return value.isdigit() and 1 <= int(value) <= 65535
+
+
+def check_serve_env() -> None:
+    """Refuse, by name, a Ray Serve variable in this process's environment that Serve cannot parse. Serve reads its
+    ``RAY_SERVE_*`` variables when ``ray.serve`` is first imported and fails there with a traceback (for
+    ``RAY_SERVE_HAPROXY_METRICS_PORT`` one that does not even name the variable), so this imports it under a guard,
+    before any Ray starts."""
+    for name in HAPROXY_PORTS:
+        value = os.environ.get(name)
+        if value is not None and not _is_port(value):
+            raise ConfigError(f"{name}={value!r} is not a TCP port number (1-65535): set it to a free port, or unset "
+                              "it (a local Ray then gets a free one)")
+    try:
+        importlib.import_module("ray.serve")
+    except ValueError as e:  # "Environment variable `X` value `Y` cannot be converted to `float`!" and the like
+        raise ConfigError(f"Ray Serve cannot read its environment: {e} Fix or unset that variable.") from None
+
+
 class PortInUse(ConfigError):
     """Another program holds a port Serve needs (``check_http_port``)."""
 
@@ -149,7 +171,7 @@ def check_http_port(http_options: dict) -> None:
         return
     for name, (default, what) in HAPROXY_PORTS.items():
         value = os.environ.get(name, str(default)).strip()
-        if value.isdigit() and int(value) != port:
+        if _is_port(value) and int(value) != port:
             _check_bind("0.0.0.0", int(value), f"{what} (HAProxy ingress) needs it, and another program (another "
                                                f"local Serve?) listens there. Set {name} to a free port, or leave "
                                                "it unset: a local Ray then gets a free one")
@@ -256,3 +278,25 @@ def init_ray(**kwargs) -> None:
     else:
         apply_local_ray_env()
     ray.init(log_to_driver=True, **kwargs)
+
+
+class DeployFailed(Exception):
+    """Serve could not deploy an app (its replicas did not start); the message names the replicas' error."""
+
+
+def deployment_message(app: str) -> str:
+    """What Serve says about an app's deployment (a failed replica's traceback, for one); "" when it has none."""
+    from ray import serve
+
+    try:
+        deployment = serve.status().applications[app].deployments["LLMServer"]
+    except (KeyError, AttributeError):
+        return ""
+    return deployment.message or ""
+
+
+def error_line(error) -> str:
+    """The telling line of an error or a traceback: its last line naming an exception."""
+    text = str(error).strip().splitlines()
+    return next((line.strip() for line in reversed(text) if "Error" in line or "Exception" in line),
+                text[-1].strip() if text else repr(error))[:400]

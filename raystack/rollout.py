@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from raystack.cluster import deployment_message, error_line
+
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "raystack"
@@ -269,9 +271,9 @@ def _gates(spec: RolloutSpec, current: dict, say) -> dict:
     try:
         _deploy(canary, None, {**args, "constructor_retries": 1})
     except Exception as e:
-        why = _deployment_message(canary) or str(e)
+        why = deployment_message(canary) or str(e)
         serve.delete(canary)
-        raise _Refused("load", f"the new artifact did not load or pass health checks: {_first_line(why)}") from None
+        raise _Refused("load", f"the new artifact did not load or pass health checks: {error_line(why)}") from None
     try:
         new = serve.get_app_handle(canary).heldout_loss.remote(texts).result(timeout_s=600)
         old = serve.get_app_handle(spec.app).heldout_loss.remote(texts).result(timeout_s=600)
@@ -286,35 +288,17 @@ def _gates(spec: RolloutSpec, current: dict, say) -> dict:
         try:
             text = serve.get_app_handle(canary).smoke.remote().result(timeout_s=120)
         except Exception as e:
-            raise _Refused("smoke", f"the smoke generation failed: {_first_line(e)}", figures) from None
+            raise _Refused("smoke", f"the smoke generation failed: {error_line(e)}", figures) from None
         say(f"gate 3/3: smoke generation {text!r}")
         return figures
     finally:
         serve.delete(canary)
 
 
-def _deployment_message(app: str) -> str:
-    """What Serve says about an app's deployment (a failed replica's traceback, for one)."""
-    from ray import serve
-
-    try:
-        deployment = serve.status().applications[app].deployments["LLMServer"]
-    except (KeyError, AttributeError):
-        return ""
-    return deployment.message or ""
-
-
 class _Refused(Exception):
     def __init__(self, gate: str, reason: str, figures: Optional[dict] = None):
         super().__init__(reason)
         self.gate, self.reason, self.figures = gate, reason, figures or {}
-
-
-def _first_line(error) -> str:
-    """The telling line of an error or a traceback: its last line naming an exception."""
-    text = str(error).strip().splitlines()
-    return next((line.strip() for line in reversed(text) if "Error" in line or "Exception" in line),
-                text[-1].strip() if text else repr(error))[:400]
 
 
 def current_config(app: str) -> dict:

@@ -232,6 +232,20 @@ def test_deploy_job_serves_an_artifact_next_to_the_running_apps(server, ray_sess
     bad = subprocess.run([sys.executable, str(repo / "jobs" / "deploy.py"), "--set", "max_replicas=0"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "raystack: error:" in bad.stderr and "model" in bad.stderr
+    # On a cluster a local path the driver's node lacks may be on the replicas' nodes, so the replicas try it; when
+    # they cannot start, the deploy says why in one line (serve.run's own error names no cause).
+    elsewhere = str(tmp_path / "elsewhere")
+    refused = subprocess.run([sys.executable, str(repo / "jobs" / "deploy.py"), "--model", elsewhere, "--name",
+                              "refused", "--route-prefix", "/refused", "--set", "num_cpus=0.5",
+                              "--set", "constructor_retries=1"], env=env, capture_output=True, text=True, timeout=600)
+    from ray import serve
+
+    serve.delete("refused")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.splitlines()[-1] == (
+        f"raystack: error: deploying 'refused' failed: raystack.checkpoint.CheckpointError: model artifact: "
+        f"{elsewhere!r} holds no committed output (no _SUCCESS manifest): it was never written, or its writer did not "
+        "finish; re-run the job that writes it (the Serve controller's log has the replicas' tracebacks)")
     job = subprocess.run(
         [sys.executable, str(repo / "jobs" / "deploy.py"), "--config", str(repo / "serve_apps" / "llm.yaml"),
          "--model", artifact, "--name", "job", "--route-prefix", "/job", "--set", "num_cpus=0.5",

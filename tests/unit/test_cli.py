@@ -63,6 +63,51 @@ def test_deploy_refuses_a_port_another_program_holds_before_ray_starts(tmp_path,
             cluster.check_http_port({"host": "127.0.0.1", "port": bad})
 
 
+def test_deploy_refuses_a_missing_or_torn_artifact_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """Each replica would fail on it, constructor_retries times over, and serve.run end in a traceback."""
+    from raystack import cluster
+    from raystack.checkpoint import save_artifact
+    from raystack.model import GPT, ModelConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "init_ray", lambda **kwargs: pytest.fail("Ray started for a deploy it must refuse"))
+    assert cli.main(["deploy", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raystack: error: model artifact: ") and "no _SUCCESS manifest" in err
+    assert err.count("\n") == 1
+    config = ModelConfig.from_preset("tiny")
+    artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
+    next((tmp_path / "model").glob("*/config.json")).write_text("{")
+    assert cli.main(["deploy", "--model", artifact]) == 2
+    assert "is torn: " in capsys.readouterr().err
+
+
+def test_a_serve_variable_serve_cannot_read_is_named_before_ray_starts(monkeypatch):
+    """Serve parses its RAY_SERVE_* variables when ray.serve is first imported, with a traceback (HAProxy's metrics
+    port with one that does not even name the variable), so the deploy imports it under a guard first."""
+    import os
+    import subprocess
+    import sys
+
+    from raystack import cluster
+
+    for name in cluster.HAPROXY_PORTS:
+        for bad in ("abc", "0", "70000", "-1"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(cli.ConfigError, match=f"{name}='{bad}' is not a TCP port number"):
+                cluster.check_serve_env()
+        monkeypatch.setenv(name, " 23456 ")  # Serve's int() takes it
+        cluster.check_serve_env()
+    env = {k: v for k, v in os.environ.items() if k not in cluster.HAPROXY_PORTS}
+    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "soon"  # a fresh process: this one imported ray.serve already
+    done = subprocess.run([sys.executable, "-m", "raystack.cli", "deploy", "--model", "m"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("raystack: error: Ray Serve cannot read its environment: Environment variable "
+                           "`RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S` value `soon` cannot be converted to `float`! "
+                           "Fix or unset that variable.\n")
+
+
 @pytest.mark.parametrize("job, module, name", [("train", "raystack.train", "TrainJobConfig"),
                                                ("tune", "raystack.sweep", "SweepSpace"),
                                                ("batch", "raystack.batch", "BatchConfig"),
