@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raystack import commit, storage
+from raystack.cluster import check_model_artifact, error_line
 from raystack.data import DataError, check_parquet_column, read_parquet_rows, resolve_source
 from raystack.engine import (Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize, check_threads,
                              generate_text)
@@ -294,6 +295,7 @@ def run_batch(config: BatchConfig) -> dict:
         raise DataError(f"output {config.output!r} already exists; choose another --output or pass --overwrite "
                         "to replace it whole")
     paths, columns, id_column, column = _plan_input(config)
+    check_model_artifact(config.model)  # else the pool's actors die on it, one traceback each
     uri = config.input if storage.is_uri(config.input) else ""
     files = ray.data.from_items([{"path": p, "file_index": i, "uri": uri} for i, p in enumerate(paths)],
                                 override_num_blocks=max(1, len(paths)))
@@ -312,8 +314,9 @@ def run_batch(config: BatchConfig) -> dict:
         results.write_parquet(attempt.staging, filesystem=attempt.fs, min_rows_per_file=config.rows_per_file)
     except Exception as e:
         attempt.abort()
-        cause = getattr(e, "cause", None) or e
-        raise DataError(f"batch inference over {config.input!r} failed: {type(cause).__name__}: {cause}") from None
+        cause = getattr(e, "cause", None) or e  # a task's error, whose text may hold the worker's traceback
+        raise DataError(f"batch inference over {config.input!r} failed: "
+                        f"{error_line(f'{type(cause).__name__}: {cause}')}") from None
     errors = []
 
     def count(fs, path: str) -> int:  # rows and error rows of each part, for the manifest and the summary

@@ -39,6 +39,7 @@ from raystack.tokenizer import ByteTokenizer
 MARKER = ".metadata"
 ARTIFACT_FORMAT = "raystack-gpt"
 ARTIFACT_VERSION = 1
+ARTIFACT_FILES = ("config.json", "tokenizer.json", "model.safetensors")  # what loading a model reads
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants (Ray 2.60)
 
 
@@ -245,9 +246,21 @@ def artifact_model_config(uri: str) -> ModelConfig:
     return _model_config(uri, _read_artifact(uri, ["config.json"])["config.json"])
 
 
+def check_artifact(uri: str) -> ModelConfig:
+    """The ``ModelConfig`` of the artifact at ``uri``, once its files are all there at their manifest's sizes (the
+    weights are not read): what can be checked before the processes that load it start."""
+    try:
+        commit.check_sizes(uri, list(ARTIFACT_FILES))
+    except commit.CommitError as e:
+        raise CheckpointError(f"model artifact: {e}") from None
+    except OSError as e:  # an unreachable store, missing credentials
+        raise CheckpointError(f"cannot read the model artifact {uri!r}: {e}") from None
+    return artifact_model_config(uri)
+
+
 def load_artifact(uri: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, ByteTokenizer]:
     """The model (in eval mode) and tokenizer of the artifact at ``uri``; ``CheckpointError`` naming what is wrong."""
-    files = _read_artifact(uri, ["config.json", "tokenizer.json", "model.safetensors"])
+    files = _read_artifact(uri, list(ARTIFACT_FILES))
     try:
         tokenizer = ByteTokenizer.from_dict(json.loads(files["tokenizer.json"]))
     except json.JSONDecodeError as e:

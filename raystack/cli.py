@@ -75,9 +75,7 @@ def load_serve_args(path: str | None, model: str | None, overrides: list[str]) -
 
 
 def cmd_deploy(args) -> int:
-    from raystack import storage
-    from raystack.checkpoint import artifact_model_config
-    from raystack.cluster import (apply_local_ray_env, check_http_port, check_serve_env,
+    from raystack.cluster import (apply_local_ray_env, check_http_port, check_model_artifact, check_serve_env,
                                   deployment_message, error_line, init_ray, start_serve)
 
     check_serve_env()  # before raystack.serving imports ray.serve, which reads Serve's variables
@@ -87,11 +85,7 @@ def cmd_deploy(args) -> int:
     if args.port is not None:
         http["port"] = args.port
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    model = serve_args["model"]
-    # A missing or broken artifact in one line now, where each replica would fail on it (constructor_retries times
-    # over) and serve.run end in a traceback. On a cluster a local path may exist on the replicas' nodes only.
-    if not on_cluster or storage.is_uri(model) or os.path.exists(os.path.expanduser(model)):
-        artifact_model_config(model)
+    check_model_artifact(serve_args["model"])  # else each replica fails on it, constructor_retries times over
     if not on_cluster:  # a Ray of its own, so no Serve holds the ports yet: refuse a taken one before Ray starts
         apply_local_ray_env()
         check_http_port(http)
@@ -120,12 +114,13 @@ def cmd_deploy(args) -> int:
 
 def cmd_batch(args) -> int:
     from raystack.batch import BatchConfig, run_batch
-    from raystack.cluster import init_ray
+    from raystack.cluster import check_model_artifact, init_ray
     from raystack.config import load_config
 
     flags = {"model": args.model, "input": args.input, "output": args.output, "mode": args.mode,
              "prompt_column": args.prompt_column, "id_column": args.id_column, "overwrite": args.overwrite or None}
     config = load_config(BatchConfig, args.config, args.overrides, flags)
+    check_model_artifact(config.model)  # before Ray starts (run_batch checks again, for its other callers)
     init_ray()
     summary = run_batch(config)
     print(f"[raystack] {summary['rows']} rows ({summary['errors']} with an error) -> {summary['output']}")

@@ -280,6 +280,19 @@ def init_ray(**kwargs) -> None:
     ray.init(log_to_driver=True, **kwargs)
 
 
+def check_model_artifact(model: str) -> None:
+    """Refuse a model artifact that is missing or torn (``CheckpointError``, one line) before the replicas or actors
+    that load it start: each would fail on it, retried, in a traceback. On a cluster (``RAY_ADDRESS`` set, as under
+    ``ray job submit``) a local path this node lacks is left to them: it may be on their nodes."""
+    from raystack import storage
+    from raystack.checkpoint import check_artifact
+
+    if (os.environ.get("RAY_ADDRESS") and not storage.is_uri(model)
+            and not os.path.exists(os.path.expanduser(model))):
+        return
+    check_artifact(model)
+
+
 class DeployFailed(Exception):
     """Serve could not deploy an app (its replicas did not start); the message names the replicas' error."""
 

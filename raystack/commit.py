@@ -249,13 +249,17 @@ def _consistent(location: str, read: Callable[[pafs.FileSystem, str, dict], obje
     raise CommitError(f"{location!r} kept changing while being read ({retries} commits in a row)")
 
 
+def _require(location: str, manifest: dict, names: list[str]) -> None:
+    missing = [n for n in names if n not in manifest["files"]]
+    if missing:
+        raise CommitError(f"{location!r} has no {missing} (it holds {sorted(manifest['files'])})")
+
+
 def read_files(location: str, names: list[str]) -> tuple[dict, dict[str, bytes]]:
     """``(manifest, {name: bytes})`` for the named files of the committed output at ``location``, each checked
     against the manifest; ``CommitError`` naming what is missing or torn."""
     def read(fs, root, manifest):
-        missing = [n for n in names if n not in manifest["files"]]
-        if missing:
-            raise CommitError(f"{location!r} has no {missing} (it holds {sorted(manifest['files'])})")
+        _require(location, manifest, names)
         out = {}
         for name in names:
             try:
@@ -266,6 +270,16 @@ def read_files(location: str, names: list[str]) -> tuple[dict, dict[str, bytes]]
             _check(fs, root, manifest, name, out[name])
         return out
     return _consistent(location, read)
+
+
+def check_sizes(location: str, names: list[str]) -> dict:
+    """The manifest of the committed output at ``location``, once the named files are there at the sizes it lists
+    (nothing is read); ``CommitError`` naming what is missing or torn."""
+    def read(fs, root, manifest):
+        _require(location, manifest, names)
+        for name in names:
+            _check(fs, root, manifest, name)
+    return _consistent(location, read)[0]
 
 
 def listed_paths(fs: pafs.FileSystem, root: str) -> Optional[list[str]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow as pa
@@ -14,7 +16,7 @@ import torch
 
 from raystack import commit
 from raystack.batch import BatchConfig, run_batch
-from raystack.checkpoint import load_artifact, save_artifact
+from raystack.checkpoint import CheckpointError, load_artifact, save_artifact
 from raystack.config import ConfigError, from_dict
 from raystack.data import DataError
 from raystack.model import GPT, ModelConfig, causal_lm_loss
@@ -118,6 +120,20 @@ def test_input_errors_are_clear(ray_session, artifact, tmp_path):
         run_batch(job(artifact, path, tmp_path / "o1"))
     with pytest.raises(DataError, match="does not exist"):
         run_batch(job(artifact, tmp_path / "missing.parquet", tmp_path / "o2"))
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["a"]}), good)
+    with pytest.raises(CheckpointError, match="holds no committed output"):  # before any actor starts
+        run_batch(job(str(tmp_path / "no-model"), good, tmp_path / "o4"))
+    # Weights of the right size but other bytes pass that check; the actors' load refuses them (sha256), and the job's
+    # error is one line naming why, not the actor's traceback.
+    altered = Path(shutil.copytree(artifact, tmp_path / "altered"))
+    weights = next(altered.glob("*/model.safetensors"))
+    weights.write_bytes(bytes(weights.stat().st_size))
+    with pytest.raises(DataError) as failed:
+        run_batch(job(str(altered), good, tmp_path / "o5"))
+    assert str(failed.value).startswith(f"batch inference over {str(good)!r} failed: ") and "\n" not in str(failed.value)
+    assert str(failed.value).endswith("model.safetensors does not match its manifest's sha256; re-run the job that "
+                                      "writes it")
     with pytest.raises(ConfigError, match=r"sampling.temperature: 'temperature' must be in \[0.0, 2.0\], got -1.0"):
         job(artifact, path, tmp_path / "o3", {"temperature": -1})
     with pytest.raises(ConfigError, match="config key 'temperature' is now 'sampling.temperature'"):

@@ -65,7 +65,7 @@ def test_deploy_refuses_a_port_another_program_holds_before_ray_starts(tmp_path,
 
 def test_deploy_refuses_a_missing_or_torn_artifact_before_ray_starts(tmp_path, monkeypatch, capsys):
     """Each replica would fail on it, constructor_retries times over, and serve.run end in a traceback."""
-    from raystack import cluster
+    from raystack import cluster, commit
     from raystack.checkpoint import save_artifact
     from raystack.model import GPT, ModelConfig
 
@@ -77,9 +77,16 @@ def test_deploy_refuses_a_missing_or_torn_artifact_before_ray_starts(tmp_path, m
     assert err.count("\n") == 1
     config = ModelConfig.from_preset("tiny")
     artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
-    next((tmp_path / "model").glob("*/config.json")).write_text("{")
+    weights = next((tmp_path / "model").glob("*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # sizes are checked; the weights are not read
     assert cli.main(["deploy", "--model", artifact]) == 2
-    assert "is torn: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is torn: " in err and "model.safetensors has 100 bytes" in err
+    attempt = commit.begin(str(tmp_path / "rows"))  # a committed output that is not a model (a batch job's)
+    attempt.write("part-0.parquet", b"rows")
+    attempt.commit()
+    assert cli.main(["batch", "--model", str(tmp_path / "rows"), "--input", "in.parquet", "--output", "o"]) == 2
+    assert "has no ['config.json', 'tokenizer.json', 'model.safetensors']" in capsys.readouterr().err
 
 
 def test_a_serve_variable_serve_cannot_read_is_named_before_ray_starts(monkeypatch):
