@@ -157,7 +157,11 @@ def begin(location: str) -> Attempt:
     """Start a write to ``location`` (a local path or object-store URI)."""
     fs, root = storage.filesystem(location)
     attempt = Attempt(location, fs, root, uuid.uuid4().hex[:12])
-    fs.create_dir(attempt.staging, recursive=True)
+    try:
+        fs.create_dir(attempt.staging, recursive=True)
+    except OSError as e:  # read-only, not permitted, not a directory; a store that refuses these credentials
+        raise CommitError(f"cannot write to {location!r}: {e}; choose a location this job can write (a directory it "
+                          "may create, or a bucket its credentials reach)") from None
     return attempt
 
 

@@ -30,6 +30,18 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(base)), *parts)
 
 
+def make_local_dir(path: str, setting: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``; a failure is a ``ConfigError`` naming ``setting``, the config key the
+    path comes from (``storage_path``), rather than a traceback."""
+    from raystack.config import ConfigError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot create {path!r} ({e.strerror or e}); choose a directory this job can "
+                          "write") from None
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

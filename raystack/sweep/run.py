@@ -186,7 +186,7 @@ def run_sweep(space: SweepSpace) -> SweepOutput:
 
     root, sweep_dir = sweep_locations(space)
     remote = root != sweep_dir
-    os.makedirs(sweep_dir, exist_ok=True)
+    storage.make_local_dir(sweep_dir, "local_dir" if remote else "storage_path")
     with open(os.path.join(sweep_dir, "space.json"), "w") as f:  # for `raystack sweep-report SWEEP_DIR`
         json.dump(to_dict(space), f, indent=2)
     if space.workers_per_trial > 1:

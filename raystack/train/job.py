@@ -192,7 +192,7 @@ def fit(config: TrainJobConfig, callbacks=()) -> TrainOutput:
     )
     local = not storage.is_uri(config.run_dir)
     if local:
-        os.makedirs(config.run_dir, exist_ok=True)
+        storage.make_local_dir(config.run_dir, "storage_path")
         with open(os.path.join(config.run_dir, CONFIG), "w") as f:
             json.dump(to_dict(config), f, indent=2)
     result = trainer.fit()

@@ -6,7 +6,8 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from raystack import commit
+from raystack import commit, storage
+from raystack.config import ConfigError
 from raystack.data import DataError, resolve_source
 
 
@@ -150,3 +151,13 @@ def test_a_crafted_manifest_is_refused_never_followed(tmp_path, entry):
         commit.read_files(str(location), ["a.txt"])
     with pytest.raises(DataError, match="relative 'path' inside the output"):
         resolve_source(str(location))
+
+
+def test_a_location_that_cannot_be_written_is_named_before_anything_is_written(tmp_path):
+    """A training run's storage_path, a batch job's --output: a CommitError (one line from the CLI), not pyarrow's."""
+    (tmp_path / "a-file").write_text("x")
+    for location in ("/proc/raystack/out", str(tmp_path / "a-file" / "out")):
+        with pytest.raises(commit.CommitError, match=f"cannot write to '{location}': .*choose a location this job can"):
+            commit.begin(location)
+        with pytest.raises(ConfigError, match=f"storage_path: cannot create '{location}' "):  # a sweep's or run's directory
+            storage.make_local_dir(location, "storage_path")
