@@ -151,9 +151,12 @@ def cmd_tokenizer(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a directory (it is created when missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (out / name).write_bytes(data)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); pass a directory you can write") from None
     print(f"[raystack] wrote {', '.join(sorted(files))} to {out}: load it with "
           f"transformers.AutoTokenizer.from_pretrained({str(out)!r})")
     return 0

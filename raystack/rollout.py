@@ -177,18 +177,36 @@ def record(path: str, entry: dict) -> dict:
     return entry
 
 
+def check_history(path: str) -> None:
+    """``RolloutError`` unless the history file can be appended to; checked before anything changes, since a
+    rollout's entry is written once it has ended."""
+    path = os.path.expanduser(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise RolloutError(f"rollout history {path!r} cannot be written ({e.strerror or e}); pass --history-file "
+                           "naming a file you can write") from None
+
+
 def read_history(path: str, app: Optional[str] = None) -> list[dict]:
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         return []
     entries = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError:
-                    logger.warning("%s, line %d: not JSON; skipped", path, number)
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RolloutError(f"rollout history {path!r} cannot be read ({getattr(e, 'strerror', None) or e}); pass "
+                           "--history-file naming the history file") from None
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s, line %d: not JSON; skipped", path, number)
     return [e for e in entries if app is None or e.get("app") == app]
 
 
@@ -316,6 +334,7 @@ def current_config(app: str) -> dict:
 
 def rollout(spec: RolloutSpec, say=print) -> dict:
     """Gate, switch, watch; returns the history entry written (``outcome``: rolled_out, refused, rolled_back)."""
+    check_history(spec.history)
     route = _app_details(spec.app).get("route_prefix")
     current = current_config(spec.app)
     base = {"app": spec.app, "action": "rollout", "from": current["model"], "to": spec.model}
@@ -376,6 +395,7 @@ def _watch(spec: RolloutSpec, monitor, since: float, say) -> Optional[str]:
 
 def rollback(app: str, history: str = DEFAULT_HISTORY, say=print) -> dict:
     """Back to the artifact the app served before its last successful rollout (no gates: it served before)."""
+    check_history(history)
     done = [e for e in read_history(history, app) if e.get("outcome") in ("rolled_out", "rolled_back_by_hand")]
     if not done:
         raise RolloutError(f"no rollout of {app!r} in {history} to roll back (raystack rollout --history)")

@@ -303,8 +303,12 @@ def write_tenants(path: str, tenants: list[Tenant]) -> None:
         body["keys"] = [{"id": k.id, "hash": k.hash, "created": k.created} for k in t.keys]
         tree["tenants"][t.name] = body
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tenants-", suffix=".yaml")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tenants-", suffix=".yaml")
+    except OSError as e:
+        raise TenantsError(f"tenants file {path!r} cannot be written ({e.strerror or e}); pass --file in a "
+                           "directory you can write") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(HEADER + dump_yaml(tree))  # an id such as 123e45678901 quoted: YAML 1.2 reads a float

@@ -188,6 +188,8 @@ def test_tokenizer_and_train_report_commands_refuse_bad_paths_in_one_line(tmp_pa
     (tmp_path / "a-file").write_text("x")
     assert cli.main(["tokenizer", artifact, "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file; pass a directory" in capsys.readouterr().err
+    assert cli.main(["tokenizer", artifact, "--out", str(tmp_path / "a-file" / "tok")]) == 2
+    assert "cannot write there (Not a directory); pass a directory you can write" in capsys.readouterr().err
     assert cli.main(["tokenizer", str(tmp_path / "nowhere"), "--out", str(tmp_path / "tok")]) == 2
     assert "not a committed model artifact" in capsys.readouterr().err
     assert cli.main(["train-report", str(tmp_path)]) == 2

@@ -114,6 +114,20 @@ def test_the_history_is_appended_and_read_per_app(tmp_path):
     assert read_history(str(tmp_path / "none.jsonl")) == []
 
 
+def test_a_history_file_that_cannot_be_written_stops_a_rollout_before_anything_changes(tmp_path, monkeypatch):
+    from raystack import rollout
+
+    monkeypatch.setattr(rollout, "_app_details", lambda app: pytest.fail("the rollout went on to the app"))
+    (tmp_path / "a-file").write_text("x")
+    for path in ("/proc/raystack/rollouts.jsonl", str(tmp_path / "a-file" / "rollouts.jsonl")):
+        with pytest.raises(RolloutError, match=f"rollout history '{path}' cannot be written"):
+            rollout.rollout(RolloutSpec(model="m", history=path))
+        with pytest.raises(RolloutError, match=f"rollout history '{path}' cannot be written"):
+            rollout.rollback("llm", path)
+    with pytest.raises(RolloutError, match="cannot be read .*Is a directory"):
+        read_history(str(tmp_path))
+
+
 def test_a_rollout_of_a_keyed_app_requires_keys_of_its_new_replicas(monkeypatch):
     from ray import serve
 

@@ -79,6 +79,13 @@ def test_a_bad_tenants_file_is_refused_naming_line_and_field(text, where):
     assert where in str(info.value)
 
 
+def test_a_tenants_file_that_cannot_be_written_is_named(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for path in ("/proc/raystack/tenants.yaml", str(tmp_path / "a-file" / "tenants.yaml")):
+        with pytest.raises(TenantsError, match=f"tenants file '{path}' cannot be written .*pass --file"):
+            add_key(path, "team-a")
+
+
 def test_the_file_reloads_on_change_and_a_broken_version_keeps_the_last_good(tmp_path, caplog):
     path = str(tmp_path / "tenants.yaml")
     key = add_key(path, "team-a")
