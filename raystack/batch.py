@@ -152,6 +152,17 @@ def _plain(name: str, value):
     return value
 
 
+def _cell_text(value, errors: str = "strict") -> Optional[str]:
+    """A prompt or text cell as ``str`` (None for null): a binary column's bytes (parquet byte arrays written without
+    the UTF-8 annotation) decoded as UTF-8, where ``str()`` would give ``"b'...'"``. ``check_parquet_column`` lets
+    only string and binary columns through."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors)
+    return str(value)
+
+
 class Predictor:
     """Loads the artifact once per actor; each call generates or scores a batch of rows."""
 
@@ -173,7 +184,7 @@ class Predictor:
             outputs = self.loop.run_until_complete(self._generate(batch, rows))
         # Explicit types: every block must write the same schema, even one whose errors are all null.
         columns = {"id": pa.array(list(batch["id"])),
-                   self.column: pa.array([None if v is None else str(v) for v in batch[self.column]], pa.string())}
+                   self.column: pa.array([_cell_text(v, errors="replace") for v in batch[self.column]], pa.string())}
         for name, values in outputs.items():
             columns[name] = pa.array(list(values), OUTPUT_TYPES[name])
         return pa.table(columns)
@@ -186,8 +197,12 @@ class Predictor:
             out["logprobs"] = [None] * rows
         jobs = []
         for i in range(rows):
-            prompt = batch[self.column][i]
-            if prompt is None or (isinstance(prompt, str) and not prompt):
+            try:
+                prompt = _cell_text(batch[self.column][i])
+            except UnicodeDecodeError:
+                out["error"][i] = f"{self.column} is not UTF-8 text"
+                continue
+            if not prompt:
                 out["error"][i] = f"{self.column} is null or empty"
                 continue
             try:
@@ -195,7 +210,7 @@ class Predictor:
                 if values["seed"] is None and cfg.sampling.seed is not None:  # the job's seed is not a row's seed
                     values["seed"] = row_seed(cfg.sampling.seed, batch["id"][i])
                 params = generation_params(values, self.limits, cfg.sampling)
-                tokens = self.engine.encode_prompt(str(prompt))
+                tokens = self.engine.encode_prompt(prompt)
                 self.engine.check_request(len(tokens), params.max_tokens)
             except APIError as e:  # the row's own values: the same rules, in the engine's precision, as the HTTP API
                 out["error"][i] = e.message
@@ -242,10 +257,15 @@ class Predictor:
         out = {"log_likelihood": [None] * len(texts), "perplexity": [None] * len(texts),
                "tokens": [None] * len(texts), "error": [None] * len(texts)}
         for i, text in enumerate(texts):
-            if text is None or not text:
+            try:
+                text = _cell_text(text)
+            except UnicodeDecodeError:
+                out["error"][i] = f"{self.column} is not UTF-8 text"
+                continue
+            if not text:
                 out["error"][i] = f"{self.column} is null or empty"
                 continue
-            tokens = [eot] + engine.tokenizer.encode(str(text))
+            tokens = [eot] + engine.tokenizer.encode(text)
             if len(tokens) > limit:
                 out["error"][i] = (f"text has {len(tokens) - 1} tokens; the model scores at most {limit - 1} "
                                    "(its context less the leading end-of-text token)")

@@ -156,7 +156,8 @@ def cmd_tokenizer(args) -> int:
         for name, data in files.items():
             (out / name).write_bytes(data)
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); pass a directory you can write") from None
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); pass a directory you can "
+                          "write") from None
     print(f"[raystack] wrote {', '.join(sorted(files))} to {out}: load it with "
           f"transformers.AutoTokenizer.from_pretrained({str(out)!r})")
     return 0

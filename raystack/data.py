@@ -152,6 +152,14 @@ def resolve_sources(config: DataConfig) -> ResolvedSources:
     return ResolvedSources(text, parquet, digest.hexdigest()[:16], description)
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    """Whether a parquet column holds text: strings, or bytes (byte arrays without the UTF-8 annotation)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                         pa.types.is_large_binary, pa.types.is_string_view, pa.types.is_binary_view))
+
+
 def check_parquet_column(source: str, fs, paths: list[str], column: str, setting: str) -> list[str]:
     """The column names all ``paths`` share (read from footers only); ``DataError`` naming the file when one is
     unreadable or lacks ``column``, and ``setting``, the option that picks another column."""
@@ -164,6 +172,10 @@ def check_parquet_column(source: str, fs, paths: list[str], column: str, setting
         if column not in schema.names:
             raise DataError(f"parquet file {path!r} has no column {column!r} (it has {schema.names}); "
                             f"set {setting} to the column that holds the text")
+        kind = schema.field(column).type
+        if not _is_text(kind):
+            raise DataError(f"parquet file {path!r}: column {column!r} holds {kind}, not text; set {setting} to a "
+                            "string column")
         common = schema.names if common is None else [n for n in common if n in schema.names]
     return common or []
 

@@ -131,9 +131,9 @@ def test_input_errors_are_clear(ray_session, artifact, tmp_path):
     weights.write_bytes(bytes(weights.stat().st_size))
     with pytest.raises(DataError) as failed:
         run_batch(job(str(altered), good, tmp_path / "o5"))
-    assert str(failed.value).startswith(f"batch inference over {str(good)!r} failed: ") and "\n" not in str(failed.value)
-    assert str(failed.value).endswith("model.safetensors does not match its manifest's sha256; re-run the job that "
-                                      "writes it")
+    message = str(failed.value)
+    assert message.startswith(f"batch inference over {str(good)!r} failed: ") and "\n" not in message
+    assert message.endswith("model.safetensors does not match its manifest's sha256; re-run the job that writes it")
     with pytest.raises(ConfigError, match=r"sampling.temperature: 'temperature' must be in \[0.0, 2.0\], got -1.0"):
         job(artifact, path, tmp_path / "o3", {"temperature": -1})
     with pytest.raises(ConfigError, match="config key 'temperature' is now 'sampling.temperature'"):

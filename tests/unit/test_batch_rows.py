@@ -34,6 +34,39 @@ def test_hostile_row_values_fail_their_row_alone(tmp_path):
     assert [out["completion"][i] for i in (1, 2, 3, 4, 6)] == [None] * 5
 
 
+def test_a_binary_text_column_is_read_as_utf8_text_not_as_its_repr(tmp_path):
+    """Parquet byte arrays written without the UTF-8 annotation arrive as bytes; ``str(b"ab")`` is ``"b'ab'"``."""
+    config = ModelConfig.from_preset("tiny")
+    artifact = save_artifact(str(tmp_path / "model"), config, GPT(config).state_dict())
+    for mode, column in (("generate", "prompt"), ("score", "text")):
+        predictor = Predictor(BatchConfig(model=artifact, input="in", output="out", batch_size=8, num_cpus=1,
+                                          mode=mode, sampling=GenerationParams(max_tokens=4, temperature=0.0)), column)
+        batch = {"id": np.arange(4), column: np.array(["déf f(", "déf f(".encode(), b"\xff\xfe", b""], dtype=object)}
+        out = predictor(batch).to_pydict()
+        assert out[column][:2] == ["déf f(", "déf f("] and out[column][2] == "\ufffd\ufffd", out[column]
+        assert out["error"] == [None, None, f"{column} is not UTF-8 text", f"{column} is null or empty"]
+        produced = "completion" if mode == "generate" else "log_likelihood"
+        assert out[produced][0] == out[produced][1] is not None
+
+
+def test_a_column_that_holds_no_text_is_refused_naming_file_and_type(tmp_path):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from raystack.data import check_parquet_column
+
+    for name, values in (("ints", pa.array([1, 2])), ("lists", pa.array([["a"], ["b"]]))):
+        pq.write_table(pa.table({"prompt": values}), tmp_path / f"{name}.parquet")
+        with pytest.raises(DataError, match=f"{name}.parquet': column 'prompt' holds .*, not text; set prompt_column"):
+            check_parquet_column("in", pafs.LocalFileSystem(), [str(tmp_path / f"{name}.parquet")], "prompt",
+                                 "prompt_column")
+    for values in (pa.array(["a"]), pa.array([b"a"]), pa.array(["a"]).dictionary_encode(),
+                   pa.array(["a"], pa.large_string())):
+        pq.write_table(pa.table({"prompt": values}), tmp_path / "text.parquet")
+        check_parquet_column("in", pafs.LocalFileSystem(), [str(tmp_path / "text.parquet")], "prompt", "prompt_column")
+
+
 @pytest.mark.parametrize("source, output", [
     ("data/", "data/out"), ("data", "data"), ("data/*.parquet", "data/out"), ("data/in/x.parquet", "data"),
     ("s3://b/in/", "s3://b/in/out"), ("s3://b/in/*.parquet", "s3://b/in/run1"),

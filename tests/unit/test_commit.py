@@ -159,5 +159,5 @@ def test_a_location_that_cannot_be_written_is_named_before_anything_is_written(t
     for location in ("/proc/raystack/out", str(tmp_path / "a-file" / "out")):
         with pytest.raises(commit.CommitError, match=f"cannot write to '{location}': .*choose a location this job can"):
             commit.begin(location)
-        with pytest.raises(ConfigError, match=f"storage_path: cannot create '{location}' "):  # a sweep's or run's directory
+        with pytest.raises(ConfigError, match=f"storage_path: cannot create '{location}' "):  # a sweep's, a run's
             storage.make_local_dir(location, "storage_path")
