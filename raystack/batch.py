@@ -197,13 +197,8 @@ class Predictor:
             out["logprobs"] = [None] * rows
         jobs = []
         for i in range(rows):
-            try:
-                prompt = _cell_text(batch[self.column][i])
-            except UnicodeDecodeError:
-                out["error"][i] = f"{self.column} is not UTF-8 text"
-                continue
-            if not prompt:
-                out["error"][i] = f"{self.column} is null or empty"
+            prompt = self._text(batch[self.column][i], out["error"], i)
+            if prompt is None:
                 continue
             try:
                 values = {name: _plain(name, self._value(batch, name, i)) for name in SAMPLING_FIELDS}
@@ -243,6 +238,18 @@ class Predictor:
             loop.run_until_complete(self.engine.shutdown())
             loop.close()
 
+    def _text(self, value, errors: list, i: int) -> Optional[str]:
+        """Row ``i``'s text; None once ``errors[i]`` says why it has none (null, empty, bytes that are not UTF-8)."""
+        try:
+            text = _cell_text(value)
+        except UnicodeDecodeError:
+            errors[i] = f"{self.column} is not UTF-8 text"
+            return None
+        if not text:
+            errors[i] = f"{self.column} is null or empty"
+            return None
+        return text
+
     @staticmethod
     def _value(batch: dict, name: str, i: int):
         """The row's own value of sampling field ``name``; None (the job's ``sampling`` applies) when absent."""
@@ -257,13 +264,8 @@ class Predictor:
         out = {"log_likelihood": [None] * len(texts), "perplexity": [None] * len(texts),
                "tokens": [None] * len(texts), "error": [None] * len(texts)}
         for i, text in enumerate(texts):
-            try:
-                text = _cell_text(text)
-            except UnicodeDecodeError:
-                out["error"][i] = f"{self.column} is not UTF-8 text"
-                continue
-            if not text:
-                out["error"][i] = f"{self.column} is null or empty"
+            text = self._text(text, out["error"], i)
+            if text is None:
                 continue
             tokens = [eot] + engine.tokenizer.encode(text)
             if len(tokens) > limit:

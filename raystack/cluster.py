@@ -161,10 +161,9 @@ def check_http_port(http_options: dict) -> None:
     reads this process's environment) its other ports are checked too (``HAPROXY_PORTS``, ``apply_local_ray_env``).
     A port another program holds is a ``PortInUse``."""
     host, port = str(http_options.get("host") or "127.0.0.1"), http_options.get("port", 8000)
-    if isinstance(port, str) and port.strip().isdigit():  # Serve's HTTPOptions takes "8000" too
-        port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    if not _is_port(str(port)):  # an int, or a string of one: Serve's HTTPOptions takes "8000" too
         raise ConfigError(f"http_options.port must be a TCP port number from 1 to 65535, got {port!r}")
+    port = int(str(port))
     _check_bind(host, port, "another program listens there. Stop it, or serve on another port: --port N (or "
                             "http_options.port in the Serve config file)")
     if os.environ.get("RAY_ADDRESS") or not _haproxy_ingress():
