@@ -110,8 +110,9 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     ``report(metrics, checkpoint=...)`` and ``checkpoint`` (the one to resume from, or None) are Ray Train's or
     Ray Tune's; ``wrap`` turns the model into its data-parallel form; ``gauges.record(metrics)``, when given, sees
     every report (rank 0's Prometheus gauges). ``preemption()`` (Ray Train's ``get_preemption_info``, a collective
-    every rank calls alike), when given, is asked every ``checkpoint.preemption_check_every`` steps: on a notice
-    the loop checkpoints at once and then holds (``_hold_for_preemption``), so no step is lost.
+    every rank calls alike), when given, is asked about every ``checkpoint.preemption_check_s`` seconds of training
+    (``_Asks``): on a notice the loop checkpoints at once and then holds (``_hold_for_preemption``), so no step is
+    lost.
     """
     config = from_dict(TrainJobConfig, loop_config["config"])
     schedule = config.schedule
@@ -127,6 +128,7 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
     share = rank_slice(schedule.batch_size, rank, world_size)
     reporter = _Reporter(config, rank, world_size, device, start_step, train_blocks.shape[1] - 1,
                          _module(model).flops_per_token(train_blocks.shape[1] - 1), report, checkpoint_cls, gauges)
+    asks = _Asks(config.checkpoint.preemption_check_s if preemption is not None else 0)
     for step in range(start_step, schedule.steps):
         lr = lr_at(step, config.optimizer.lr, schedule)
         for group in optimizer.param_groups:
@@ -134,11 +136,11 @@ def run_training(loop_config: dict, rank: int, world_size: int, device, report, 
         ids = batch_indices(step, schedule.batch_size, len(train_blocks), config.seed)[share]
         blocks = torch.from_numpy(train_blocks[ids].astype(np.int64)).to(device, non_blocking=True)
         reporter.add(train_step(model, optimizer, blocks, schedule, config.optimizer.grad_clip, world_size, autocast))
-        every = config.checkpoint.preemption_check_every
-        notice = preemption() if preemption is not None and every and (step + 1) % every == 0 else None
-        reporter.maybe_report(step + 1, lr, model, optimizer,
-                              lambda: evaluate(model, val_blocks, config, rank, world_size, device, autocast),
-                              force_checkpoint=notice is not None)
+        notice = preemption() if asks.due(step + 1) else None
+        step_s = reporter.maybe_report(step + 1, lr, model, optimizer,
+                                       lambda: evaluate(model, val_blocks, config, rank, world_size, device, autocast),
+                                       force_checkpoint=notice is not None)
+        asks.pace(step_s)
         if notice is not None and step + 1 < schedule.steps:
             _hold_for_preemption(notice, rank, step + 1)
 
@@ -163,6 +165,27 @@ def _hold_for_preemption(notice, rank: int, step: int) -> None:
 
 
 HOLD_GRACE_S = 60.0
+
+
+class _Asks:
+    """When the loop asks for a preemption notice: about every ``seconds`` of training (0: never), counted in steps.
+    The ask is a collective (a rank that asked alone would wait for the others), so every rank must ask at the same
+    steps: the count comes from the mean step time of the last report window, which the report all-reduces, so
+    it is the same number on every rank. Until the first report the loop asks every step."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.every, self.last = seconds, 1, 0
+
+    def due(self, done: int) -> bool:
+        if not self.seconds or done - self.last < self.every:
+            return False
+        self.last = done
+        return True
+
+    def pace(self, step_s: float | None) -> None:
+        """After a report: ``step_s``, the window's mean seconds per step (None: no report this step)."""
+        if step_s:
+            self.every = max(1, int(self.seconds / step_s))
 
 
 def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):
@@ -215,17 +238,23 @@ class _Reporter:
         self.loss += loss
         self.steps += 1
 
-    def maybe_report(self, done: int, lr: float, model, optimizer, evaluate, force_checkpoint: bool = False) -> None:
+    def maybe_report(self, done: int, lr: float, model, optimizer, evaluate,
+                     force_checkpoint: bool = False) -> float | None:
+        """Report when one is due, returning the window's mean seconds per step over all ranks (the same float on
+        every rank: ``_Asks`` relies on it); None when no report was due."""
         config = self.config
         last = done == config.schedule.steps
         do_eval = last or (config.eval.every and done % config.eval.every == 0)
         do_checkpoint = last or force_checkpoint or done % config.checkpoint.every == 0
         if not (do_eval or do_checkpoint or done % config.logging.every == 0):
-            return
+            return None
+        seconds = time.perf_counter() - self.start
+        window = torch.stack([self.loss, torch.tensor(seconds, dtype=self.loss.dtype, device=self.loss.device)])
         if self.world_size > 1:
-            torch.distributed.all_reduce(self.loss)
-        tokens_per_s = self.steps * self.tokens_per_step / (time.perf_counter() - self.start)
-        metrics = {"step": done, "loss": self.loss.item() / (self.steps * self.world_size), "lr": lr,
+            torch.distributed.all_reduce(window)
+        loss_sum, seconds_sum = window.tolist()
+        tokens_per_s = self.steps * self.tokens_per_step / seconds
+        metrics = {"step": done, "loss": loss_sum / (self.steps * self.world_size), "lr": lr,
                    "tokens_per_s": tokens_per_s, "world_size": self.world_size,
                    "model_flops_per_s": tokens_per_s * self.flops_per_token, "resumed_from_step": self.start_step}
         metrics["bits_per_byte"] = metrics["loss"] / math.log(2)
@@ -248,8 +277,10 @@ class _Reporter:
                 self.report(metrics, checkpoint=self.checkpoint_cls.from_directory(directory))
         else:
             self.report(metrics)
+        step_s = seconds_sum / (self.world_size * self.steps)
         self.start, self.steps = time.perf_counter(), 0
         self.loss.zero_()
+        return step_s
 
 
 def _identity(config: TrainJobConfig) -> dict:

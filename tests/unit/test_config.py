@@ -51,6 +51,12 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
     ("data.block_size=4096", "data.block_size \\(4096\\) exceeds the model's max_seq_len"),
     ("data.val_fraction=1.5", "data.val_fraction must be in"),
     ("precision=fp8", "precision must be auto, fp32 or bf16"),
+    # Steps between preemption asks became seconds of training between them.
+    ("checkpoint.preemption_check_every=1",
+     "config key 'checkpoint.preemption_check_every' is now 'checkpoint.preemption_check_s'"),
+    ("checkpoint.preemption_check_s=-1", "checkpoint.preemption_check_s must be a number of seconds >= 0"),
+    ("checkpoint.preemption_check_s=.nan", "checkpoint.preemption_check_s must be a number of seconds >= 0"),
+    ("checkpoint.preemption_check_s=.inf", "checkpoint.preemption_check_s must be a number of seconds >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -234,3 +234,45 @@ def test_a_preemption_hold_ends_after_its_grace_when_no_restart_comes(monkeypatc
     loop._hold_for_preemption(PreemptionInfo(deadline_ms=1_020_000, preempted_node_to_ranks={"n1": [0]}), 0, 5)
     assert clock["now"] >= 1020 + loop.HOLD_GRACE_S and "training on" in capsys.readouterr().out
     assert real_time.monotonic() - started < 5
+
+
+def test_preemption_asks_come_about_every_so_many_seconds_of_training():
+    """Asking for a preemption notice is a collective through Ray Train's synchronization actor, so the loop asks
+    about every ``checkpoint.preemption_check_s`` seconds, counted in steps from the last report's mean step time:
+    every step until the first report, never when off."""
+    from raystack.train.loop import _Asks
+
+    def asked(asks, steps, step_s=None, start=1):
+        if step_s is not None:
+            asks.pace(step_s)
+        return [done for done in range(start, start + steps) if asks.due(done)]
+
+    assert asked(_Asks(0), 50, step_s=0.001) == []
+    asks = _Asks(1.0)
+    assert asked(asks, 5) == [1, 2, 3, 4, 5]  # no step time known yet
+    assert asked(asks, 30, step_s=0.1, start=6) == [15, 25, 35]  # 10 steps of 0.1 s after the last ask (5)
+    asks.pace(None)  # a step without a report keeps the pace
+    assert asked(asks, 10, start=36) == [45]
+    assert asked(asks, 3, step_s=4.0, start=46) == [46, 47, 48]  # steps longer than the interval: every step
+
+
+def test_a_report_returns_the_windows_mean_step_time(tmp_path):
+    """The mean seconds per step that paces the preemption asks (the same number on every rank: the report
+    all-reduces it with the loss); nothing between reports."""
+    import time as real_time
+
+    from raystack.train import load_train_config
+    from raystack.train.loop import _Reporter
+
+    config = load_train_config(None, [f"storage_path={tmp_path}", "logging.every=4", "eval.every=0",
+                                      "checkpoint.every=100", "schedule.steps=100"])
+    reports = []
+    reporter = _Reporter(config, 0, 1, torch.device("cpu"), 0, 16, 1.0, lambda m, **kw: reports.append(m), None)
+    step_times = []
+    for done in range(1, 5):
+        reporter.add(torch.tensor(2.0))
+        real_time.sleep(0.02)
+        step_times.append(reporter.maybe_report(done, 1e-3, None, None, lambda: None))
+    assert step_times[:3] == [None, None, None] and 0.02 <= step_times[3] < 0.5
+    assert len(reports) == 1 and reports[0]["loss"] == pytest.approx(2.0) and reports[0]["step"] == 4
+
