@@ -184,8 +184,8 @@ class _Asks:
 
     def pace(self, step_s: float | None) -> None:
         """After a report: ``step_s``, the window's mean seconds per step (None: no report this step)."""
-        if step_s:
-            self.every = max(1, int(self.seconds / step_s))
+        if step_s:  # a huge ``seconds`` over a tiny step is inf as a float: no int, but "never again" all the same
+            self.every = max(1, int(min(self.seconds / step_s, 2**62)))
 
 
 def _initial_state(config: TrainJobConfig, rank: int, world_size: int, device, checkpoint):

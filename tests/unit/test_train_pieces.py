@@ -254,6 +254,7 @@ def test_preemption_asks_come_about_every_so_many_seconds_of_training():
     asks.pace(None)  # a step without a report keeps the pace
     assert asked(asks, 10, start=36) == [45]
     assert asked(asks, 3, step_s=4.0, start=46) == [46, 47, 48]  # steps longer than the interval: every step
+    assert asked(_Asks(1e308), 1000, step_s=1e-3) == []  # the largest interval a config takes: no overflow
 
 
 def test_a_report_returns_the_windows_mean_step_time(tmp_path):
