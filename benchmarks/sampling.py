@@ -1,6 +1,6 @@
 """Sampling op latency: raystack's sort-free paths against the usual sort-based PyTorch sampler, same run.
 
-    python benchmarks/sampling.py [--threads 2] [--repeats 5]
+    python benchmarks/sampling.py [--threads 2] [--repeats 5] [--cuda-only]
 
 For B in {1, 8, 64, 256} and V in {32k, 128k} it prints the CPU fast path's latency next to the sort-based path
 (sort, softmax, cumulative sum, mask, sample) on the same logits and parameters, their ratio, and the memory-read
@@ -8,7 +8,8 @@ floor (bytes of logits / copy bandwidth measured now). Parameters: temperature 0
 serving defaults); one extra line gives top_p 0.9 alone at B=64, V=128k. Goal: >= 3x at B=64, V=128k. Where a CUDA
 GPU is present the same table is printed for the Triton kernel against the sort-based path on the GPU. First, for the
 engine's byte vocabulary (V=257): the C++ sampling op (raystack.kernels.sample_rows) against the NumPy path and the
-sort-based sampler, interleaved, as ratios (below 1 is faster).
+sort-based sampler, interleaved, as ratios (below 1 is faster). ``--cuda-only`` prints the GPU table alone
+(``benchmarks/gpu_check.sh``, where device time is short).
 """
 
 from __future__ import annotations
@@ -126,12 +127,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cuda-only", action="store_true", help="only the Triton kernel's table on a CUDA GPU")
     args = parser.parse_args()
+    if args.cuda_only and not torch.cuda.is_available():
+        sys.exit("--cuda-only: no CUDA GPU here")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} CPU threads, median of {args.repeats} runs")
-    byte_vocabulary(args.repeats)
-    table("cpu", args.repeats, "cpu")
+    if not args.cuda_only:
+        byte_vocabulary(args.repeats)
+        table("cpu", args.repeats, "cpu")
     if torch.cuda.is_available():
         table("cuda", args.repeats * 4, "triton")
     else:

@@ -138,6 +138,7 @@ def test_captured_graphs_replay_the_eager_step_on_cuda():
         positions = [p + 1 for p in positions]
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=4))
     assert engine.runner.graphs is not None and engine.runner.graphs.buckets == [1, 2, 4]
-    assert Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=4, cuda_graphs=False)).graphs is None
-    out = asyncio.run(generate_text(engine, "def main():", GenerationParams(max_tokens=8, temperature=0.0)))
+    assert Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=4, cuda_graphs=False)).runner.graphs is None
+    out = asyncio.run(generate_text(engine, "def main():", GenerationParams(max_tokens=8, temperature=0.0,
+                                                                                 ignore_eos=True)))
     assert len(out["tokens"]) == 8
