@@ -12,7 +12,9 @@ Contract:
   per row, so every call has the same shapes and no host sync; equal to the engine's eager decode within float
   tolerance (tests/unit/test_decode_graphs.py).
 - Inputs reach the device from pinned host buffers with non-blocking copies, ordered on the stream before the
-  replay; the engine reads each step's sampled tokens back before the next step fills the buffers again.
+  replay. A copy reads its buffer when the stream reaches it, so ``run`` refills the buffers only once an event
+  recorded after the last copies says they are made: at once when the engine has read the previous step's sampled
+  tokens back, a short wait when it retries rows one at a time.
 - ``capture=True`` (CUDA only) captures every bucket at construction, largest first, in one shared memory pool, each
   after a warm-up run on a side stream (what capture needs), then checks each graph's replay against the same step
   run eagerly (a ``RuntimeError`` if they differ; ``Engine`` then logs a warning and decodes eagerly).
@@ -56,6 +58,7 @@ class DecodeGraphs:
         self._host_positions = torch.full((largest,), -1, dtype=torch.int64, pin_memory=pin)
         self._tokens = torch.zeros(largest, dtype=torch.int64, device=device)
         self._positions = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self._copied = torch.cuda.Event() if pin else None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._capture_all()
@@ -101,11 +104,15 @@ class DecodeGraphs:
         if len(positions) != n:
             raise ValueError(f"{n} tokens but {len(positions)} positions")
         b = self.bucket(n)
+        if self._copied is not None:
+            self._copied.synchronize()  # the last run's copies have read the buffers
         self._host_tokens[:n] = torch.tensor(tokens, dtype=torch.int64)
         self._host_positions[:n] = torch.tensor(positions, dtype=torch.int64)
         self._host_positions[n:b] = -1
         self._tokens[:b].copy_(self._host_tokens[:b], non_blocking=True)
         self._positions[:b].copy_(self._host_positions[:b], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         if not self.capture:
             return self._step(b)[:n]
         graph, out = self._graphs[b]

@@ -64,6 +64,15 @@ class ModelRunner:
             except Exception as e:  # a capture the driver refuses, or a replay that differs: eager decode still works
                 logger.warning("capturing the decode step as CUDA graphs failed (%s); decoding eagerly", e)
         self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): sampling_params
+        # Per-step integers (the decoded rows among a graph's, the rows' steps) reach a CUDA device through these
+        # pinned buffers with non-blocking copies: from a list (pageable memory) a copy waits for the stream, i.e.
+        # for the decode step just launched. A copy reads its buffer when the stream reaches it, so a buffer is
+        # refilled only once its event says the last copy is made: at once after a step that read its tokens back,
+        # a short wait when rows are retried one at a time (no read-back between them).
+        self._pinned: dict = {}
+        if self.device.type == "cuda":
+            self._pinned = {name: (torch.zeros(config.max_batch_size, dtype=torch.int64, pin_memory=True),
+                                   torch.cuda.Event()) for name in ("rows", "step")}
 
     @torch.inference_mode()
     def step(self, prefills: list, decodes: list):
@@ -133,7 +142,7 @@ class ModelRunner:
             for s in decodes:
                 token_ids[s.slot], position_ids[s.slot] = s.generated[-1], s.position
             out = self.graphs.run(token_ids, position_ids)
-            return out if len(decodes) == last + 1 else out[[s.slot for s in decodes]]
+            return out if len(decodes) == last + 1 else out[self._ints("rows", [s.slot for s in decodes])]
         width = last - first + 1
         if width > len(decodes) + DECODE_SLACK:
             tokens = torch.tensor([s.generated[-1] for s in decodes], device=self.device)
@@ -179,8 +188,18 @@ class ModelRunner:
         if penalties:
             counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
                                   for s in rows]).to(self.device)
-        step = torch.tensor([len(s.generated) for s in rows], dtype=torch.int64, device=self.device)
-        return replace(base, step=step, counts=counts)
+        return replace(base, step=self._ints("step", [len(s.generated) for s in rows]), counts=counts)
+
+    def _ints(self, buffer: str, values: list[int]) -> torch.Tensor:
+        """``values`` as an int64 tensor on the device; on CUDA through the pinned buffer ``buffer``."""
+        host, copied = self._pinned.get(buffer, (None, None))
+        if host is None or len(values) > len(host):
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+        copied.synchronize()
+        host[:len(values)] = torch.tensor(values, dtype=torch.int64)
+        out = host[:len(values)].to(self.device, non_blocking=True)
+        copied.record()
+        return out
 
     @torch.inference_mode()
     def score(self, tokens: list[int], top: int) -> list[tuple[int, Optional[float], Optional[list]]]:

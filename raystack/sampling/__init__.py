@@ -63,6 +63,10 @@ class SamplingParams:
     prompt_mask: Optional[torch.Tensor] = None
     logit_bias: Optional[torch.Tensor] = None
     """float32 ``[B, V]`` added to the logits before anything else (rows without a bias hold zeros)."""
+    min_p_cut: Optional[torch.Tensor] = None
+    """``neg_log_min_p(min_p)`` ``[B]``, computed on the host by ``build`` (None: computed when needed). The Triton
+    kernel takes it: from a CUDA ``min_p`` it would cost a copy to the host, a sync, at every decode step. It is
+    derived from ``min_p``: replacing ``min_p`` (``dataclasses.replace``) needs a new one, or None."""
 
     @classmethod
     def build(cls, batch: int, *, temperature: Union[Number, Sequence[Number]] = 1.0, top_k=0, top_p=1.0,
@@ -75,6 +79,8 @@ class SamplingParams:
             t = torch.as_tensor(value, dtype=dtype, device=device)
             return t.expand(batch).clone() if t.dim() == 0 else t
 
+        host_min_p = torch.as_tensor(min_p, dtype=torch.float32)
+        host_min_p = host_min_p.expand(batch) if host_min_p.dim() == 0 else host_min_p
         return cls(
             temperature=column(temperature, torch.float32), top_k=column(top_k, torch.int64),
             top_p=column(top_p, torch.float32), min_p=column(min_p, torch.float32),
@@ -83,6 +89,7 @@ class SamplingParams:
             presence_penalty=column(presence_penalty, torch.float32),
             frequency_penalty=column(frequency_penalty, torch.float32),
             counts=counts, prompt_mask=prompt_mask, logit_bias=logit_bias,
+            min_p_cut=neg_log_min_p(host_min_p.cpu()).to(device),
         )
 
     def to(self, device) -> "SamplingParams":
@@ -190,11 +197,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool =
         # the CPU path finds NaN rows in its own max pass
         validate(logits, params, check_nan=False, check_params=not params_checked)
         return sample_cpu(logits, params, return_logprobs)
-    validate(logits, params, check_params=not params_checked)
     if backend == "triton":
         from raystack.sampling.triton_kernel import sample_triton
 
-        return sample_triton(logits, params, return_logprobs)
+        # The logits' check after the launch: on CUDA it reads its result back, a host sync, which then waits for the
+        # decode step and the kernel together rather than stalling the launch (a NaN row still raises, naming it).
+        validate(logits, params, check_nan=False, check_params=not params_checked)
+        out = sample_triton(logits, params, return_logprobs)
+        _check_logits(logits)
+        return out
+    validate(logits, params, check_params=not params_checked)
     if backend == "reference":
         from raystack.sampling.reference import sample_reference
 

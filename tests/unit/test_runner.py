@@ -33,7 +33,44 @@ class Row:
 def test_a_step_prefills_decodes_and_samples_rows_it_is_handed():
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("tiny", max_seq_len=64)).eval()
+    _steps_equal_the_whole_forward(model, ModelRunner(model, EngineConfig(max_batch_size=4)))
+
+
+class RecordingEvent:
+    """Stands in for a ``torch.cuda.Event``: logs its calls."""
+
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append((self.name, "wait"))
+
+    def record(self):
+        self.log.append((self.name, "record"))
+
+
+def test_the_cuda_staging_path_gives_the_same_steps_and_refills_a_buffer_only_after_its_copy():
+    """The CUDA path's code, run on CPU: decode through ``DecodeGraphs`` (its fixed-shape step run eagerly) and the
+    step's integers through staging buffers, with events that log their calls. Every step gives what the whole
+    forward gives, and each buffer waits for its last copy before it is refilled and records after each copy."""
+    from raystack.decode_graphs import DecodeGraphs
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", max_seq_len=64)).eval()
     runner = ModelRunner(model, EngineConfig(max_batch_size=4))
+    log: list = []
+    runner.graphs = DecodeGraphs(runner.model, runner.cache, capture=False)
+    runner.graphs._copied = RecordingEvent(log, "inputs")
+    runner._pinned = {name: (torch.zeros(4, dtype=torch.int64), RecordingEvent(log, name))
+                      for name in ("rows", "step")}
+    _steps_equal_the_whole_forward(model, runner)
+    # a prefill step (sampling only), then three decodes over slots 0, 2, 3 (slot 1 idle: the rows' index staged)
+    decode = [("inputs", "wait"), ("inputs", "record"), ("rows", "wait"), ("rows", "record"), ("step", "wait"),
+              ("step", "record")]
+    assert log == [("step", "wait"), ("step", "record")] + decode * 3
+
+
+def _steps_equal_the_whole_forward(model, runner):
     greedy = GenerationParams(temperature=0.0, logprobs=True, top_logprobs=2)
     rows = [Row(0, 0, list(b"def f(x):"), greedy), Row(1, 2, list(b"import os"), greedy),
             Row(2, 3, list(b"class A"), GenerationParams(temperature=0.0))]

@@ -117,3 +117,39 @@ def test_auto_dispatch_uses_the_kernel_for_cuda_logits():
     logits = torch.randn(4, 5000, device="cuda")
     params = SamplingParams.build(4, temperature=0.8, top_k=10, seed=[1, 2, 3, 4])
     assert torch.equal(sample(logits, params).tokens.cpu(), sample(logits.cpu(), params, backend="cpu").tokens)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NumPy on NaN rows
+def test_bad_logits_are_refused_by_row_after_the_launch():
+    """The kernel's path checks the logits after launching (on CUDA one host sync then covers the decode step and the
+    kernel): a NaN, +inf or all -inf row still raises, naming its row, and nothing is returned."""
+    params = SamplingParams.build(3, temperature=0.8, top_p=0.9, min_p=0.1, seed=[1, 2, 3])
+    for row, value in ((1, float("nan")), (2, float("inf"))):
+        logits = torch.randn(3, 300)
+        logits[row, 7] = value
+        with pytest.raises(ValueError, match=f"logits of row {row} contain NaN"):
+            sample(logits.to(DEVICE), params, backend="triton")
+    logits = torch.randn(3, 300)
+    logits[0] = float("-inf")
+    with pytest.raises(ValueError, match="logits of row 0"):
+        sample(logits.to(DEVICE), params, backend="triton")
+
+
+def test_min_p_cut_is_built_on_the_host_and_gives_the_kernel_what_min_p_gives():
+    """``build`` computes min-p's cut once (the kernel would otherwise copy ``min_p`` to the host every step); the
+    kernel's tokens are the same with it and without it (None: computed from ``min_p``), and it follows select."""
+    from dataclasses import replace
+
+    from raystack.sampling import neg_log_min_p
+
+    min_p = [0.0, 0.05, 0.3, 0.99999994]
+    params = SamplingParams.build(4, temperature=1.0, min_p=min_p, seed=[5, 6, 7, 8], step=3)
+    assert torch.equal(params.min_p_cut, neg_log_min_p(torch.tensor(min_p)))
+    assert torch.isinf(params.min_p_cut[0]) and params.min_p_cut.dtype == torch.float32
+    logits = (torch.randn(4, 700) * 3).to(DEVICE)
+    built = sample_triton(logits, params, return_logprobs=True, block=256)
+    derived = sample_triton(logits, replace(params, min_p_cut=None), return_logprobs=True, block=256)
+    assert torch.equal(built.tokens, derived.tokens) and torch.equal(built.logprobs, derived.logprobs)
+    rows = torch.tensor([2, 0])
+    assert torch.equal(params.select(rows).min_p_cut, params.min_p_cut[rows])
+    assert SamplingParams.build(3, min_p=0.2).min_p_cut.tolist() == neg_log_min_p(torch.full((3,), 0.2)).tolist()
