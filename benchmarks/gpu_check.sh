@@ -21,6 +21,9 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HOME=${GPU_CHECK_HOME:-$(mktemp -d)}  # Triton's and PyTorch's caches: never the user's home
+# The CPU decode op (raystack.kernels) is not what this checks, and building it would take minutes of the lease:
+# the tests' CPU variants run the same step in PyTorch ops.
+export RAYSTACK_CPU_KERNELS=0
 
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "no CUDA GPU visible to $py (torch.cuda.is_available() is False, or torch is missing): nothing to check" >&2
