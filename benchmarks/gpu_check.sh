@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh        # from the repository root; logs go to $OUT (the device tool's) or ./gpu-check
 #
-# Parts, each with its own time limit (the whole run ends within about 8 minutes):
+# Parts, each with its own time limit (together at most 8.5 minutes, 9 with the kill grace):
 #   env          the GPU, driver, PyTorch, CUDA and Triton versions;
 #   tests        the tests of the GPU paths, on the GPU: the Triton sampler against the reference sampler
 #                (test_sampling_triton), CUDA-graph capture and replay against the eager step (test_decode_graphs),
