@@ -64,9 +64,10 @@ class SamplingParams:
     logit_bias: Optional[torch.Tensor] = None
     """float32 ``[B, V]`` added to the logits before anything else (rows without a bias hold zeros)."""
     min_p_cut: Optional[torch.Tensor] = None
-    """``neg_log_min_p(min_p)`` ``[B]``, computed on the host by ``build`` (None: computed when needed). The Triton
-    kernel takes it: from a CUDA ``min_p`` it would cost a copy to the host, a sync, at every decode step. It is
-    derived from ``min_p``: replacing ``min_p`` (``dataclasses.replace``) needs a new one, or None."""
+    """``neg_log_min_p(min_p)`` ``[B]``, computed on the host by ``build`` (None: computed when needed, ``cut``). The
+    samplers take it: the engine keeps a batch's parameters across its decode steps, so the cut is computed once per
+    batch, and from a CUDA ``min_p`` it would cost a copy to the host, a sync, every step. It is derived from
+    ``min_p``: replacing ``min_p`` (``dataclasses.replace``) needs a new one, or None."""
 
     @classmethod
     def build(cls, batch: int, *, temperature: Union[Number, Sequence[Number]] = 1.0, top_k=0, top_p=1.0,
@@ -99,6 +100,13 @@ class SamplingParams:
     def select(self, rows: torch.Tensor) -> "SamplingParams":
         return SamplingParams(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
                                  for f in fields(self)})
+
+    def cut(self) -> torch.Tensor:
+        """Min-p's cut on ``-z`` per row (``inf`` where min-p is off), on ``min_p``'s device: ``min_p_cut``, or
+        computed from ``min_p`` on the host, bit for bit the same, where it was not built."""
+        if self.min_p_cut is not None:
+            return self.min_p_cut
+        return neg_log_min_p(self.min_p.cpu()).to(self.min_p.device)
 
     @property
     def has_penalties(self) -> bool:
@@ -143,8 +151,9 @@ def validate(logits: torch.Tensor, params: SamplingParams, check_nan: bool = Tru
         raise ValueError("prompt_mask needs counts (pass zeros when nothing was generated yet)")
     on_cpu = params.temperature.device.type == "cpu"  # NumPy there: these few checks cost their dispatch
     xp = np if on_cpu else torch
-    v = {f.name: getattr(params, f.name).numpy() if on_cpu else getattr(params, f.name)
-         for f in fields(params) if f.name not in ("counts", "prompt_mask", "logit_bias")}
+    v = {name: getattr(params, name).numpy() if on_cpu else getattr(params, name)  # the fields checked below
+         for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                      "frequency_penalty")}
     checks = [
         ("temperature", ~xp.isfinite(v["temperature"]) | (v["temperature"] < 0), "a finite number >= 0"),
         ("top_k", v["top_k"] < -1, "-1, 0 (off) or a positive integer"),

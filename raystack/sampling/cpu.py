@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raystack.sampling import SampleOutput, SamplingParams, neg_log_min_p
+from raystack.sampling import SampleOutput, SamplingParams
 from raystack.sampling.philox import uniform_cached
 from raystack.sampling.reference import apply_penalties
 
@@ -40,6 +40,7 @@ class _Rows:
         pick = (lambda t: t.numpy()) if rows is None else (lambda t: t.numpy()[rows])
         self.temperature, self.top_k = pick(params.temperature), pick(params.top_k)
         self.top_p, self.min_p = pick(params.top_p), pick(params.min_p)
+        self.min_p_cut = pick(params.cut())  # the kernel's and the reference's cut, bit for bit
         self.seed, self.step = pick(params.seed), pick(params.step)
         self.k_on = (self.top_k > 0) & (self.top_k < V)
         self.p_on, self.m_on = self.top_p < 1, self.min_p > 0
@@ -87,9 +88,8 @@ def sample_cpu(logits: torch.Tensor, params: SamplingParams, return_logprobs: bo
         x = logits.to(torch.float32)
         if params.has_penalties or params.logit_bias is not None:
             x = apply_penalties(x, params)
-        nlm = neg_log_min_p(params.min_p) if bool((params.min_p > 0).any()) else torch.full((len(x),), np.inf)
         u = uniform_cached(params.seed.numpy(), params.step.numpy()).astype(np.float64)
-        tokens, logprobs = op(x.contiguous(), params.temperature, params.top_k, params.top_p, nlm,
+        tokens, logprobs = op(x.contiguous(), params.temperature, params.top_k, params.top_p, params.cut(),
                               torch.from_numpy(u))
         return SampleOutput(tokens, logprobs if return_logprobs else None)
     x = _logits(logits, params)
@@ -217,10 +217,7 @@ def _survivors(x, row_max, p: _Rows, want_ids: bool = True):
         total = np.zeros(len(z), dtype=np.float64)
         if needs_total.any():
             total[needs_total] = np.exp(z[needs_total]).astype(np.float64).sum(axis=1)
-    if p.m_on.any():  # the kernel's and the reference's cut, bit for bit
-        nlm = neg_log_min_p(torch.from_numpy(p.min_p)).numpy()
-    else:
-        nlm = np.full(len(z), np.inf, dtype=np.float32)
+    nlm = p.min_p_cut
     values, ids = _candidates(z, p, total, nlm, want_ids)
     C = values.shape[1]
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from raystack.sampling import SampleOutput, SamplingParams, neg_log_min_p
+from raystack.sampling import SampleOutput, SamplingParams
 
 INF_KEY = 0x7F800000  # bits of +inf: the key of z = -inf
 
@@ -232,7 +232,7 @@ def sample_triton(logits: torch.Tensor, params: SamplingParams, return_logprobs:
     counts = params.counts.to(torch.int32).contiguous() if params.has_penalties else logits
     prompt = params.prompt_mask.to(torch.uint8).contiguous() if params.prompt_mask is not None else logits
     bias = params.logit_bias.to(torch.float32).contiguous() if params.logit_bias is not None else logits
-    nlm = params.min_p_cut if params.min_p_cut is not None else neg_log_min_p(params.min_p.cpu()).to(device)
+    nlm = params.cut()
     _sample_kernel[(B,)](
         logits, counts, prompt, bias, params.temperature.float(), params.top_k, params.top_p.float(), nlm, params.seed,
         params.step, params.repetition_penalty.float(), params.presence_penalty.float(),

@@ -270,3 +270,20 @@ def test_packed_sort_orders_like_a_stable_descending_argsort(rows):
     assert np.array_equal(np.take_along_axis(values, got_ids, 1), got_values)  # each id carries its own value
     no_signed_zero = ~((values == 0) & np.signbit(values)).any(axis=1)
     assert np.array_equal(got_ids[no_signed_zero], order[no_signed_zero])
+
+
+@pytest.mark.parametrize("V", [257, 5000])  # the C++ op's vocabularies, and the NumPy path's
+def test_the_cpu_path_takes_min_p_cut_from_build_and_gives_what_min_p_gives(V):
+    """The CPU path reads min-p's cut from the parameters (built once per batch, not per step); without it (None) the
+    cut is computed from ``min_p``, and the tokens and log-probabilities are the same."""
+    from dataclasses import replace
+
+    torch.manual_seed(11)
+    logits = torch.randn(6, V) * 3
+    params = SamplingParams.build(6, temperature=[1.0, 0.7, 1.3, 1.0, 0.9, 1.0], min_p=[0, 0.05, 0.2, 0.5, 0, 0.01],
+                                  top_p=[1, 0.9, 1, 1, 0.8, 1], seed=list(range(6)), step=4)
+    built = sample(logits, params, return_logprobs=True, backend="cpu")
+    derived = sample(logits, replace(params, min_p_cut=None), return_logprobs=True, backend="cpu")
+    reference = sample(logits, params, return_logprobs=True, backend="reference")
+    assert torch.equal(built.tokens, derived.tokens) and torch.equal(built.logprobs, derived.logprobs)
+    assert torch.equal(built.tokens, reference.tokens)
