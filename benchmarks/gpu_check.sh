@@ -9,7 +9,8 @@
 #   tests        the tests of the GPU paths, on the GPU: the Triton sampler against the reference sampler
 #                (test_sampling_triton), CUDA-graph capture and replay against the eager step (test_decode_graphs),
 #                and the engine's correctness tests (test_engine: batched == alone, stop strings never leak,
-#                cancellation frees the slot), whose engines pick CUDA, bf16 and CUDA graphs where a GPU is present;
+#                cancellation frees the slot) on CUDA with CUDA graphs: float32 where a row's tokens alone and
+#                batched are compared, bf16 (CUDA's default) elsewhere, and bf16 batched == alone up to a near-tie;
 #   graphs       benchmarks/decode_graphs.py: the decode step and the engine with CUDA graphs against eager;
 #   sampling     benchmarks/sampling.py --cuda-only: the Triton kernel against the sort-based sampler on the GPU.
 # A part that fails or runs out of time is reported and the next one runs. Exit status 0 only when all passed.
