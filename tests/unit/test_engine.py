@@ -57,7 +57,7 @@ def make_engine(model, slots=8, device="cpu", dtype="auto"):
 def exact_engine(model, slots=8, device="cpu"):
     """An engine for the tests that compare a row's tokens alone and batched: float32 on every device. In bf16 on
     CUDA, cuBLAS may pick another kernel for another batch size, and a product rounded differently can tip a near-tie
-    of this random model's flat logits (``test_bf16_on_cuda_...``); in float32 the difference is ~1e-7 of a logit."""
+    (``test_in_bf16_...``); float32 rounds 2^16 times finer."""
     return make_engine(model, slots, device, dtype="float32")
 
 
