@@ -30,7 +30,7 @@ import torch
 
 from raystack.decode_graphs import DecodeGraphs
 from raystack.model import GPT, KVCache, pack_linears
-from raystack.sampling import SamplingParamError, SamplingParams, sample, validate
+from raystack.sampling import SamplingParamError, SamplingParams, sample, to_device, validate
 
 logger = logging.getLogger(__name__)
 
@@ -171,23 +171,22 @@ class ModelRunner:
             p = [s.params for s in rows]
             bias = None
             if any(s.bias is not None for s in rows):
-                bias = torch.stack([s.bias if s.bias is not None else torch.zeros(vocab) for s in rows]).to(self.device)
-            self._params = key, SamplingParams.build(
+                bias = torch.stack([s.bias if s.bias is not None else torch.zeros(vocab) for s in rows])
+            self._params = (None, None, False)  # never kept unchecked
+            built = SamplingParams.build(  # on the host, checked there (NumPy), then moved: no wait for the GPU
                 len(rows), temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
                 top_p=[x.top_p for x in p], min_p=[min(x.min_p, 0.99999994) for x in p],  # API min_p=1: the max
                 seed=[s.seed for s in rows], repetition_penalty=[x.repetition_penalty for x in p],
                 presence_penalty=[x.presence_penalty for x in p], frequency_penalty=[x.frequency_penalty for x in p],
-                logit_bias=bias, device=self.device), any(x.uses_penalties for x in p)
-            try:
-                validate(logits, self._params[1], check_nan=False)
-            except Exception:
-                self._params = (None, None, False)  # never kept unchecked
-                raise
+                logit_bias=bias)
+            validate(logits, built, check_nan=False)
+            self._params = key, built.to(self.device, non_blocking=True), any(x.uses_penalties for x in p)
         _, base, penalties = self._params
         counts = None
         if penalties:
             counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, dtype=torch.int32)
-                                  for s in rows]).to(self.device)
+                                  for s in rows])
+            counts = to_device(counts, self.device, non_blocking=True)
         return replace(base, step=self._ints("step", [len(s.generated) for s in rows]), counts=counts)
 
     def _ints(self, buffer: str, values: list[int]) -> torch.Tensor:

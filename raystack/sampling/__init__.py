@@ -93,9 +93,9 @@ class SamplingParams:
             min_p_cut=neg_log_min_p(host_min_p.cpu()).to(device),
         )
 
-    def to(self, device) -> "SamplingParams":
-        return SamplingParams(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                                 for f in fields(self)})
+    def to(self, device, non_blocking: bool = False) -> "SamplingParams":
+        return SamplingParams(**{f.name: None if getattr(self, f.name) is None
+                                 else to_device(getattr(self, f.name), device, non_blocking) for f in fields(self)})
 
     def select(self, rows: torch.Tensor) -> "SamplingParams":
         return SamplingParams(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
@@ -119,6 +119,15 @@ class SampleOutput:
     """Chosen token ids ``[B]`` (int64)."""
     logprobs: Optional[torch.Tensor]
     """Log-probability of each chosen token under the final filtered distribution ``[B]`` (float32), on request."""
+
+
+def to_device(t: torch.Tensor, device, non_blocking: bool = False) -> torch.Tensor:
+    """``t`` on ``device``. ``non_blocking`` from the host to CUDA: through pinned memory, so the copy is queued on
+    the stream instead of waiting for the work before it (from pageable memory it would); PyTorch's pinned-block
+    cache keeps the block until its copy is made."""
+    if non_blocking and t.device.type == "cpu" and torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=non_blocking)
 
 
 def _first_bad_row(bad: torch.Tensor) -> Optional[int]:
@@ -230,4 +239,4 @@ def neg_log_min_p(min_p: torch.Tensor) -> torch.Tensor:
     return torch.where(min_p > 0, -torch.log(safe), math.inf).to(torch.float32)
 
 
-__all__ = ["SamplingParams", "SampleOutput", "SamplingParamError", "sample", "validate", "neg_log_min_p"]
+__all__ = ["SamplingParams", "SampleOutput", "SamplingParamError", "sample", "validate", "neg_log_min_p", "to_device"]

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from raystack.sampling import SamplingParams, sample  # noqa: E402
+from raystack.sampling import SamplingParams, sample, to_device  # noqa: E402
 from raystack.sampling.reference import filter_logits, filtered_probs  # noqa: E402
 from raystack.sampling.triton_kernel import sample_triton  # noqa: E402
 from tests.unit.sampling_cases import bias_case, g_test_p_value, grid_params, tie_logits  # noqa: E402
@@ -117,6 +117,32 @@ def test_auto_dispatch_uses_the_kernel_for_cuda_logits():
     logits = torch.randn(4, 5000, device="cuda")
     params = SamplingParams.build(4, temperature=0.8, top_k=10, seed=[1, 2, 3, 4])
     assert torch.equal(sample(logits, params).tokens.cpu(), sample(logits.cpu(), params, backend="cpu").tokens)
+
+
+def test_to_device_leaves_a_host_tensor_for_the_host_as_it_is():
+    t = torch.arange(10, dtype=torch.int32)
+    assert to_device(t, "cpu", non_blocking=True) is t and to_device(t, torch.device("cpu")) is t
+    params = SamplingParams.build(2, temperature=[0.5, 1.0], min_p=0.1, logit_bias=torch.zeros(2, 7))
+    assert params.to("cpu", non_blocking=True).temperature is params.temperature
+
+
+@pytest.mark.gpu
+def test_to_device_queues_host_tensors_for_cuda_through_pinned_memory():
+    """What the engine's runner does with a batch's parameters (built and checked on the host) and penalty counts:
+    every field arrives, equal, and the host tensor itself is left pageable and untouched."""
+    from dataclasses import fields
+
+    params = SamplingParams.build(2, temperature=[0.5, 1.0], top_k=[3, 0], min_p=[0.0, 0.2], seed=[7, 8],
+                                  counts=torch.tensor([[0, 2, 1], [1, 0, 0]], dtype=torch.int32),
+                                  logit_bias=torch.tensor([[0.0, 1.5, -2.0], [0.0, 0.0, 0.0]]))
+    moved = params.to("cuda", non_blocking=True)
+    for f in fields(params):
+        host, device = getattr(params, f.name), getattr(moved, f.name)
+        if host is None:
+            assert device is None, f.name
+            continue
+        assert device.is_cuda and torch.equal(device.cpu(), host), f.name
+        assert not host.is_pinned(), f.name
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NumPy on NaN rows
