@@ -316,9 +316,14 @@ def _model(body: dict, model_name: str, required: bool = True) -> Optional[str]:
     if not isinstance(model, str):
         raise _bad("model", "you must provide a 'model' parameter (a string)")
     if model != model_name:
-        raise APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
+        raise model_not_found(model, model_name)
     return model
+
+
+def model_not_found(model: str, model_name: str) -> APIError:
+    """OpenAI's 404 for a model this server does not serve."""
+    return APIError(404, f"The model '{model[:200]}' does not exist; this server serves '{model_name}'",
+                    param="model", code="model_not_found")
 
 
 def _check_user(body: dict) -> None:
@@ -495,9 +500,14 @@ def chunk_body(request: CompletionRequest, choices: list[dict], usage: Optional[
     return body
 
 
+def model_body(model_name: str, created: int) -> dict:
+    """The model object of ``GET /v1/models/{model}`` (OpenAI's retrieve)."""
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "raystack"}
+
+
 def models_body(model_name: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "raystack"}]}
+    """``GET /v1/models`` (OpenAI's list): the one model this server serves."""
+    return {"object": "list", "data": [model_body(model_name, created)]}
 
 
 # -- chat completions ----------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (OpenAI's shapes; ``stream: true`` sends
 server-sent events ending with ``data: [DONE]``; ``raystack.openai_api`` says what each field does),
-``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /v1/models``, ``GET /health`` (never needs a key).
+``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /v1/models`` and ``GET /v1/models/{model}`` (OpenAI's
+list and retrieve), ``GET /health`` (never needs a key).
 One deployment, ``LLMServer``, is both the FastAPI ingress and the engine's home, so a request costs one hop from
 Serve's proxy. It autoscales between ``min_replicas`` and ``max_replicas`` on the engine's own load, KV-slot
 occupancy and waiting sequences (``raystack.autoscale``; ``autoscaling_policy: requests`` for Serve's request count);
@@ -73,8 +74,9 @@ from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFail
 from raystack.engine_process import EngineProcess
 from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, RequestLimits, chat_logprobs_content,
                                  check_sampling_section, choice_seed, chunk_body, completion_body, context_error,
-                                 decode_body, logprobs_object, models_body, parse_chat, parse_completion,
-                                 parse_detokenize, parse_tokenize, TextOffsets, token_string)
+                                 decode_body, logprobs_object, model_body, model_not_found, models_body,
+                                 parse_chat, parse_completion, parse_detokenize, parse_tokenize, TextOffsets,
+                                 token_string)
 
 logger = logging.getLogger(__name__)
 
@@ -623,6 +625,13 @@ class LLMServer:
     async def models(self, request: Request):
         self._authorize(request)
         return models_body(self.config.model_name, self.created)
+
+    @app.get("/v1/models/{model:path}")  # a path: model ids may hold slashes ("org/name")
+    async def model(self, request: Request, model: str):
+        self._authorize(request)
+        if model != self.config.model_name:
+            raise model_not_found(model, self.config.model_name)
+        return model_body(self.config.model_name, self.created)
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with a 413 as soon as it passes ``max_body_bytes`` (declared or streamed)."""

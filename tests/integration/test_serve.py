@@ -89,6 +89,11 @@ def test_the_official_openai_client_works(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["raystack"]
+    assert client.models.retrieve("raystack").id == "raystack"
+    for other in ("gpt-4", "org/name"):  # a model id may hold a slash: still this route's 404, not "no such route"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(other)
+        assert missing.value.body["code"] == "model_not_found" and other in missing.value.body["message"]
     completion = client.completions.create(model="raystack", prompt=["a = ", "b = "], max_tokens=5, n=2, seed=1,
                                            logprobs=1)
     assert sorted(c.index for c in completion.choices) == [0, 1, 2, 3]
@@ -163,7 +168,7 @@ def test_malformed_bodies_and_unknown_models_never_500(server):
 def test_api_keys_guard_every_route_but_health(server):
     secure = f"{server}/secure"
     assert httpx.get(f"{secure}/health", timeout=30).status_code == 200
-    for route in ("/v1/models", "/docs", "/redoc", "/openapi.json"):
+    for route in ("/v1/models", "/v1/models/raystack", "/v1/models/other", "/docs", "/redoc", "/openapi.json"):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             response = httpx.get(f"{secure}{route}", headers=headers, timeout=30)
             assert response.status_code == 401, (route, headers, response.text)
