@@ -82,6 +82,12 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ChatMessageTextPart]]
     name: Optional[str] = None
+    # What an assistant message from a response carries besides its text, taken back at its empty value only.
+    refusal: None = None
+    tool_calls: Optional[list] = Field(None, max_length=0, description="Not supported: null or [] only.")
+    function_call: None = None
+    audio: None = None
+    annotations: Optional[list] = Field(None, max_length=0, description="null or [] only.")
 
 
 class ChatCompletionRequest(_Sampling):

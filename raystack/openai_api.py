@@ -522,6 +522,10 @@ CHAT_FIELDS = {
 CHAT_NO_OPS = {"tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
                "response_format": ({"type": "text"},), "store": (False,), "modalities": (["text"],)}
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+# Fields a message may carry only at their empty value: what an assistant message from a response holds besides
+# role and content (``messages.append(completion.choices[0].message)`` in the official SDK sends ``refusal: null``).
+MESSAGE_NO_OPS = {"refusal": (None,), "tool_calls": (None, []), "function_call": (None,), "audio": (None,),
+                  "annotations": (None, [])}
 MAX_MESSAGES = 1024
 
 
@@ -571,10 +575,14 @@ def _messages(value: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _bad(where, f"'{where}' must be an object with 'role' and 'content'")
-        unknown = sorted(set(message) - {"role", "content", "name"})
+        unknown = sorted(set(message) - {"role", "content", "name"} - set(MESSAGE_NO_OPS))
         if unknown:
             raise _bad(f"{where}.{unknown[0][:100]}", f"'{where}' has an unsupported field {unknown[0][:100]!r} "
                                                       "(this server takes role, content and name)")
+        for key, empty in MESSAGE_NO_OPS.items():
+            if key in message and message[key] not in empty:
+                raise _bad(f"{where}.{key}", f"'{where}.{key}' is not supported by this server (only "
+                                             f"{' or '.join(json.dumps(e) for e in empty)})")
         role = message.get("role")
         if role is None:
             raise _bad(f"{where}.role", f"'{where}.role' is required: one of {', '.join(CHAT_ROLES)}")

@@ -602,6 +602,10 @@ def test_chat_completions_streamed_and_not_with_the_models_logprobs(server):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="raystack", messages=[{"role": "user"}])
     assert error.value.body["param"] == "messages[0].content"
+    # A chat loop hands the reply's message object back as it is (the SDK sends its refusal: null with it).
+    history = [*messages, first.message, {"role": "user", "content": "again"}]
+    again = client.chat.completions.create(model="raystack", messages=history, max_completion_tokens=2, seed=3)
+    assert again.usage.prompt_tokens == len(f"{rendered} {first.message.content}\nuser: again\nassistant:".encode())
 
 
 def test_tokenize_detokenize_and_the_typed_openapi_document(server):

@@ -3,8 +3,8 @@
 import pytest
 
 from raystack import api_schema as schema
-from raystack.openai_api import (CHAT_FIELDS, KNOWN_FIELDS, APIError, ChatTemplate, RequestLimits, parse_chat,
-                                 parse_completion)
+from raystack.openai_api import (CHAT_FIELDS, KNOWN_FIELDS, MESSAGE_NO_OPS, APIError, ChatTemplate, RequestLimits,
+                                 parse_chat, parse_completion)
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
 
 LIMITS = RequestLimits(vocab_size=257, max_model_len=4096, max_sequences=64)
@@ -21,6 +21,23 @@ def parse(model, body: dict):
 def test_every_field_the_parser_takes_is_documented_and_nothing_else():
     assert set(schema.CompletionRequest.model_fields) == KNOWN_FIELDS
     assert set(schema.ChatCompletionRequest.model_fields) == CHAT_FIELDS
+    assert set(schema.ChatMessage.model_fields) == {"role", "content", "name", *MESSAGE_NO_OPS}
+
+
+def test_a_message_field_taken_only_empty_is_so_in_the_schema_and_the_parser():
+    """An assistant message as a response returned it (``refusal: null``, and what other servers add empty) is taken
+    back; a non-empty one is refused by both, naming the field."""
+    for field, empties in MESSAGE_NO_OPS.items():
+        for empty in empties:
+            message = {"role": "assistant", "content": "y", field: empty}
+            schema.ChatMessage.model_validate(message)
+            parse(schema.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}, message]})
+        message = {"role": "assistant", "content": "y", field: [{"type": "function"}] if [] in empties else "z"}
+        with pytest.raises(ValueError):
+            schema.ChatMessage.model_validate(message)
+        with pytest.raises(APIError) as error:
+            parse(schema.ChatCompletionRequest, {"messages": [message]})
+        assert error.value.param == f"messages[0].{field}" and "not supported" in error.value.message
 
 
 def bounds(model):
