@@ -205,6 +205,22 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class Model(BaseModel):
+    """``GET /v1/models/{model}`` (OpenAI's model object)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: the one model this server serves."""
+
+    object: Literal["list"]
+    data: list[Model]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -227,10 +243,12 @@ def request_body(model: type[BaseModel]) -> dict:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-def error_responses() -> dict:
+def error_responses(*statuses: int) -> dict:
+    """The error responses a route documents: ``statuses``, or all of them."""
     return {status: {"model": ErrorResponse, "description": text} for status, text in (
         (400, "Invalid request: the error's param names the field"), (401, "Missing or wrong API key"),
-        (404, "Unknown model"), (413, "Body too large"), (503, "Overloaded: retry after Retry-After seconds"))}
+        (404, "Unknown model"), (413, "Body too large"), (503, "Overloaded: retry after Retry-After seconds"))
+        if not statuses or status in statuses}
 
 
 def add_request_schemas(schema: dict) -> dict:

@@ -621,12 +621,13 @@ class LLMServer:
             raise APIError(404, "Not Found (the docs routes are off: docs: false)")
         self._authorize(request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": schema.ModelList}, **schema.error_responses(401)})
     async def models(self, request: Request):
         self._authorize(request)
         return models_body(self.config.model_name, self.created)
 
-    @app.get("/v1/models/{model:path}")  # a path: model ids may hold slashes ("org/name")
+    @app.get("/v1/models/{model:path}",  # a path: model ids may hold slashes ("org/name")
+             responses={200: {"model": schema.Model}, **schema.error_responses(401, 404)})
     async def model(self, request: Request, model: str):
         self._authorize(request)
         if model != self.config.model_name:

@@ -91,6 +91,11 @@ def test_the_served_document_holds_request_and_response_schemas():
         assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
         assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert request in components and response in components
+    for path, response, errors in (("/v1/models", "ModelList", {"401"}),
+                                   ("/v1/models/{model}", "Model", {"401", "404"})):
+        get = document["paths"][path]["get"]
+        assert get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
+        assert errors <= set(get["responses"]) and "400" not in get["responses"]
     temperature = components["CompletionRequest"]["properties"]["temperature"]["anyOf"][0]
     assert temperature == {"type": "number", "minimum": 0, "maximum": 2}
     assert all(ref.startswith("#/components/schemas/") for ref in _refs(document))
@@ -107,3 +112,11 @@ def _refs(node):
     elif isinstance(node, list):
         for item in node:
             yield from _refs(item)
+
+
+def test_the_model_routes_bodies_are_their_documented_shapes():
+    from raystack.openai_api import model_body, models_body
+
+    assert schema.ModelList.model_validate(models_body("org/name", 7)).data[0].id == "org/name"
+    assert schema.Model.model_validate(model_body("raystack", 7)).model_dump() == {
+        "id": "raystack", "object": "model", "created": 7, "owned_by": "raystack"}
