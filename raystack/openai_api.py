@@ -24,9 +24,9 @@ default, ``<|endoftext|>``: a new document.
 Face renders them; ``raystack.tokenizer.DEFAULT_CHAT_TEMPLATE`` unless the artifact or the serve spec brings one)
 and generates from there with the same sampling fields, ``max_completion_tokens`` as ``max_tokens``, and
 ``logprobs: true`` + ``top_logprobs`` in the chat shape.
-Every number is checked in the precision the engine uses: integers must fit in int64, and a non-zero float must
-stay non-zero and normal as a float32 (``|x| >= 1.18e-38``), since ``top_p = 1e-50`` would otherwise reach the
-sampler as 0. ``top_k`` at or beyond the vocabulary keeps every token, like 0 and -1. ``repetition_penalty`` is in
+Every number is checked in the precision the engine uses: integers must fit in int64 (``5.0`` is the integer 5, as
+in JSON Schema), and a float closer to 0 than float32's smallest normal number (1.18e-38) is read as 0, or as
+1.18e-38 where 0 is out of range (``top_p = 1e-50`` would otherwise reach the sampler as 0, or as a subnormal). ``top_k`` at or beyond the vocabulary keeps every token, like 0 and -1. ``repetition_penalty`` is in
 [0.01, 2] so a penalised logit cannot overflow. The ``n`` samples of one prompt draw with seeds ``seed + j``
 wrapped into int64 (``choice_seed``).
 
@@ -110,21 +110,38 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         raise _bad(name, f"'{name}' must be a finite number")
     if value < low or value > high or (low_open and value == low):
         raise _bad(name, f"'{name}' must be in {opening}{low}, {high}], got {value!r}")
-    if value != 0 and abs(value) < FLOAT32_SMALLEST_NORMAL:
-        raise _bad(name, f"'{name}' = {value!r} is too close to 0 for float32, the precision the sampler uses; "
-                         f"use 0 or a magnitude of at least 1.2e-38")
+    if value != 0 and abs(value) < FLOAT32_SMALLEST_NORMAL:  # no normal float32 this close to 0: the nearest one
+        value = FLOAT32_SMALLEST_NORMAL if low_open and low == 0 else 0.0  # within the range: checked above
     single = as_float32(value)  # checked against the bounds in float32 too: 0.01 is 0.00999999977 there, and fine
     if single < as_float32(low) or single > as_float32(high) or (low_open and single == as_float32(low)):
         raise _bad(name, f"'{name}' = {value!r} rounds to {single!r} in float32, outside {opening}{low}, {high}]")
     return value
 
 
+def _as_int(value: Any) -> Optional[int]:
+    """``value`` as an integer where JSON Schema calls it one: an int, or a float without a fraction (``5.0``: JSON
+    has one number type, and some clients write every number so); None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():  # False for inf and nan
+        return int(value)
+    return None
+
+
 def _integer(body: dict, name: str, default: Optional[int], low: int, high: int = INT64_MAX) -> Optional[int]:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, f"'{name}' must be an integer, got {type(value).__name__}")
+    number = _as_int(value)
+    if number is None:
+        got = type(value).__name__
+        if isinstance(value, float):
+            got = ("NaN" if math.isnan(value) else "a number beyond a double's range" if math.isinf(value)
+                   else "a number with a fraction")
+        raise _bad(name, f"'{name}' must be an integer, got {got}")
+    value = number
     if value < low or value > high:
         shown = str(value) if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
         raise _bad(name, f"'{name}' must be between {low} and {high}, got {shown}")
@@ -219,7 +236,7 @@ def _prompts(value: Any, limits: RequestLimits) -> list:
     if isinstance(value, list) and value:
         if all(isinstance(x, str) for x in value):
             return [_text_prompt(x, limits) for x in value]
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        if all(_as_int(x) is not None for x in value):
             return [_token_ids(value, limits)]
         if all(isinstance(x, list) for x in value):
             return [_token_ids(x, limits) for x in value]
@@ -237,9 +254,10 @@ def _token_ids(ids: list, limits: RequestLimits) -> list[int]:
     if len(ids) >= limits.max_model_len:
         raise context_error(len(ids), 1, limits.max_model_len)
     vocab_size = limits.vocab_size
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+    ids = [_as_int(i) for i in ids]
+    if not ids or not all(i is not None and 0 <= i < vocab_size for i in ids):
         raise _bad("prompt", f"token-id prompts must be non-empty lists of integers in [0, {vocab_size})")
-    return list(ids)
+    return ids
 
 
 def _prompt_count(value: Any) -> int:
@@ -354,6 +372,8 @@ def _logit_bias(body: dict, vocab_size: int) -> Optional[dict[int, float]]:
         token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19 else -1
         if not 0 <= token < vocab_size:
             raise _bad("logit_bias", f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {key[:40]!r}")
+        if amount is None:
+            raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got null for {key[:40]!r}")
         bias[token] = _number({"logit_bias": amount}, "logit_bias", 0.0, -100.0, 100.0)
     return bias or None
 
@@ -580,7 +600,7 @@ def _messages(value: Any) -> list[dict]:
             raise _bad(f"{where}.{unknown[0][:100]}", f"'{where}' has an unsupported field {unknown[0][:100]!r} "
                                                       "(this server takes role, content and name)")
         for key, empty in MESSAGE_NO_OPS.items():
-            if key in message and message[key] not in empty:
+            if key in message and not _one_of(message[key], empty):
                 raise _bad(f"{where}.{key}", f"'{where}.{key}' is not supported by this server (only "
                                              f"{' or '.join(json.dumps(e) for e in empty)})")
         role = message.get("role")
@@ -616,16 +636,33 @@ def _content(value: Any, where: str) -> str:
     raise _bad(where, f"'{where}' must be a string or a list of text parts, got {type(value).__name__}")
 
 
+def _one_of(value: Any, allowed: tuple) -> bool:
+    """``value`` is one of ``allowed`` as JSON sees it: ``0`` is not ``false`` (Python's ``0 == False``)."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _metadata(value: Any) -> None:
+    """OpenAI's ``metadata`` (accepted, unused): at most 16 pairs, keys of at most 64 characters, string values of at
+    most 512."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or len(value) > 16:
+        raise _bad("metadata", "'metadata' must be an object of at most 16 key-value pairs")
+    for key, text in value.items():
+        if len(key) > 64 or not isinstance(text, str) or len(text) > 512:
+            raise _bad("metadata", f"'metadata' keys must have at most 64 characters and values be strings of at "
+                                   f"most 512, got {key[:64]!r}")
+
+
 def parse_chat(body: Any, model_name: str, limits: RequestLimits, template: ChatTemplate,
                defaults: Optional[GenerationParams] = None, stop: tuple = ()) -> ChatRequest:
     """``body`` of ``POST /v1/chat/completions`` as a ``ChatRequest`` whose one prompt is the rendered conversation;
     ``stop`` (the template's turn markers) is added to the request's own stop strings."""
     _known_fields(body, CHAT_FIELDS)
     for name, allowed in CHAT_NO_OPS.items():
-        if body.get(name) is not None and body[name] not in allowed:
+        if body.get(name) is not None and not _one_of(body[name], allowed):
             raise _bad(name, f"'{name}' is not supported by this server (only {json.dumps(allowed[0])})")
-    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
-        raise _bad("metadata", "'metadata' must be an object")
+    _metadata(body.get("metadata"))
     model = _model(body, model_name)
     n = _integer(body, "n", 1, 1, MAX_N)
     if n > limits.max_sequences:
@@ -682,8 +719,8 @@ def parse_detokenize(body: Any, model_name: str, limits: RequestLimits) -> list[
     """vLLM's ``POST /detokenize`` body: ``tokens``, a list of token ids."""
     body = _optional_model(body, model_name, {"model", "tokens"})
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                               and 0 <= t < limits.vocab_size for t in tokens):
+    tokens = [_as_int(t) for t in tokens] if isinstance(tokens, list) else None
+    if tokens is None or not all(t is not None and 0 <= t < limits.vocab_size for t in tokens):
         raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {limits.vocab_size})")
     if len(tokens) > 4 * limits.max_model_len:
         raise _bad("tokens", f"'tokens' holds more than {4 * limits.max_model_len} ids")

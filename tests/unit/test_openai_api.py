@@ -23,14 +23,25 @@ def refused(raw: bytes) -> APIError:
     return error.value
 
 
+def test_an_integer_written_as_a_float_is_read_as_the_integer():
+    """``5.0`` is an integer to JSON Schema (JSON has one number type) and to pydantic-based servers such as vLLM;
+    it reaches the engine as the int 5. ``5.5``, ``1e400`` (inf), and booleans are refused."""
+    request = parse(max_tokens=5.0, n=2.0, seed=1e3, top_k=4.0, prompt=[1.0, 2.0])
+    assert (request.params.max_tokens, request.n, request.params.seed, request.params.top_k) == (5, 2, 1000, 4)
+    assert request.prompts == [[1, 2]] and all(type(x) is int for x in request.prompts[0])
+    assert type(request.params.max_tokens) is int and type(request.params.seed) is int
+    for value in (5.5, True):
+        with pytest.raises(APIError, match="'max_tokens' must be an integer"):
+            parse(max_tokens=value)
+    assert refused(b'{"model": "raystack", "prompt": "x", "max_tokens": 1e400}').param == "max_tokens"
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"top_k": 2**63}, "top_k"),                      # beyond int64: took the engine down before
-    ({"top_p": 1e-50}, "top_p"),                      # 0 in float32
-    ({"top_p": 1e-45}, "top_p"),                      # a float32 subnormal
     ({"repetition_penalty": 1e-40}, "repetition_penalty"),
     ({"repetition_penalty": 1e-50}, "repetition_penalty"),
-    ({"min_p": 1e-300}, "min_p"),
-    ({"presence_penalty": 5e-324}, "presence_penalty"),
+    ({"top_p": -1e-50}, "top_p"),
+    ({"min_p": -1e-300}, "min_p"),
     ({"temperature": 10**400}, "temperature"),        # OverflowError in float() before
     ({"max_tokens": 2**64}, "max_tokens"),
     ({"seed": 2**63}, "seed"),
@@ -40,6 +51,21 @@ def test_numbers_outside_the_engines_precision_are_refused(fields, param):
     with pytest.raises(APIError) as error:
         parse(**fields)
     assert error.value.status == 400 and error.value.param == param
+
+
+@pytest.mark.parametrize("field, value, read", [
+    ("top_p", 1e-50, 1.1754943508222875e-38),  # 0 in float32, then a division by 0 in the sampler: its least normal
+    ("top_p", 1e-45, 1.1754943508222875e-38),  # a float32 subnormal
+    ("temperature", 1e-40, 0.0),               # greedy
+    ("min_p", 1e-300, 0.0),
+    ("presence_penalty", 5e-324, 0.0),
+    ("frequency_penalty", -1e-39, 0.0),
+    ("top_p", 1.1754943508222875e-38, 1.1754943508222875e-38),
+])
+def test_a_float_closer_to_0_than_float32_holds_is_read_as_the_nearest_safe_one(field, value, read):
+    """JSON Schema (and OpenAI) call these valid; float32 has no normal number there, so the parser rounds."""
+    assert getattr(parse(**{field: value}).params, field) == read
+    assert parse(logit_bias={"5": 1e-40}).params.logit_bias == {5: 0.0}
 
 
 def test_values_that_fit_the_engine_are_kept_in_range():
