@@ -9,16 +9,37 @@ two in step: every field the parser knows is documented with its type and range,
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from raystack.engine import MAX_TOP_LOGPROBS
-from raystack.openai_api import MAX_N
+from raystack.openai_api import MAX_MESSAGES, MAX_N
+from raystack.tokenizer import VOCAB_SIZE
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
-Stop = Union[str, Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)], None]
-LogitBias = Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]]
+
+def below(n: int) -> str:
+    """A regular expression for the decimal numbers in [0, n), leading zeros allowed (how the parser reads a token
+    id given as an object key: ``int`` of ASCII digits)."""
+    top = str(n - 1)
+    if len(top) == 1:
+        alternatives = [f"[0-{top}]"]
+    else:
+        alternatives = ["[0-9]"] + [f"[1-9][0-9]{{{k - 1}}}" for k in range(2, len(top))]
+        for i, digit in enumerate(map(int, top)):  # top's own length: a prefix of top, then a smaller digit
+            low = 1 if i == 0 else 0
+            if digit > low:
+                alternatives.append(f"{top[:i]}[{low}-{digit - 1}]" + "[0-9]" * (len(top) - i - 1))
+        alternatives.append(top)
+    return f"^0*(?:{'|'.join(alternatives)})$"
+
+
+TokenIds = list[Annotated[int, Field(ge=0, le=VOCAB_SIZE - 1)]]
+StopString = Annotated[str, Field(min_length=1)]
+Stop = Union[StopString, Annotated[list[StopString], Field(max_length=4)], None]
+LogitBias = Optional[Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(json_schema_extra={
+    "propertyNames": {"pattern": below(VOCAB_SIZE), "maxLength": 18}})]]
 
 
 class _Strict(BaseModel):
@@ -59,7 +80,12 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: Union[str, list[str], TokenIds, list[TokenIds], None] = Field(
+    model_config = ConfigDict(extra="forbid", json_schema_extra={  # max_tokens 0 scores the echoed prompt
+        "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+        "then": {"required": ["echo"], "properties": {"echo": {"const": True}}}})
+
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)], Annotated[TokenIds, Field(min_length=1)],
+                  Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)], None] = Field(
         None, description="Text, texts, token ids or lists of token ids; null = <|endoftext|> (a new document).")
     max_tokens: Optional[int] = Field(None, ge=0, description="Tokens to generate; 0 only with echo (score the "
                                                               "prompt). Default 16 (or the serve spec's).")
@@ -70,17 +96,20 @@ class CompletionRequest(_Sampling):
                                                    "logprobs).")
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N, description="Draw this many and return the n with the "
                                                                      "highest log-probability; not streamable.")
-    suffix: Optional[str] = Field(None, description="Not supported by this model: null or empty only.")
+    suffix: Optional[str] = Field(None, max_length=0, description="Not supported by this model: null or empty only.")
 
 
-class ChatMessageTextPart(_Strict):
+class ChatMessageTextPart(BaseModel):
+    """A text part; any other key (a client's ``cache_control``) is ignored."""
+
+    model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ChatMessageTextPart]]
+    content: Union[str, Annotated[list[ChatMessageTextPart], Field(min_length=1)]]
     name: Optional[str] = None
     # What an assistant message from a response carries besides its text, taken back at its empty value only.
     refusal: None = None
@@ -90,22 +119,32 @@ class ChatMessage(_Strict):
     annotations: Optional[list] = Field(None, max_length=0, description="null or [] only.")
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``: ``messages`` rendered by the model's chat template."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={  # top_logprobs needs logprobs: true
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Optional[int] = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = Field(None, description="Return each token's log-probability (the model's own).")
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token; "
                                                                                      "needs logprobs.")
-    tools: Optional[list] = Field(None, description="Not supported: null or [] only.")
+    tools: Optional[list] = Field(None, max_length=0, description="Not supported: null or [] only.")
     tool_choice: Optional[Literal["none"]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict] = Field(None, description='Only {"type": "text"}.')
+    response_format: Optional[TextFormat] = Field(None, description='Only {"type": "text"}.')
     store: Optional[Literal[False]] = None
-    metadata: Optional[dict[str, str]] = None
-    modalities: Optional[list[Literal["text"]]] = None
+    metadata: Optional[Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                                 Field(max_length=16)]] = Field(None, description="Accepted and unused (OpenAI's "
+                                                                                  "limits: 16 pairs of strings).")
+    modalities: Optional[Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)]] = None
 
 
 class Usage(BaseModel):
@@ -181,9 +220,13 @@ class ChatCompletionResponse(BaseModel):
 class TokenizeRequest(_Strict):
     """``POST /tokenize`` (vLLM's): exactly one of ``prompt`` and ``messages``."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [  # a null one counts as absent
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+
     model: Optional[str] = None
     prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    messages: Optional[Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]] = None
     add_special_tokens: Optional[bool] = None
     add_generation_prompt: Optional[bool] = None
     return_token_strs: Optional[bool] = None
@@ -249,6 +292,45 @@ def error_responses(*statuses: int) -> dict:
         (400, "Invalid request: the error's param names the field"), (401, "Missing or wrong API key"),
         (404, "Unknown model"), (413, "Body too large"), (503, "Overloaded: retry after Retry-After seconds"))
         if not statuses or status in statuses}
+
+
+def for_deployment(document: dict, model_name: str, max_model_len: int, max_sequences: int) -> dict:
+    """A copy of ``document`` for one deployment: every request's ``model`` is the served model's id (another is a
+    404), and prompts and ``max_tokens`` are bounded by its context, so a client generator or a fuzzer sends what
+    this server takes. What no schema can say is left to the 400s: prompt + ``max_tokens`` within the context,
+    prompts x ``n`` within ``max_sequences``."""
+    document = copy.deepcopy(document)
+    schemas = document["components"]["schemas"]
+    for name in (m.__name__ for m in REQUEST_MODELS):
+        for option in _options(schemas[name]["properties"]["model"]):
+            if option.get("type") == "string":
+                option["enum"] = [model_name]
+    within = max_model_len - 1  # a prompt holds at least one token, so does a completion
+    for option in _options(schemas["CompletionRequest"]["properties"]["prompt"]):
+        if option.get("type") == "string":
+            option["maxLength"] = within  # every character is at least one byte token
+        elif option.get("type") == "array":
+            items = option["items"]
+            if items.get("type") == "string":
+                option["maxItems"], items["maxLength"] = max_sequences, within
+            elif items.get("type") == "integer":
+                option["maxItems"] = within
+            else:
+                option["maxItems"], items["maxItems"] = max_sequences, within
+    for name, field in (("CompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_tokens"),
+                        ("ChatCompletionRequest", "max_completion_tokens")):
+        for option in _options(schemas[name]["properties"][field]):
+            if option.get("type") == "integer":
+                option["maximum"] = within
+    for option in _options(schemas["TokenizeRequest"]["properties"]["prompt"]):
+        if option.get("type") == "string":
+            option["maxLength"] = 4 * max_model_len
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["maxItems"] = 4 * max_model_len
+    return document
+
+
+def _options(prop: dict) -> list[dict]:
+    return prop.get("anyOf", [prop])
 
 
 def add_request_schemas(schema: dict) -> dict:

@@ -26,9 +26,10 @@ and generates from there with the same sampling fields, ``max_completion_tokens`
 ``logprobs: true`` + ``top_logprobs`` in the chat shape.
 Every number is checked in the precision the engine uses: integers must fit in int64 (``5.0`` is the integer 5, as
 in JSON Schema), and a float closer to 0 than float32's smallest normal number (1.18e-38) is read as 0, or as
-1.18e-38 where 0 is out of range (``top_p = 1e-50`` would otherwise reach the sampler as 0, or as a subnormal). ``top_k`` at or beyond the vocabulary keeps every token, like 0 and -1. ``repetition_penalty`` is in
-[0.01, 2] so a penalised logit cannot overflow. The ``n`` samples of one prompt draw with seeds ``seed + j``
-wrapped into int64 (``choice_seed``).
+1.18e-38 where 0 is out of range (``top_p = 1e-50`` would otherwise reach the sampler as 0, or as a subnormal).
+``top_k`` at or beyond the vocabulary keeps every token, like 0 and -1. ``repetition_penalty`` is in [0.01, 2] so a
+penalised logit cannot overflow. The ``n`` samples of one prompt draw with seeds ``seed + j`` wrapped into int64
+(``choice_seed``).
 
 ``RequestLimits`` bound the work one request can ask for: ``len(prompts) * n`` sequences at most, and prompts no
 longer than the context, checked before any prompt is tokenized.

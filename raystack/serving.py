@@ -230,7 +230,11 @@ async def _api_error(request: Request, error: APIError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException):
-    return _error_response(APIError(error.status_code, str(error.detail), type="invalid_request_error"))
+    headers = dict(error.headers or {})  # a 405's Allow (RFC 9110 requires it)
+    message = str(error.detail)
+    if error.status_code == 405 and headers.get("Allow"):
+        message = f"{request.method[:20]} is not allowed on {request.url.path[:200]}; use {headers['Allow']}"
+    return _error_response(APIError(error.status_code, message, type="invalid_request_error", headers=headers))
 
 
 @app.exception_handler(RequestValidationError)
@@ -601,7 +605,9 @@ class LLMServer:
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
         self._docs_allowed(request)
-        document, root = schema.add_request_schemas(app.openapi()), request.scope.get("root_path", "")
+        document = schema.for_deployment(schema.add_request_schemas(app.openapi()), self.config.model_name,
+                                         self.limits.max_model_len, self.limits.max_sequences)
+        root = request.scope.get("root_path", "")
         return JSONResponse({**document, "servers": [{"url": root}]} if root else document)  # as FastAPI's route
 
     @app.get("/docs", include_in_schema=False)

@@ -162,6 +162,9 @@ def test_malformed_bodies_and_unknown_models_never_500(server):
     response = complete(server, prompt="x", model="gpt-4")
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert httpx.get(f"{server}/nowhere", timeout=30).status_code == 404
+    wrong = httpx.get(f"{server}/v1/completions", timeout=30)  # RFC 9110: a 405 names the methods that are allowed
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST", wrong.headers
+    assert wrong.json()["error"]["message"] == "GET is not allowed on /v1/completions; use POST"
     assert complete(server, prompt="still alive", max_tokens=2).status_code == 200
 
 
@@ -624,6 +627,43 @@ def test_tokenize_detokenize_and_the_typed_openapi_document(server):
     assert request["logprobs"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 20}
     chat_request = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"messages", "max_completion_tokens", "top_logprobs"} <= set(chat_request)
+    assert request["model"]["enum"] == chat_request["model"]["enum"] == ["raystack"]  # the one served
+
+
+def _tool_venv(name: str, requirements: tuple, binary: str) -> str:
+    """``binary`` from a venv of its own holding ``requirements`` (a client tool's dependencies never touch the
+    project's pins), kept under .venv/ and reused while its pins are unchanged."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tag = hashlib.sha256(" ".join(requirements).encode()).hexdigest()[:10]
+    venv = Path(__file__).resolve().parents[2] / ".venv" / f"{name}-{tag}"
+    if not (venv / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *requirements], check=True, timeout=1200)
+        (venv / ".installed").touch()
+    return str(venv / "bin" / binary)
+
+
+SCHEMATHESIS = ("schemathesis==4.32.5",)
+
+
+def test_schemathesis_fuzzing_the_served_openapi_document_finds_nothing(server, tmp_path):
+    """The standard OpenAPI fuzzer, from the document a replica serves, with every check but one: no 5xx, every
+    status, header and body as documented, every schema-invalid body refused, every unsupported method a 405 with
+    ``Allow``. Left out: ``positive_data_acceptance``, since a schema cannot say that prompt + ``max_tokens`` must fit
+    the context (test_api_schema holds the parser and the document to each other at every other edge)."""
+    import subprocess
+
+    schemathesis = _tool_venv("schemathesis", SCHEMATHESIS, "schemathesis")
+    run = subprocess.run([schemathesis, "run", f"{server}/openapi.json", "--checks", "all", "--exclude-checks",
+                          "positive_data_acceptance", "--max-examples", "30", "--seed", "1", "--generation-database",
+                          "none", "--request-timeout", "60", "--workers", "1", "--no-color"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-6000:] + run.stderr[-2000:]
+    assert "Tested: 7" in run.stdout  # every route: the two model routes, completions, chat, (de)tokenize, health
 
 
 LM_EVAL = ("lm-eval[api]==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3")
@@ -632,20 +672,7 @@ LM_EVAL = ("lm-eval[api]==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3")
 
 @pytest.fixture(scope="module")
 def lm_eval_bin() -> str:
-    """``lm_eval`` from a venv the test makes (kept under .venv/ and reused while its pins are unchanged)."""
-    import hashlib
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tag = hashlib.sha256(" ".join(LM_EVAL).encode()).hexdigest()[:10]
-    venv = Path(__file__).resolve().parents[2] / ".venv" / f"lm-eval-{tag}"
-    binary = venv / "bin" / "lm_eval"
-    if not (venv / ".installed").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *LM_EVAL], check=True, timeout=1200)
-        (venv / ".installed").touch()
-    return str(binary)
+    return _tool_venv("lm-eval", LM_EVAL, "lm_eval")
 
 
 def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process(server, lm_eval_bin, tmp_path):
