@@ -588,7 +588,8 @@ class LLMServer:
             if self.keys and key_matches(presented, self.keys):
                 return DEFAULT_TENANT if book is not None else None
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                       type="invalid_request_error", code="invalid_api_key")
+                       type="invalid_request_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})  # RFC 9110: a 401 names the scheme it wants
 
     def _record_gauges(self) -> None:
         self.metrics.queue.set(self.engine.queue_depth)

@@ -176,6 +176,7 @@ def test_api_keys_guard_every_route_but_health(server):
             response = httpx.get(f"{secure}{route}", headers=headers, timeout=30)
             assert response.status_code == 401, (route, headers, response.text)
             assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
     keyed = {"Authorization": f"Bearer {KEY}"}
     schema = httpx.get(f"{secure}/openapi.json", headers=keyed, timeout=30)
     assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
