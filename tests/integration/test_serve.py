@@ -661,7 +661,8 @@ def test_schemathesis_fuzzing_the_served_openapi_document_finds_nothing(server, 
     schemathesis = _tool_venv("schemathesis", SCHEMATHESIS, "schemathesis")
     run = subprocess.run([schemathesis, "run", f"{server}/openapi.json", "--checks", "all", "--exclude-checks",
                           "positive_data_acceptance", "--max-examples", "30", "--seed", "1", "--generation-database",
-                          "none", "--request-timeout", "60", "--workers", "1", "--no-color"],
+                          "none", "--request-timeout", "60", "--workers", "1", "--no-color",
+                          "--suppress-health-check", "too_slow"],  # a busy machine is slow, not wrong
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-6000:] + run.stderr[-2000:]
     assert "Tested: 7" in run.stdout  # every route: the two model routes, completions, chat, (de)tokenize, health
