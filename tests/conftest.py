@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_OVERRIDES, free_port
+from tests.helpers import TINY_OVERRIDES, free_port, prepare_tools
 
 REPO = Path(__file__).resolve().parent.parent
 _SESSION_TMP: Path | None = None  # the session's temp dir, set by pytest_configure
@@ -44,6 +44,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_collection_finish(session):
+    """Begin installing the client tools the selected tests run (``@pytest.mark.tools``) now, in the background:
+    a fresh clone's installs (minutes) then overlap the tests that run before those that need them."""
+    if session.config.option.collectonly:
+        return
+    prepare_tools(dict.fromkeys(name for item in session.items for mark in item.iter_markers("tools")
+                                for name in mark.args))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from raystack.checkpoint import save_artifact
 from raystack.cluster import start_serve, stop_serve
 from raystack.model import GPT, ModelConfig
 from raystack.serving import build_app
-from tests.helpers import free_port
+from tests.helpers import free_port, tool
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-0123456789"
@@ -631,26 +631,7 @@ def test_tokenize_detokenize_and_the_typed_openapi_document(server):
     assert request["model"]["enum"] == chat_request["model"]["enum"] == ["raystack"]  # the one served
 
 
-def _tool_venv(name: str, requirements: tuple, binary: str) -> str:
-    """``binary`` from a venv of its own holding ``requirements`` (a client tool's dependencies never touch the
-    project's pins), kept under .venv/ and reused while its pins are unchanged."""
-    import hashlib
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tag = hashlib.sha256(" ".join(requirements).encode()).hexdigest()[:10]
-    venv = Path(__file__).resolve().parents[2] / ".venv" / f"{name}-{tag}"
-    if not (venv / ".installed").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *requirements], check=True, timeout=1200)
-        (venv / ".installed").touch()
-    return str(venv / "bin" / binary)
-
-
-SCHEMATHESIS = ("schemathesis==4.32.5",)
-
-
+@pytest.mark.tools("schemathesis")
 def test_schemathesis_fuzzing_the_served_openapi_document_finds_nothing(server, tmp_path):
     """The standard OpenAPI fuzzer, from the document a replica serves, with every check but one: no 5xx, every
     status, header and body as documented, every schema-invalid body refused, every unsupported method a 405 with
@@ -658,7 +639,7 @@ def test_schemathesis_fuzzing_the_served_openapi_document_finds_nothing(server, 
     the context (test_api_schema holds the parser and the document to each other at every other edge)."""
     import subprocess
 
-    schemathesis = _tool_venv("schemathesis", SCHEMATHESIS, "schemathesis")
+    schemathesis = tool("schemathesis")
     run = subprocess.run([schemathesis, "run", f"{server}/openapi.json", "--checks", "all", "--exclude-checks",
                           "positive_data_acceptance", "--max-examples", "30", "--seed", "1", "--generation-database",
                           "none", "--request-timeout", "60", "--workers", "1", "--no-color",
@@ -668,16 +649,8 @@ def test_schemathesis_fuzzing_the_served_openapi_document_finds_nothing(server, 
     assert "Tested: 7" in run.stdout  # every route: the two model routes, completions, chat, (de)tokenize, health
 
 
-LM_EVAL = ("lm-eval[api]==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3")
-"""The evaluation harness and its Hugging Face tokenizer, pinned, in a venv of their own (never the project's)."""
-
-
-@pytest.fixture(scope="module")
-def lm_eval_bin() -> str:
-    return _tool_venv("lm-eval", LM_EVAL, "lm_eval")
-
-
-def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process(server, lm_eval_bin, tmp_path):
+@pytest.mark.tools("lm-eval")
+def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process(server, tmp_path):
     """lm-eval's local-completions model, with the artifact's own tokenizer through transformers.AutoTokenizer, runs
     a log-likelihood multiple-choice task and a generate_until task against the live server. The answers are set
     from the model's in-process results (some right, some wrong), so each accuracy is a known figure that any
@@ -741,7 +714,7 @@ def test_lm_evaluation_harness_scores_and_generates_as_the_model_does_in_process
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run(
-        [lm_eval_bin, "run", "--model", "local-completions", "--model_args",
+        [tool("lm-eval"), "run", "--model", "local-completions", "--model_args",
          f"model=raystack,base_url={server}/v1/completions,tokenizer={tokenizer_dir},tokenizer_backend=huggingface,"
          "num_concurrent=1,max_retries=1", "--tasks", "raystack_mc,raystack_gen", "--include_path", str(tasks),
          "--output_path", str(tmp_path / "out"), "--log_samples"],
