@@ -213,9 +213,11 @@ def test_a_preempted_node_costs_no_steps(cluster):
     import re
 
     shared = cluster["root"] / "shared"
-    # Long enough that the drain lands mid-run (it lands near step 80 here, at 5 steps/s), short enough that the
-    # one-worker run after the restart (most of this test's time) stays small.
-    steps = 400
+    # Long enough that the drain lands mid-run (near step 110 here, at 5 steps/s, ~15 s after the third metrics
+    # line), short enough that the one-worker run after the restart stays small. The restart itself takes ~85 s:
+    # Ray Train first tries 2 workers (its resource view still counts the lost node) and falls back to 1 only when
+    # that worker group's start times out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s).
+    steps = 300
     submitted = raystack("submit", "train", "--address", cluster["url"], "--",
                          "--set", "name=preempted", "--set", f"storage_path={shared}",
                          "--set", "scaling.num_workers=[1,2]", "--set", "scaling.placement_strategy=STRICT_SPREAD",
