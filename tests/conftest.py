@@ -91,6 +91,9 @@ def ray_session(s3_endpoint):
         object_store_memory=150 * 1024**2,
         _temp_dir=str(_SESSION_TMP / "ray"),
         log_to_driver=True,
+        # Workers send their metrics to the node's Prometheus endpoint every second (Ray's default: 10 s), so a
+        # test's short run shows its gauges there while it lasts.
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield ray
     ray.shutdown()

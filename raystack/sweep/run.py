@@ -28,6 +28,7 @@ from raystack.data import prepare_blocks
 from raystack.sweep.space import SweepSpace
 from raystack.sweep_report import write_report
 from raystack.train import StopWithoutCheckpoint, TrainMetrics, run_training, train_loop
+from raystack.train.job import polling_reports_promptly
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def _fit_data_parallel(space: SweepSpace, config, loop_config: dict, storage_pat
             callbacks=[TuneReportCallback(), StopWithoutCheckpoint()],
         ),
     )
-    trainer.fit()
+    with polling_reports_promptly(workers):
+        trainer.fit()
 
 
 def _require_state_api(timeout_s: float = 30.0) -> None:

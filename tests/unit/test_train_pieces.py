@@ -216,6 +216,27 @@ def test_a_worker_without_a_usable_checkpoint_ends_the_run_instead_of_restarting
         callback.after_exception(None, {0: RuntimeError("Traceback ...\nraystack.train.loop.NoUsableCheckpoint: none")})
 
 
+def test_ray_train_polls_for_reports_promptly_unless_the_user_chose_an_interval(monkeypatch):
+    """Ray Train's controller takes one report per worker per poll (2 s apart by default); ``fit`` and data-parallel
+    sweep trials poll faster around ``TorchTrainer.fit``, slower for larger groups, and leave a user's value alone."""
+    from raystack.train.job import POLL_ENV, polling_reports_promptly, report_poll_s
+
+    assert POLL_ENV == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # the variable Ray Train reads (and hands its controller)
+    assert [report_poll_s(n) for n in (1, 2, 10, 50, 200, 1000)] == [0.1, 0.1, 0.1, 0.5, 2.0, 2.0]
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    with polling_reports_promptly(2):
+        assert os.environ[POLL_ENV] == "0.1"
+    assert POLL_ENV not in os.environ  # set for the fit only, so the next fit's group size counts
+    with pytest.raises(RuntimeError), polling_reports_promptly(64):
+        assert os.environ[POLL_ENV] == "0.64"
+        raise RuntimeError("the run failed")
+    assert POLL_ENV not in os.environ
+    monkeypatch.setenv(POLL_ENV, "5")
+    with polling_reports_promptly(2):
+        assert os.environ[POLL_ENV] == "5"
+    assert os.environ[POLL_ENV] == "5"
+
+
 def test_a_preemption_hold_ends_after_its_grace_when_no_restart_comes(monkeypatch, capsys):
     """After a preemption notice the loop holds (its steps would be thrown away); a drain with no deadline does not
     hold at all, and a hold whose restart never comes ends after HOLD_GRACE_S instead of hanging the run."""
