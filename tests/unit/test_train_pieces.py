@@ -219,9 +219,12 @@ def test_a_worker_without_a_usable_checkpoint_ends_the_run_instead_of_restarting
 def test_ray_train_polls_for_reports_promptly_unless_the_user_chose_an_interval(monkeypatch):
     """Ray Train's controller takes one report per worker per poll (2 s apart by default); ``fit`` and data-parallel
     sweep trials poll faster around ``TorchTrainer.fit``, slower for larger groups, and leave a user's value alone."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
     from raystack.train.job import POLL_ENV, polling_reports_promptly, report_poll_s
 
-    assert POLL_ENV == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # the variable Ray Train reads (and hands its controller)
+    # The variable Ray Train's controller reads, and one it takes from the driver's environment.
+    assert POLL_ENV == HEALTH_CHECK_INTERVAL_S_ENV_VAR and POLL_ENV in ENV_VARS_TO_PROPAGATE
     assert [report_poll_s(n) for n in (1, 2, 10, 50, 200, 1000)] == [0.1, 0.1, 0.1, 0.5, 2.0, 2.0]
     monkeypatch.delenv(POLL_ENV, raising=False)
     with polling_reports_promptly(2):
