@@ -217,8 +217,8 @@ def test_a_preempted_node_costs_no_steps(cluster):
     shared = cluster["root"] / "shared"
     # Long enough that the drain lands mid-run (its notice reached the loop near step 180 here, ~20 steps/s with
     # two workers, ~15 s after the first metrics line), short enough that the one-worker run after the restart
-    # stays small (~50 steps/s). The restart takes one worker-group start timeout (15 s on this cluster): Ray Train
-    # first tries 2 workers (its resource view still counts the lost node), and 1 when that start times out.
+    # stays small (~50 steps/s). The restart waits out one or two worker-group start timeouts (15 s on this
+    # cluster): Ray Train tries 2 workers while its resource view still counts the lost node, then 1.
     steps = 1000
     submitted = raystack("submit", "train", "--address", cluster["url"], "--",
                          "--set", "name=preempted", "--set", f"storage_path={shared}",
