@@ -36,6 +36,13 @@ Contract:
   holds less: the preempted sequence goes back to waiting and is recomputed from its prompt and the tokens it has
   generated when readmitted (vLLM's recompute preemption), so its output does not change. A high-priority request
   waits one step for a slot, however many low-priority ones fill the engine.
+- Prefix caching (``EngineConfig.prefix_caching``, on by default): a free slot keeps the keys and values of the
+  sequence that held it last, and a new sequence is given the free slot holding the longest start of its prompt (when
+  that beats the lowest free slot by ``PREFIX_MIN`` tokens), whose prefill then computes only the rest: a chat's next
+  turn, whose prompt repeats the conversation so far, prefills its new message, and requests that share a long
+  instruction or few-shot preamble prefill it once per slot. Logits from a cached prefix equal a full prefill's
+  within float tolerance (the same arithmetic in another order), so a seeded completion can differ in a near-tie, as
+  vLLM's can. ``stats`` counts ``prefilled_tokens`` and ``cached_tokens``.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -70,6 +77,12 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (vLLM's default limit)."""
 
+PREFIX_MIN = 16
+"""Fewest cached tokens prefix caching starts a prefill from, and how many more than the lowest free slot's a slot
+must hold for it to be taken instead: the lowest keeps the running sequences packed (``Engine._free_slots``), and a
+short match saves less than a spread-out decode batch costs. A prompt this short is prefilled whole, so its logits
+are bit for bit those without prefix caching."""
+
 
 @dataclass
 class EngineConfig:
@@ -90,6 +103,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, run the decode step as CUDA graphs captured at start-up, one per batch-size bucket
     (``raystack.decode_graphs``); False runs it eagerly (vLLM's ``enforce_eager``). No effect on CPU."""
+    prefix_caching: bool = True
+    """Keep a finished sequence's keys and values in its slot, and give a new sequence whose prompt starts with
+    those tokens that slot, so the prefill computes only the rest (vLLM's ``enable_prefix_caching``; module doc)."""
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -248,6 +264,7 @@ class _Sequence:
         self.queue_wait: Optional[float] = None  # set when first admitted
         self.generated: list[int] = []
         self.slot: Optional[int] = None
+        self.cached = 0  # tokens of ``context`` its slot held when it was admitted (``Engine._take_slot``)
         self.put = sink  # each TokenEvent, or the SequenceFailed that ends the sequence
         self.cancelled = False
         self.finished = False
@@ -271,6 +288,11 @@ class _Sequence:
         """What a prefill feeds: the prompt, and what was generated before a preemption."""
         return self.prompt + self.generated if self.generated else self.prompt
 
+    def written(self) -> list[int]:
+        """The tokens whose keys and values are in its slot at positions 0..position-1 (all but the last sampled
+        token, which was never fed; after a cancel mid-step, perhaps one fewer than are there)."""
+        return (self.prompt + self.generated)[:max(0, self.position)]
+
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: ByteTokenizer, config: EngineConfig | None = None):
@@ -285,6 +307,8 @@ class Engine:
         self._free_slots = list(range(self.config.max_batch_size))  # a heap: the lowest free slot first, so the
         # running sequences stay packed at the front and a decode step reads their caches in place
         # (``ModelRunner.decode``)
+        self._slot_tokens: list[list[int]] = [[] for _ in self._free_slots]
+        """Per free slot, the tokens whose keys and values it holds from position 0 (prefix caching)."""
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: dict[int, _Sequence] = {}
         self._wakeup: Optional[asyncio.Event] = None
@@ -297,7 +321,8 @@ class Engine:
         self.inline = False
         """Run the steps on the event loop's thread whatever the device and threads: for a process whose event loop
         has nothing else to do meanwhile (``raystack.engine_process``), which then pays no thread hand-off per step."""
-        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0}
+        self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0,
+                      "prefilled_tokens": 0, "cached_tokens": 0}
 
     @classmethod
     def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
@@ -469,7 +494,7 @@ class Engine:
             while self._waiting and self._free_slots:
                 seq = self._waiting.popleft()
                 self._admitted(seq)
-                seq.slot = heapq.heappop(self._free_slots)
+                seq.slot = self._take_slot(seq)
                 self._running[seq.id] = seq
                 admitted.append(seq)
             return admitted
@@ -483,11 +508,34 @@ class Engine:
                 self._preempt(victim, held)
             self._waiting.remove(seq)
             self._admitted(seq)
-            seq.slot = heapq.heappop(self._free_slots)
+            seq.slot = self._take_slot(seq)
             self._running[seq.id] = seq
             held[seq.tenant] += 1
             admitted.append(seq)
         return admitted
+
+    def _take_slot(self, seq: _Sequence) -> int:
+        """A free slot for ``seq`` (there is one): the lowest, or with ``prefix_caching`` the one whose cache holds
+        the longest start of its ``context`` where that is ``PREFIX_MIN`` tokens more than the lowest holds. Sets
+        ``seq.cached`` (0 below ``PREFIX_MIN``): at most all but the context's last token, which the prefill feeds
+        for the logits."""
+        lowest, slot, cached = self._free_slots[0], self._free_slots[0], 0
+        if self.config.prefix_caching:
+            context = seq.context
+            held = {s: _common_prefix(self._slot_tokens[s], context, len(context) - 1) for s in self._free_slots}
+            best = max(self._free_slots, key=lambda s: (held[s], -s))
+            slot = best if held[best] - held[lowest] >= PREFIX_MIN else lowest
+            cached = held[slot] if held[slot] >= PREFIX_MIN else 0
+        if slot == lowest:
+            heapq.heappop(self._free_slots)
+        else:
+            self._free_slots.remove(slot)
+            heapq.heapify(self._free_slots)
+        self._slot_tokens[slot] = []  # overwritten from ``cached`` on; what it holds is recorded at its release
+        seq.cached = cached
+        self.stats["cached_tokens"] += cached
+        self.stats["prefilled_tokens"] += len(seq.context) - cached
+        return slot
 
     @staticmethod
     def _admitted(seq: _Sequence) -> None:
@@ -516,6 +564,8 @@ class Engine:
         """Free ``seq``'s slot and put it back to waiting; it is recomputed (``context``) when readmitted."""
         self._running.pop(seq.id)
         heapq.heappush(self._free_slots, seq.slot)
+        if self.config.prefix_caching:  # readmitted, it finds them there if no one took the slot meanwhile
+            self._slot_tokens[seq.slot] = seq.written()
         seq.slot = None
         held[seq.tenant] -= 1
         self._waiting.appendleft(seq)  # older than what waits (mostly): first again in its class
@@ -524,7 +574,7 @@ class Engine:
     def _fail(self, seq: _Sequence, error: "SequenceFailed") -> None:
         self.stats["failed_sequences"] += 1
         seq.put(error)
-        self._release(seq)
+        self._release(seq, kept=False)  # what a failed step left in its slot is not to be trusted
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._running.values() if s.cancelled]:
@@ -532,11 +582,12 @@ class Engine:
         if any(s.cancelled for s in self._waiting):
             self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, kept: bool = True) -> None:
         seq.finished = True
         if seq.slot is not None:
             self._running.pop(seq.id, None)
             heapq.heappush(self._free_slots, seq.slot)
+            self._slot_tokens[seq.slot] = seq.written() if kept and self.config.prefix_caching else []
             seq.slot = None
 
     def _advance(self, seq: _Sequence, token: int, logprobs: tuple) -> None:
@@ -571,6 +622,24 @@ class Engine:
                            seq.queue_wait if len(seq.generated) == 1 else None))
         if finish is not None:
             self._release(seq)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common start of ``a`` and ``b``, at most ``limit`` (list slices compare in C: a binary
+    search over them, not a Python loop over the tokens)."""
+    n = min(len(a), len(b), limit)
+    if n <= 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    same, differ = 1, n  # a[:same] == b[:same], a[:differ] != b[:differ]
+    while differ - same > 1:
+        mid = (same + differ) // 2
+        if a[:mid] == b[:mid]:
+            same = mid
+        else:
+            differ = mid
+    return same
 
 
 def _find_stop(text: str, stops: list[str], searched: int = 0) -> Optional[int]:

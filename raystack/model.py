@@ -11,7 +11,8 @@ Contract:
   writes into the last cache position, which no sequence reads (the engine never feeds a token there), and its
   output is garbage.
 - The engine's two steps are the same computation in fewer, larger ops: ``GPT.prefill(tokens, cache, slots)`` for
-  prompts from position 0 (plain causal attention over their own keys, the logits of the last position only) and
+  prompts from position 0 (plain causal attention over their own keys, the logits of the last position only; with
+  ``start``, the rest of a prompt whose first ``start`` positions are in the cache already) and
   ``GPT.decode(tokens, positions, cache, slots)`` for one token per row (on CPU in float32 every block in one fused
   op, ``raystack.kernels``; elsewhere keys and values written with one ``index_copy_`` and attention as two batched
   matrix-vector products, over a fixed ``span`` of the cache when asked, as CUDA graphs need); both equal the
@@ -343,19 +344,25 @@ class GPT(nn.Module):
             x = block(x, cos, sin, positions, cache, slots, visible)
         return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache, slots) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of the last position of ``tokens`` ``[B, T]``, sequences that start at position 0
-        of cache ``slots``; their keys and values are written to positions 0..T-1. Equal to ``forward(tokens,
-        arange(T), cache, slots)[:, -1]`` within float tolerance, without reading the cache back (each row sees
-        only its own tokens, so attention is plain causal attention) or the output layer over earlier positions."""
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, slots, start: int = 0) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of the last position of ``tokens`` ``[B, T]``, sequences that continue at position
+        ``start`` of cache ``slots``; their keys and values are written to positions start..start+T-1. Equal to
+        ``forward(tokens, arange(start, start + T), cache, slots)[:, -1]`` within float tolerance, without the output
+        layer over earlier positions. From position 0 (``start`` 0) each row sees only its own tokens, so attention is
+        plain causal attention and the cache is not read back; from ``start`` > 0 (a prefix already in the slots'
+        caches: the engine's prefix caching) the rows attend over the cache's first start + T positions."""
         B, T = tokens.shape
-        if T > cache.k.shape[3]:
-            raise ValueError(f"a prefill of {T} tokens exceeds the cache's {cache.k.shape[3]} positions")
-        positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]
+        if start < 0 or start + T > cache.k.shape[3]:
+            raise ValueError(f"a prefill of {T} tokens from position {start} exceeds the cache's "
+                             f"{cache.k.shape[3]} positions")
+        positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
+        visible = None  # from position 0: ``Attention.forward``'s plain causal path
+        if start:  # [1, 1, T, start + T]: query i sees cache positions 0..start+i
+            visible = (torch.arange(start + T, device=tokens.device)[None, :] <= positions[0][:, None])[None, None]
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin, positions, cache, slots, None)
+            x = block(x, cos, sin, positions, cache, slots, visible)
         return F.linear(self.norm(x[:, -1]), self.embed.weight)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots,

@@ -8,15 +8,16 @@ Contract:
   linear weights (``quantize: int8``) or, on CPU in float32, oneDNN-prepacked ones (``raystack.model.pack_linears``);
   preallocates the KV cache (``max_batch_size`` slots x the model's ``max_seq_len`` positions); on CUDA captures the
   decode step as CUDA graphs (``raystack.decode_graphs``; a capture that fails leaves eager decode).
-- ``step(prefills, decodes)``: one forward per prompt length for the new rows (their ``context`` written to the
-  cache from position 0 of their ``slot``), one batched decode forward for the rest (their last generated token at
-  ``position``), and one sampling call over every row with its own parameters (``raystack.sampling``, seeded per
-  row and keyed by the token's index in its completion). Returns ``(results, failures)``: ``(row, token, (logprob,
-  top_logprobs))`` for the rows that ran, ``(row, message, client_error)`` for those that failed on their own: a
-  failing batch is retried one row at a time, so one row's failure never costs the others theirs.
+- ``step(prefills, decodes)``: one forward per prompt length for the new rows (their ``context`` written to the cache
+  from position ``cached`` of their ``slot``: what the scheduler found there already is not recomputed), one batched
+  decode forward for the rest (their last generated token at ``position``), and one sampling call over every row with
+  its own parameters (``raystack.sampling``, seeded per row and keyed by the token's index in its completion). Returns
+  ``(results, failures)``: ``(row, token, (logprob, top_logprobs))`` for the rows that ran, ``(row, message,
+  client_error)`` for those that failed on their own: a failing batch is retried one row at a time, so one row's
+  failure never costs the others theirs.
 - ``score(tokens, top)``: each token's log-probability given those before it, outside the KV cache.
-- A row is the engine's sequence: the runner reads its ``id``, ``slot``, ``context``, ``position``, ``generated``,
-  ``params``, ``seed``, ``bias`` and ``counts``, and writes none of them.
+- A row is the engine's sequence: the runner reads its ``id``, ``slot``, ``cached``, ``context``, ``position``,
+  ``generated``, ``params``, ``seed``, ``bias`` and ``counts``, and writes none of them.
 """
 
 from __future__ import annotations
@@ -127,9 +128,12 @@ class ModelRunner:
             return None
 
     def prefill(self, group: list) -> torch.Tensor:
-        """Prompts of one length, in one forward."""
-        tokens = torch.tensor([seq.context for seq in group], device=self.device)
-        return self.model.prefill(tokens, self.cache, torch.tensor([seq.slot for seq in group], device=self.device))
+        """Prompts of one length, whose first ``cached`` tokens are in their slots' caches already, in one forward
+        over the rest."""
+        start = group[0].cached
+        tokens = torch.tensor([seq.context[start:] for seq in group], device=self.device)
+        slots = torch.tensor([seq.slot for seq in group], device=self.device)
+        return self.model.prefill(tokens, self.cache, slots, start)
 
     def decode(self, decodes: list) -> torch.Tensor:
         """One token for each of ``decodes`` (in slot order). When their slots are packed (at most
@@ -252,9 +256,10 @@ def _top(logprobs: torch.Tensor, k: int) -> Optional[list[list[tuple[int, float]
 
 
 def _same_length(prefills: list) -> list[list]:
-    groups: dict[int, list] = {}
+    """``prefills`` grouped by prompt length and cached prefix: the rows one prefill forward takes together."""
+    groups: dict[tuple[int, int], list] = {}
     for seq in prefills:
-        groups.setdefault(len(seq.context), []).append(seq)
+        groups.setdefault((len(seq.context), seq.cached), []).append(seq)
     return list(groups.values())
 
 

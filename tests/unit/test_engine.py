@@ -351,6 +351,9 @@ def test_a_forward_failure_of_one_row_fails_that_request_alone(model, monkeypatc
             _outcome(engine, "poison", GenerationParams(max_tokens=8, seed=1)),
             _outcome(engine, "late poison", GenerationParams(max_tokens=8, seed=1)))
         engine.check_health()
+        # Prefix caching keeps what the finished rows wrote in their slots, and nothing a failed row left.
+        kept = [tokens for tokens in engine._slot_tokens if tokens]
+        assert sorted(bytes(t[:4]) for t in kept) == [b"clas", b"def ", b"impo"]
         await engine.shutdown()
         return results
 
@@ -479,6 +482,41 @@ def test_high_priority_preempts_a_low_priority_flood_without_changing_its_output
     assert preempted >= 1
     expected = [run(alone(p)) for p in low]
     assert flood_tokens == expected  # preempted sequences are recomputed, not changed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_caching_prefills_only_what_the_freed_slot_does_not_hold(model, device):
+    """A chat's next turn repeats the conversation so far: its prefill computes only what follows the tokens the last
+    turn left in its slot (not the lowest free one), and it generates what an engine without prefix caching generates
+    (greedy; log-probabilities to float tolerance). A sequence sharing only a short start with a slot stays on the
+    lowest free one and prefills whole."""
+    greedy = GenerationParams(max_tokens=12, temperature=0.0, logprobs=True, ignore_eos=True)
+
+    async def conversation(prefix_caching: bool):
+        engine = Engine(on(model, device, "float32"), ByteTokenizer(),
+                        EngineConfig(max_batch_size=4, device=device, dtype="float32", prefix_caching=prefix_caching))
+        long = asyncio.ensure_future(generate_text(engine, "x" * 30, dataclasses.replace(greedy, max_tokens=40)))
+        while engine.active == 0:
+            await asyncio.sleep(0)
+        first = await generate_text(engine, "def parse(line):\n    ", greedy)  # slot 1: the long one holds slot 0
+        await long
+        # 10 tokens in common with slot 1, none with slot 0: too few to leave the lowest free slot
+        short = await generate_text(engine, "def parse(x): pass", greedy)
+        assert engine.stats["cached_tokens"] == 0
+        turn = engine.encode_prompt("def parse(line):\n    ") + first["tokens"] + list(b"\n\ndef main():\n    ")
+        second = await generate_text(engine, turn, greedy)
+        stats = dict(engine.stats)
+        await engine.shutdown()
+        return first, short, second, stats
+
+    first, short, second, stats = run(conversation(True))
+    # all of the first turn but its last token, which was sampled and never fed
+    assert stats["cached_tokens"] == len(b"def parse(line):\n    ") + len(first["tokens"]) - 1
+    _, plain_short, plain_second, plain = run(conversation(False))
+    assert plain["cached_tokens"] == 0
+    assert plain["prefilled_tokens"] == stats["prefilled_tokens"] + stats["cached_tokens"]
+    assert second["tokens"] == plain_second["tokens"] and short["tokens"] == plain_short["tokens"]
+    assert max(abs(a - b) for a, b in zip(second["logprobs"], plain_second["logprobs"])) < 1e-4
 
 
 def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):

@@ -20,6 +20,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     bias: Optional[torch.Tensor] = None
     counts: Optional[torch.Tensor] = None
+    cached: int = 0
 
     @property
     def context(self) -> list[int]:
@@ -98,6 +99,32 @@ def _steps_equal_the_whole_forward(model, runner):
         results, failures = runner.step([], rows)
         assert not failures
         check(results)
+
+
+def test_a_prefill_over_a_cached_prefix_reads_it_from_the_slot_and_equals_the_whole_forward():
+    """Rows whose first ``cached`` tokens are in their slots (prefix caching) feed only the rest: their tokens and
+    log-probabilities are the whole forward's over their contexts. Beyond the prefix the slots hold garbage, and the
+    rows that share a length but not a cached prefix prefill apart."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", max_seq_len=64)).eval()
+    runner = ModelRunner(model, EngineConfig(max_batch_size=4))
+    greedy = GenerationParams(temperature=0.0, logprobs=True)
+    _, failures = runner.step([Row(0, 1, list(b"def f(x):"), greedy), Row(1, 3, list(b"def g(y):"), greedy)], [])
+    assert not failures
+    runner.cache.k[:, :, :, 9:] = 1e4  # what a longer sequence left there before: overwritten, never read
+    runner.cache.v[:, :, :, 9:] = -1e4
+    rows = [Row(2, 1, list(b"def f(x): return x"), greedy, cached=9),
+            Row(3, 3, list(b"def g(y): pass!!!!"), greedy, cached=9),
+            Row(4, 0, list(b"def f(x): return x"), greedy)]
+    results, failures = runner.step(rows, [])
+    assert not failures and [r for r, _, _ in results] == rows
+    for row, token, (logprob, _) in results:
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([row.context]))[0, -1], -1)
+        assert token == int(expected.argmax()) and abs(logprob - expected[token].item()) < 1e-4
+    runner.cache.v[:, 1, :, :9] = 1.0  # the prefix really is read from the slot: other values, other logits
+    again, _ = runner.step([Row(5, 1, list(b"def f(x): return x"), greedy, cached=9)], [])
+    assert abs(again[0][2][0] - results[0][2][0]) > 1e-3
 
 
 def test_a_row_whose_parameters_the_sampler_refuses_fails_alone():
