@@ -147,10 +147,16 @@ class ChatCompletionRequest(_Sampling):
     modalities: Optional[Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)]] = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens found in the KV cache and not computed again (prefix "
+                                           "caching: a conversation's earlier turns, a shared preamble).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):

@@ -87,6 +87,11 @@ class BatchConfig:
     num_gpus: float = 0.0
     quantize: str = "none"
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU actors; ``raystack.engine.EngineConfig``)."""
+    prefix_caching: bool = True
+    """Reuse the keys and values a finished sequence left in its KV slot for a prompt that starts with its tokens
+    (a chat's next turn, a shared preamble): only the rest is prefilled (``raystack.engine``; vLLM's
+    ``enable_prefix_caching``). False prefills every prompt whole, so a seeded completion never depends on what ran
+    before it."""
     threads: int = 0
     """torch threads per actor; 0 = num_cpus."""
     rows_per_file: int = 4096
@@ -171,7 +176,8 @@ class Predictor:
         self.column = input_column
         torch.set_num_threads(config.threads or max(1, int(config.num_cpus)))
         self.engine = Engine.from_artifact(config.model, EngineConfig(max_batch_size=config.batch_size,
-                                                                      quantize=config.quantize))
+                                                                      quantize=config.quantize,
+                                                                      prefix_caching=config.prefix_caching))
         self.limits = RequestLimits(vocab_size=self.engine.tokenizer.vocab_size,
                                     max_model_len=self.engine.max_model_len)
         self.loop = asyncio.new_event_loop()

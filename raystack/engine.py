@@ -200,6 +200,8 @@ class TokenEvent:
     """With ``top_logprobs``: the most likely (token, log-probability) pairs at this step, most likely first."""
     queue_wait_s: Optional[float] = None
     """On the first token only: seconds the sequence waited for a KV slot."""
+    cached_tokens: Optional[int] = None
+    """On the first token only: prompt tokens whose keys and values its slot held already (prefix caching)."""
 
 
 @dataclass
@@ -618,8 +620,9 @@ class Engine:
         release_to = _releasable(seq.text, seq.emitted, seq.params.stop, finish is not None)
         delta = seq.text[seq.emitted:release_to]
         seq.emitted = max(seq.emitted, release_to)
+        first = len(seq.generated) == 1
         seq.put(TokenEvent(token, delta, logprobs[0], finish, len(seq.generated), logprobs[1],
-                           seq.queue_wait if len(seq.generated) == 1 else None))
+                           seq.queue_wait if first else None, seq.cached if first else None))
         if finish is not None:
             self._release(seq)
 

@@ -253,9 +253,10 @@ class EngineProcess:
                 elif fields[0] == "refused":
                     events.put_nowait(ValueError(fields[1]))
                 else:
-                    token, text, logprob, finish, completion_tokens, top, queue_wait = fields
+                    token, text, logprob, finish, completion_tokens, top, queue_wait, cached = fields
                     events.put_nowait(TokenEvent(token, text, logprob, finish, completion_tokens,
-                                                 [tuple(x) for x in top] if top is not None else None, queue_wait))
+                                                 [tuple(x) for x in top] if top is not None else None, queue_wait,
+                                                 cached))
             self._error = message.get("error")
             self.threads = message["threads"]
         elif op == "scored":
@@ -322,7 +323,7 @@ async def _serve(sock: socket.socket) -> None:
                 record = [key, "failed", str(item), item.client_error]
             else:
                 record = [key, item.token, item.text, item.logprob, item.finish_reason, item.completion_tokens,
-                          item.top_logprobs, item.queue_wait_s]
+                          item.top_logprobs, item.queue_wait_s, item.cached_tokens]
             ended = isinstance(item, SequenceFailed) or item.finish_reason is not None
             if not (stream or ended or item.completion_tokens == 1):
                 held.append(record)

@@ -506,11 +506,19 @@ def chat_logprobs_content(tokens: list[int], logprobs: list, tops: list, k: int)
             for t, lp, top in zip(tokens, logprobs, tops)]
 
 
-def completion_body(request: CompletionRequest, choices: list[dict], prompt_tokens: int, completion_tokens: int):
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's ``usage``, with ``prompt_tokens_details.cached_tokens``: the prompt tokens the engine found in its
+    KV cache (prefix caching) and did not compute again."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion_body(request: CompletionRequest, choices: list[dict], prompt_tokens: int, completion_tokens: int,
+                    cached_tokens: int = 0):
     return {"id": request.request_id, "object": "text_completion", "created": request.created,
             "model": request.model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage_body(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chunk_body(request: CompletionRequest, choices: list[dict], usage: Optional[dict] = None) -> dict:

@@ -76,7 +76,7 @@ from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, Requ
                                  check_sampling_section, choice_seed, chunk_body, completion_body, context_error,
                                  decode_body, logprobs_object, model_body, model_not_found, models_body,
                                  parse_chat, parse_completion, parse_detokenize, parse_tokenize, TextOffsets,
-                                 token_string)
+                                 token_string, usage_body)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ class ServeConfig:
     every CPU while no streamed completion runs (``unstreamed_threads``)."""
     quantize: str = "none"
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
+    prefix_caching: bool = True
+    """Reuse the keys and values a finished sequence left in its KV slot for a prompt that starts with its tokens
+    (a chat's next turn, a shared preamble): only the rest is prefilled (``raystack.engine``; vLLM's
+    ``enable_prefix_caching``). False prefills every prompt whole, so a seeded completion never depends on what ran
+    before it."""
     engine_process: bool = True
     """Run the engine in a child process of the replica (``raystack.engine_process``), so the HTTP side and the
     engine do not share one GIL (vLLM's engine-core split); false keeps it in the replica's process. The same
@@ -299,6 +304,8 @@ class _Piece:
     generated: int = 0
     cumulative: float = 0.0
     """Total log-probability of the generated tokens (``best_of``'s ranking)."""
+    cached: int = 0
+    """Prompt tokens the engine found in its KV cache (``usage.prompt_tokens_details.cached_tokens``)."""
 
     def add(self, token: int, logprob: Optional[float], top) -> None:
         self.tokens.append(token)
@@ -365,8 +372,8 @@ class _Shape:
         return {"text": piece.text, "index": piece.index, "logprobs": self._logprobs(piece, False),
                 "finish_reason": piece.finish_reason}
 
-    def body(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-        body = completion_body(self.parsed, choices, prompt_tokens, completion_tokens)
+    def body(self, choices: list[dict], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        body = completion_body(self.parsed, choices, prompt_tokens, completion_tokens, cached_tokens)
         if self.chat:
             body["object"] = "chat.completion"
         return body
@@ -505,7 +512,8 @@ class LLMServer:
         threads = replica_threads(config, 12 * model.n_layer * model.n_embd ** 2)
         torch.set_num_threads(threads)
         engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
-                                     threads=threads, quantize=config.quantize)
+                                     threads=threads, quantize=config.quantize,
+                                     prefix_caching=config.prefix_caching)
         if config.engine_process:
             self.engine = EngineProcess(config.model, engine_config,
                                         unstreamed_threads=unstreamed_threads(config, threads))
@@ -759,7 +767,9 @@ class LLMServer:
         if error is not None:
             return _error_response(error)
         choices = [shape.choice(result) for result in _best(results, parsed.n, parsed.best_of)]
-        body = shape.body(choices, prompt_tokens, generated)
+        # Counted once per prompt, as prompt_tokens is: its first draw's (the others' share that prompt).
+        cached = sum(result.cached for result in results[::parsed.best_of])
+        body = shape.body(choices, prompt_tokens, generated, cached)
         return JSONResponse(body, headers=headers) if headers else body
 
     def _tenant_max_tokens(self, tenant: Tenant, parsed: CompletionRequest, body) -> None:
@@ -836,6 +846,7 @@ class LLMServer:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
                     self.outcomes.ttft(time.monotonic() - start)
+                    result.cached = event.cached_tokens or 0
                 result.text += event.text
                 result.add(event.token, event.logprob, event.top_logprobs)
                 result.generated += 1
@@ -864,6 +875,8 @@ class LLMServer:
                     self.metrics.ttft.observe(time.monotonic() - start)
                     self.metrics.queue_wait.observe(events[0].queue_wait_s or 0.0)
                     self.outcomes.ttft(time.monotonic() - start)
+                    if job.index % parsed.best_of == 0:  # once per prompt, as prompt_tokens
+                        usage["cached_tokens"] += events[0].cached_tokens or 0
                     first = False
                 usage["completion_tokens"] += len(events)  # into raystack_generated_tokens_total once per chunk
                 pieces = []
@@ -922,7 +935,8 @@ class LLMServer:
                       tenant: Optional[Tenant] = None, grant=None, where: str = ""):
         """SSE: the chat role first, then chunks of ready text per choice, then usage (on request) and ``[DONE]``;
         the last text goes out with usage and ``[DONE]`` as one message."""
-        usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0}
+        usage = {"prompt_tokens": sum(len(job.tokens) for job in jobs[:: parsed.best_of]), "completion_tokens": 0,
+                 "cached_tokens": 0}
         error, status = None, "499"  # the status counted if the client goes away before the end (nginx's code)
         counted = 0
 
@@ -968,8 +982,8 @@ class LLMServer:
             if error is not None:  # OpenAI's mid-stream shape: an error event, then [DONE]
                 tail = _sse(error.body())
             elif parsed.include_usage:
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                tail = _sse(shape.chunk([], usage))
+                tail = _sse(shape.chunk([], usage_body(usage["prompt_tokens"], usage["completion_tokens"],
+                                                       usage["cached_tokens"])))
             else:
                 tail = ""
             # The request is counted before its last message leaves: that bookkeeping runs before the client sees

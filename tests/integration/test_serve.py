@@ -610,6 +610,8 @@ def test_chat_completions_streamed_and_not_with_the_models_logprobs(server):
     history = [*messages, first.message, {"role": "user", "content": "again"}]
     again = client.chat.completions.create(model="raystack", messages=history, max_completion_tokens=2, seed=3)
     assert again.usage.prompt_tokens == len(f"{rendered} {first.message.content}\nuser: again\nassistant:".encode())
+    # The conversation so far was in the replica's KV cache: only what follows it was prefilled (prefix caching).
+    assert len(rendered) <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
 
 
 def test_tokenize_detokenize_and_the_typed_openapi_document(server):

@@ -144,6 +144,28 @@ def test_a_whole_completion_gets_the_streams_events_the_first_at_once_the_rest_a
 
 
 @pytest.mark.parametrize("where", ["in-process", "child"])
+def test_the_first_token_says_how_much_of_the_prompt_the_kv_cache_held(artifact, where):
+    """Prefix caching, through the child too: a prompt that continues a finished one finds all of that one but its
+    last sampled token in the slot, and its first event says so (``usage.prompt_tokens_details.cached_tokens``)."""
+    uri, model = artifact
+    prompt = list(b"def parse(line):\n    return ")
+
+    async def scenario():
+        engine = Engine(model, ByteTokenizer(), CONFIG) if where == "in-process" else EngineProcess(uri, CONFIG)
+        try:
+            params = GenerationParams(max_tokens=6, seed=7, ignore_eos=True)
+            first = [e async for e in engine.generate(prompt, params)]
+            again = [e async for e in engine.generate(prompt + [e.token for e in first] + list(b"\n"), params)]
+            return first, again
+        finally:
+            await engine.shutdown()
+
+    first, again = run(scenario())
+    assert first[0].cached_tokens == 0 and again[0].cached_tokens == len(prompt) + len(first) - 1
+    assert all(e.cached_tokens is None for e in first[1:] + again[1:])
+
+
+@pytest.mark.parametrize("where", ["in-process", "child"])
 def test_a_slow_consumer_of_generate_ready_takes_every_token_made_meanwhile_in_one_list(artifact, where):
     """``generate_ready`` (what a streamed HTTP completion reads): each list holds every event made since the consumer
     last asked, in order, so a consumer slower than the engine gets several tokens per wake-up; together they are

@@ -283,3 +283,32 @@ def test_streamed_tokens_are_all_counted_including_those_held_back_for_a_stop_st
     payloads = sse_payloads(asyncio.run(go()))
     usage = json.loads(payloads[-2])["usage"]["completion_tokens"]
     assert usage == 50 and counter.generated == usage
+
+
+def test_usage_counts_the_prompt_tokens_the_kv_cache_held_streamed_and_not():
+    """A chat's second turn repeats the first: ``usage.prompt_tokens_details.cached_tokens`` says how many of its
+    prompt tokens the engine found in its KV cache (at least the whole first prompt), in a non-streamed body and in
+    a stream's usage chunk alike, and 0 where it found none."""
+    server = make_server(poison_after=10**6)
+    system = {"role": "system", "content": "Answer in Python."}  # the test model holds 96 tokens
+    first_turn = {"model": "raystack", "messages": [system, {"role": "user", "content": "hi"}], "max_tokens": 4,
+                  "seed": 1}
+
+    async def go():
+        first = await server.chat_completions(http_request(first_turn))
+        reply = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+        body = {**first_turn, "messages": [*first_turn["messages"], reply, {"role": "user", "content": "more"}],
+                "stream": True, "stream_options": {"include_usage": True}}
+        response = await server.chat_completions(http_request(body))
+        second = json.loads(sse_payloads([m async for m in response.body_iterator])[-2])
+        third = await server.chat_completions(http_request({**body, "stream": False, "stream_options": None}))
+        await server.engine.shutdown()
+        return first, second, third
+
+    first, second, third = asyncio.run(go())
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    first_prompt = first["usage"]["prompt_tokens"]
+    for later in (second, third):  # the third repeats the second's prompt: all of it but its last token at least
+        cached = later["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert first_prompt <= cached < later["usage"]["prompt_tokens"], later["usage"]
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == third["usage"]["prompt_tokens"] - 1
