@@ -17,7 +17,8 @@ path, so all do the same work), top_p 0.9:
   (nats per byte on the Python standard library's ``json`` package source; random weights unless ``--model``).
 
 Each run sends ``max(c, --min-requests)`` requests, ``c`` at a time (``vllm bench serve``'s ``--num-prompts`` with
-``--max-concurrency``; HF: static batches of ``c`` one after another), so a p50 at c=1 is over 8 requests a run.
+``--max-concurrency``; HF: static batches of ``c`` one after another), so a p50 at c=1 is over 8 requests a run; each
+run's prompts are new random bytes (``prompts``), so prefix caching finds none of them in the KV cache.
 Printed per path and concurrency: output tokens/s and its ratio to ``hf`` at the same concurrency, TTFT p50/p99,
 TPOT (time per output token after the first), ITL p99 (between streamed chunks, or steps for ``hf``), and goodput
 (share of requests with TTFT < 1 s and TPOT < 50 ms): the metrics of ``vllm bench serve``. Every path gets the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -94,8 +96,11 @@ def summarize(runs: list[Run]) -> dict:
             "itl_p99": percentile(itl, 0.99), "goodput": good / len(requests)}
 
 
-def prompts(count: int, length: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1234)
+def prompts(count: int, length: int, draw: int = 0) -> list[list[int]]:
+    """``count`` random prompts of ``length`` bytes, the ``draw``-th set: every run gets a set of its own, as ``vllm
+    bench serve``'s random dataset does, so no prompt meets the keys and values an earlier run left in the engine's
+    KV cache (prefix caching would skip its prefill, which HF's static batch does not have to match)."""
+    g = torch.Generator().manual_seed(1234 + draw)
     return torch.randint(0, 256, (count, length), generator=g).tolist()
 
 
@@ -298,19 +303,22 @@ def measure_shape(name: str, args, rows: list) -> None:
                 run_http(url, batch, args.new_tokens, False, c, kind))
             paths["http-stream" + suffix] = lambda batch, c, kind=kind: asyncio.run(
                 run_http(url, batch, args.new_tokens, True, c, kind))
+    draws = itertools.count(1)  # 0: the warm-ups'
     for c in args.concurrency:
-        batch = prompts(max(c, args.min_requests), args.prompt_tokens)
         runs: dict = {path: [] for path in paths}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path alike
             for path, measure in paths.items():
                 torch.set_num_threads(args.threads if path == "hf" else engine_threads)
-                runs[path].append(measure(batch, c))
+                runs[path].append(measure(prompts(max(c, args.min_requests), args.prompt_tokens, next(draws)), c))
                 time.sleep(0.2)  # let the last path's OpenMP threads go idle before the next starts
         results = {path: summarize(r) for path, r in runs.items()}
         base = results["hf"]["tokens_per_s"]
         for path, figures in results.items():
             rows.append((name, path, c, figures, figures["tokens_per_s"] / base))
             print_row(rows[-1])
+    if engine.stats["cached_tokens"]:  # a prompt met an earlier run's: the runs would not be alike
+        print(f"{name}: warning: the engine found {engine.stats['cached_tokens']} prompt tokens in its KV cache",
+              flush=True)
     loop.run_until_complete(engine.shutdown())
     if url:
         from ray import serve
