@@ -598,6 +598,21 @@ def test_steps_run_on_the_loop_thread_with_several_torch_threads_and_give_the_sa
     assert [r["tokens"] for r in inline] == [r["tokens"] for r in worker]
 
 
+@given(st.lists(st.integers(0, 2), max_size=40), st.integers(0, 40), st.lists(st.integers(0, 2), max_size=10),
+       st.integers(-1, 45))
+@settings(max_examples=500, deadline=None)
+def test_the_common_prefix_search_finds_what_a_token_by_token_loop_finds(a, shared, tail, limit):
+    """Prefix caching's match (a binary search over list slices) against the plain loop it stands for, over lists
+    that share a start of any length."""
+    from raystack.engine import _common_prefix
+
+    b = a[:shared] + tail
+    n = 0
+    while n < min(len(a), len(b), limit) and a[n] == b[n]:
+        n += 1
+    assert _common_prefix(a, b, limit) == n
+
+
 @given(st.lists(st.text(alphabet="ab\u00e9\n", max_size=3), max_size=30),
        st.lists(st.text(alphabet="ab\u00e9\n", min_size=1, max_size=4), max_size=4))
 @settings(max_examples=300, deadline=None)
