@@ -70,7 +70,8 @@ from raystack.quota import Quota
 from raystack.rollout import OutcomeReporter
 from raystack.tenants import Tenant, TenantsFile, read_tenants
 from raystack.tokenizer import DEFAULT_CHAT_TEMPLATE
-from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, check_quantize, check_threads
+from raystack.engine import (Engine, EngineConfig, GenerationParams, SequenceFailed, TokenEvent, check_quantize,
+                             check_threads)
 from raystack.engine_process import EngineProcess
 from raystack.openai_api import (APIError, ChatTemplate, CompletionRequest, RequestLimits, chat_logprobs_content,
                                  check_sampling_section, choice_seed, chunk_body, completion_body, context_error,
@@ -429,6 +430,13 @@ class _Metrics:
         self.requests.set_default_tags(tags)
         self.tokens = metrics.Counter("raystack_generated_tokens_total", "Generated tokens.", tag_keys=("model",))
         self.tokens.set_default_tags(tags)
+        self.prompt_tokens = metrics.Counter("raystack_prompt_tokens_total", "Prompt tokens of the sequences started "
+                                             "(each choice's).", tag_keys=("model",))
+        self.prompt_tokens.set_default_tags(tags)
+        self.cached_tokens = metrics.Counter("raystack_prompt_tokens_cached_total", "Of those, the tokens found in "
+                                             "the KV cache and not prefilled again (prefix caching).",
+                                             tag_keys=("model",))
+        self.cached_tokens.set_default_tags(tags)
         self.ttft = metrics.Histogram("raystack_time_to_first_token_seconds", "Time to first token.",
                                       boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
                                       tag_keys=("model",))
@@ -843,10 +851,7 @@ class LLMServer:
         if job.params.max_tokens:
             async for event in self.engine.generate(job.tokens, job.params, job.priority, job.tenant, stream=False):
                 if not result.generated:
-                    self.metrics.ttft.observe(time.monotonic() - start)
-                    self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
-                    self.outcomes.ttft(time.monotonic() - start)
-                    result.cached = event.cached_tokens or 0
+                    result.cached = self._first_token(job, event, start)
                 result.text += event.text
                 result.add(event.token, event.logprob, event.top_logprobs)
                 result.generated += 1
@@ -856,6 +861,18 @@ class LLMServer:
             self.metrics.tokens.inc(result.generated)  # Ray's counters refuse 0
         self._record_gauges()
         return result
+
+    def _first_token(self, job: "_Job", event: TokenEvent, start: float) -> int:
+        """Account a sequence's first token (time to it, its wait for a slot, its prompt tokens and how many of them
+        the KV cache held); returns that last count."""
+        self.metrics.ttft.observe(time.monotonic() - start)
+        self.metrics.queue_wait.observe(event.queue_wait_s or 0.0)
+        self.outcomes.ttft(time.monotonic() - start)
+        cached = event.cached_tokens or 0
+        self.metrics.prompt_tokens.inc(len(job.tokens))
+        if cached:  # Ray's counters refuse 0
+            self.metrics.cached_tokens.inc(cached)
+        return cached
 
     async def _job_pieces(self, job: "_Job", parsed: CompletionRequest, usage: dict):
         """One choice's pieces, in lists of those ready together (``Engine.generate_ready``): the echoed prompt first
@@ -872,11 +889,9 @@ class LLMServer:
                                                                   job.tenant)) as batches:
             async for events in batches:
                 if first:
-                    self.metrics.ttft.observe(time.monotonic() - start)
-                    self.metrics.queue_wait.observe(events[0].queue_wait_s or 0.0)
-                    self.outcomes.ttft(time.monotonic() - start)
+                    cached = self._first_token(job, events[0], start)
                     if job.index % parsed.best_of == 0:  # once per prompt, as prompt_tokens
-                        usage["cached_tokens"] += events[0].cached_tokens or 0
+                        usage["cached_tokens"] += cached
                     first = False
                 usage["completion_tokens"] += len(events)  # into raystack_generated_tokens_total once per chunk
                 pieces = []

@@ -276,10 +276,13 @@ def test_serve_metrics_reach_rays_prometheus_endpoint(server, ray_session):
 
     import ray
 
-    complete(server, prompt="metrics", max_tokens=4)
+    complete(server, prompt="def metrics_are_exported():\n", max_tokens=4)
+    again = complete(server, prompt="def metrics_are_exported():\n    pass", max_tokens=4)
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 28  # the first prompt: from the cache
     port = ray._private.worker._global_node.metrics_export_port
     wanted = ["raystack_requests_total", "raystack_generated_tokens_total", "raystack_time_to_first_token_seconds",
-              "raystack_queue_depth", "raystack_batch_occupancy"]
+              "raystack_queue_depth", "raystack_batch_occupancy", "raystack_prompt_tokens_total",
+              "raystack_prompt_tokens_cached_total"]
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

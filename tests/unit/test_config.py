@@ -94,6 +94,7 @@ def test_grafana_dashboard_queries_only_metrics_raystack_exports():
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     names = set(re.findall(r"ray_raystack_[a-z_]+", " ".join(exprs)))
     exported = {"ray_raystack_requests_total", "ray_raystack_generated_tokens_total", "ray_raystack_queue_depth",
+                "ray_raystack_prompt_tokens_total", "ray_raystack_prompt_tokens_cached_total",
                 "ray_raystack_batch_occupancy", "ray_raystack_time_to_first_token_seconds_bucket",
                 "ray_raystack_train_loss", "ray_raystack_train_val_loss", "ray_raystack_train_tokens_per_s",
                 "ray_raystack_train_step", "ray_raystack_train_world_size", "ray_raystack_tenant_requests_total",
