@@ -89,9 +89,9 @@ class BatchConfig:
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU actors; ``raystack.engine.EngineConfig``)."""
     prefix_caching: bool = True
     """Reuse the keys and values a finished sequence left in its KV slot for a prompt that starts with its tokens
-    (a chat's next turn, a shared preamble): only the rest is prefilled (``raystack.engine``; vLLM's
-    ``enable_prefix_caching``). False prefills every prompt whole, so a seeded completion never depends on what ran
-    before it."""
+    (a chat's next turn, a shared preamble): only the rest is prefilled, a tenant's slots for that tenant alone
+    (``raystack.engine``; vLLM's ``enable_prefix_caching``). False prefills every prompt whole, so a seeded
+    completion never depends on what ran before it."""
     threads: int = 0
     """torch threads per actor; 0 = num_cpus."""
     rows_per_file: int = 4096

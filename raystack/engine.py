@@ -42,7 +42,9 @@ Contract:
   turn, whose prompt repeats the conversation so far, prefills its new message, and requests that share a long
   instruction or few-shot preamble prefill it once per slot. Logits from a cached prefix equal a full prefill's
   within float tolerance (the same arithmetic in another order), so a seeded completion can differ in a near-tie, as
-  vLLM's can. ``stats`` counts ``prefilled_tokens`` and ``cached_tokens``.
+  vLLM's can. A slot's prefix serves only the tenant whose sequence left it: a tenant cannot learn another's prompts
+  from its own time to first token or ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts
+  ``prefilled_tokens`` and ``cached_tokens``.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -311,6 +313,8 @@ class Engine:
         # (``ModelRunner.decode``)
         self._slot_tokens: list[list[int]] = [[] for _ in self._free_slots]
         """Per free slot, the tokens whose keys and values it holds from position 0 (prefix caching)."""
+        self._slot_tenant: list[str] = ["" for _ in self._free_slots]
+        """Per free slot, the tenant whose sequence held it last: only that tenant's sequences reuse what it holds."""
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: dict[int, _Sequence] = {}
         self._wakeup: Optional[asyncio.Event] = None
@@ -518,13 +522,14 @@ class Engine:
 
     def _take_slot(self, seq: _Sequence) -> int:
         """A free slot for ``seq`` (there is one): the lowest, or with ``prefix_caching`` the one whose cache holds
-        the longest start of its ``context`` where that is ``PREFIX_MIN`` tokens more than the lowest holds. Sets
-        ``seq.cached`` (0 below ``PREFIX_MIN``): at most all but the context's last token, which the prefill feeds
-        for the logits."""
+        the longest start of its ``context`` left by its own tenant, where that is ``PREFIX_MIN`` tokens more than the
+        lowest holds. Sets ``seq.cached`` (0 below ``PREFIX_MIN``): at most all but the context's last token, which
+        the prefill feeds for the logits."""
         lowest, slot, cached = self._free_slots[0], self._free_slots[0], 0
         if self.config.prefix_caching:
             context = seq.context
-            held = {s: _common_prefix(self._slot_tokens[s], context, len(context) - 1) for s in self._free_slots}
+            held = {s: _common_prefix(self._slot_tokens[s], context, len(context) - 1)
+                    if self._slot_tenant[s] == seq.tenant else 0 for s in self._free_slots}
             best = max(self._free_slots, key=lambda s: (held[s], -s))
             slot = best if held[best] - held[lowest] >= PREFIX_MIN else lowest
             cached = held[slot] if held[slot] >= PREFIX_MIN else 0
@@ -567,7 +572,7 @@ class Engine:
         self._running.pop(seq.id)
         heapq.heappush(self._free_slots, seq.slot)
         if self.config.prefix_caching:  # readmitted, it finds them there if no one took the slot meanwhile
-            self._slot_tokens[seq.slot] = seq.written()
+            self._slot_tokens[seq.slot], self._slot_tenant[seq.slot] = seq.written(), seq.tenant
         seq.slot = None
         held[seq.tenant] -= 1
         self._waiting.appendleft(seq)  # older than what waits (mostly): first again in its class
@@ -590,6 +595,7 @@ class Engine:
             self._running.pop(seq.id, None)
             heapq.heappush(self._free_slots, seq.slot)
             self._slot_tokens[seq.slot] = seq.written() if kept and self.config.prefix_caching else []
+            self._slot_tenant[seq.slot] = seq.tenant
             seq.slot = None
 
     def _advance(self, seq: _Sequence, token: int, logprobs: tuple) -> None:

@@ -126,9 +126,9 @@ class ServeConfig:
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU replicas; ``raystack.engine.EngineConfig``)."""
     prefix_caching: bool = True
     """Reuse the keys and values a finished sequence left in its KV slot for a prompt that starts with its tokens
-    (a chat's next turn, a shared preamble): only the rest is prefilled (``raystack.engine``; vLLM's
-    ``enable_prefix_caching``). False prefills every prompt whole, so a seeded completion never depends on what ran
-    before it."""
+    (a chat's next turn, a shared preamble): only the rest is prefilled, a tenant's slots for that tenant alone
+    (``raystack.engine``; vLLM's ``enable_prefix_caching``). False prefills every prompt whole, so a seeded
+    completion never depends on what ran before it."""
     engine_process: bool = True
     """Run the engine in a child process of the replica (``raystack.engine_process``), so the HTTP side and the
     engine do not share one GIL (vLLM's engine-core split); false keeps it in the replica's process. The same

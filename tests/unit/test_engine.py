@@ -519,6 +519,28 @@ def test_prefix_caching_prefills_only_what_the_freed_slot_does_not_hold(model, d
     assert max(abs(a - b) for a, b in zip(second["logprobs"], plain_second["logprobs"])) < 1e-4
 
 
+def test_prefix_caching_never_serves_one_tenant_what_another_left_in_a_slot(model):
+    """A slot's keys and values serve only the tenant whose sequence left them: another tenant sending the same
+    conversation prefills it whole (its time to first token and ``cached_tokens`` say nothing of others' prompts),
+    while the same tenant's next request finds it."""
+    params = GenerationParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = list(b"system: the secret is 1234\nuser: hi\nassistant:")
+
+    async def first_event(engine, tenant):
+        return [e async for e in engine.generate(prompt + list(b" more"), params, tenant=tenant)][0]
+
+    async def main():
+        engine = make_engine(model, slots=2)
+        firsts = await asyncio.gather(first_event(engine, "a"), first_event(engine, "a"))  # slots 0 and 1: a's
+        other_tenant = await first_event(engine, "b")  # the lowest free slot, 0, holds a's: b may not use it
+        same_tenant = await first_event(engine, "a")  # slot 1 still holds a's
+        await engine.shutdown()
+        return [e.cached_tokens for e in firsts], other_tenant.cached_tokens, same_tenant.cached_tokens
+
+    firsts, other_tenant, same_tenant = run(main())
+    assert firsts == [0, 0] and other_tenant == 0 and same_tenant >= len(prompt)
+
+
 def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):
     async def main():
         engine = make_engine(model, slots=4)
