@@ -27,15 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.sse import sse_chunks  # noqa: E402
+from benchmarks.stats import percentile  # noqa: E402
 
 POLICY_SETTINGS = {"min_replicas": 1, "max_replicas": 2, "max_batch_size": 4, "upscale_delay_s": 2,
                    "downscale_delay_s": 5, "autoscaling_look_back_s": 10.5, "target_ongoing_requests": 16,
                    "max_ongoing_requests": 64, "max_queued_requests": 256}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 def replica_counts(app: str) -> tuple[int, int]:

@@ -29,14 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.stats import percentile  # noqa: E402
 from raystack.engine import Engine, EngineConfig, GenerationParams  # noqa: E402
 from raystack.model import GPT, ModelConfig  # noqa: E402
 from raystack.tokenizer import ByteTokenizer  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 def text(length: int, seed: int) -> bytes:
@@ -112,7 +108,7 @@ def main() -> None:
     for mode, results in runs.items():
         later = [t for r in results for turn, t in r["clock"] if turn > 0]
         first = [t for r in results for turn, t in r["clock"] if turn == 0]
-        summary[mode] = s = {"later_p50": statistics.median(later), "later_p99": percentile(later, 99),
+        summary[mode] = s = {"later_p50": statistics.median(later), "later_p99": percentile(later, 0.99),
                              "first_p50": statistics.median(first), "wall": min(r["wall"] for r in results),
                              "prefilled": results[0]["prefilled"], "cached": results[0]["cached"]}
         print(f"prefix caching {mode:3}  prefilled {s['prefilled']:6} tokens, cached {s['cached']:6}   later turns "

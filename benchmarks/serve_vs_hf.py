@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.sse import sse_chunks  # noqa: E402
+from benchmarks.stats import percentile  # noqa: E402
 from raystack.checkpoint import save_artifact  # noqa: E402
 from raystack.engine import Engine, EngineConfig, GenerationParams  # noqa: E402
 from raystack.model import GPT, ModelConfig  # noqa: E402
@@ -74,11 +75,6 @@ class Run:
 
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 def summarize(runs: list[Run]) -> dict:
