@@ -88,10 +88,9 @@ class BatchConfig:
     quantize: str = "none"
     """``none`` or ``int8`` (int8 weights in the linear layers, CPU actors; ``raystack.engine.EngineConfig``)."""
     prefix_caching: bool = True
-    """Reuse the keys and values a finished sequence left in its KV slot for a prompt that starts with its tokens
-    (a chat's next turn, a shared preamble): only the rest is prefilled, a tenant's slots for that tenant alone
-    (``raystack.engine``; vLLM's ``enable_prefix_caching``). False prefills every prompt whole, so a seeded
-    completion never depends on what ran before it."""
+    """Reuse the keys and values a finished row left in its KV slot for a prompt that starts with its tokens (a shared
+    preamble): only the rest is prefilled (``raystack.engine.EngineConfig``). False prefills every prompt whole, so a
+    seeded row's output never depends on the rows before it."""
     threads: int = 0
     """torch threads per actor; 0 = num_cpus."""
     rows_per_file: int = 4096
