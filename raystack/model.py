@@ -107,14 +107,15 @@ PRESETS: dict[str, dict] = {
 class KVCache:
     """Preallocated keys and values, ``[n_layer, slots, n_head, max_seq_len, head_dim]`` each.
 
-    Memory is fixed up front: ``2 * n_layer * slots * max_seq_len * n_embd * element_size`` bytes.
-    A request owns a slot from admission to finish; nothing is freed or moved in between.
+    Memory is fixed up front: ``2 * n_layer * slots * max_seq_len * n_embd * element_size`` bytes, written through
+    at allocation (``torch.zeros`` on CPU maps zero pages lazily, so each slot's first prefill would fault its pages in
+    one by one). A request owns a slot from admission to finish; nothing is freed or moved in between.
     """
 
     def __init__(self, config: ModelConfig, slots: int, device=None, dtype=torch.float32):
         shape = (config.n_layer, slots, config.n_head, config.max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype).zero_()
+        self.v = torch.empty(shape, device=device, dtype=dtype).zero_()
 
     @property
     def slots(self) -> int:
