@@ -37,14 +37,15 @@ Contract:
   generated when readmitted (vLLM's recompute preemption), so its output does not change. A high-priority request
   waits one step for a slot, however many low-priority ones fill the engine.
 - Prefix caching (``EngineConfig.prefix_caching``, on by default): a free slot keeps the keys and values of the
-  sequence that held it last, and a new sequence is given the free slot holding the longest start of its prompt (when
-  that beats the lowest free slot by ``PREFIX_MIN`` tokens), whose prefill then computes only the rest: a chat's next
-  turn, whose prompt repeats the conversation so far, prefills its new message, and requests that share a long
-  instruction or few-shot preamble prefill it once per slot. Logits from a cached prefix equal a full prefill's
-  within float tolerance (the same arithmetic in another order), so a seeded completion can differ in a near-tie, as
-  vLLM's can. A slot's prefix serves only the tenant whose sequence left it: a tenant cannot learn another's prompts
-  from its own time to first token or ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts
-  ``prefilled_tokens`` and ``cached_tokens``.
+  sequence that held it last, and a new sequence is given a free slot holding the longest start of its prompt (to
+  within ``PREFIX_MIN`` tokens), whose prefill then computes only the rest: a chat's next turn, whose prompt repeats
+  the conversation so far, prefills its new message, and requests that share a long instruction or few-shot preamble
+  prefill it once per slot. A sequence takes an empty slot rather than evict a cache holding more than it would save,
+  and once none is empty, the one freed longest ago (``Engine._reuse``): the conversations that spoke last keep
+  theirs. Logits from a cached prefix equal a full prefill's within float tolerance (the same arithmetic in another
+  order), so a seeded completion can differ in a near-tie, as vLLM's can. A slot's prefix serves only the tenant
+  whose sequence left it: a tenant cannot learn another's prompts from its own time to first token or
+  ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts ``prefilled_tokens`` and ``cached_tokens``.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -80,10 +81,10 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (vLLM's default limit)."""
 
 PREFIX_MIN = 16
-"""Fewest cached tokens prefix caching starts a prefill from, and how many more than the lowest free slot's a slot
-must hold for it to be taken instead: the lowest keeps the running sequences packed (``Engine._free_slots``), and a
-short match saves less than a spread-out decode batch costs. A prompt this short is prefilled whole, so its logits
-are bit for bit those without prefix caching."""
+"""Fewest cached tokens prefix caching starts a prefill from (a short match saves less than a spread-out decode batch
+costs), and how many fewer than the best free slot a slot may hold and still serve a sequence about as well when a
+cache must be evicted (``Engine._reuse``). A prompt with fewer cached tokens is prefilled whole, so its logits are
+bit for bit those without prefix caching."""
 
 
 @dataclass
@@ -315,6 +316,9 @@ class Engine:
         """Per free slot, the tokens whose keys and values it holds from position 0 (prefix caching)."""
         self._slot_tenant: list[str] = ["" for _ in self._free_slots]
         """Per free slot, the tenant whose sequence held it last: only that tenant's sequences reuse what it holds."""
+        self._slot_freed: list[int] = [0 for _ in self._free_slots]
+        """Per free slot, when it was freed holding tokens (a count of such frees): the least recent is reused first."""
+        self._frees = itertools.count(1)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: dict[int, _Sequence] = {}
         self._wakeup: Optional[asyncio.Event] = None
@@ -521,19 +525,17 @@ class Engine:
         return admitted
 
     def _take_slot(self, seq: _Sequence) -> int:
-        """A free slot for ``seq`` (there is one): the lowest, or with ``prefix_caching`` the one whose cache holds
-        the longest start of its ``context`` left by its own tenant, where that is ``PREFIX_MIN`` tokens more than the
-        lowest holds. Sets ``seq.cached`` (0 below ``PREFIX_MIN``): at most all but the context's last token, which
-        the prefill feeds for the logits."""
-        lowest, slot, cached = self._free_slots[0], self._free_slots[0], 0
+        """A free slot for ``seq`` (there is one): the lowest, or with ``prefix_caching`` the one ``_reuse`` picks.
+        Sets ``seq.cached``, the tokens of its ``context`` the slot holds from its tenant's last sequence there (0
+        below ``PREFIX_MIN``): at most all but the last, which the prefill feeds for the logits."""
+        slot, cached = self._free_slots[0], 0
         if self.config.prefix_caching:
             context = seq.context
             held = {s: _common_prefix(self._slot_tokens[s], context, len(context) - 1)
                     if self._slot_tenant[s] == seq.tenant else 0 for s in self._free_slots}
-            best = max(self._free_slots, key=lambda s: (held[s], -s))
-            slot = best if held[best] - held[lowest] >= PREFIX_MIN else lowest
+            slot = self._reuse(held, len(context) - 1)
             cached = held[slot] if held[slot] >= PREFIX_MIN else 0
-        if slot == lowest:
+        if slot == self._free_slots[0]:
             heapq.heappop(self._free_slots)
         else:
             self._free_slots.remove(slot)
@@ -543,6 +545,25 @@ class Engine:
         self.stats["cached_tokens"] += cached
         self.stats["prefilled_tokens"] += len(seq.context) - cached
         return slot
+
+    def _reuse(self, held: dict[int, int], whole: int) -> int:
+        """The free slot a sequence takes, given how many tokens of its context each holds (``held``; ``whole``: all
+        but the context's last). A slot loses the tokens it holds beyond those.
+
+        - Of the slots it loses under ``PREFIX_MIN`` tokens of (an empty one; its own conversation's, where the client
+          may have sent the last reply back a little differently) or that hold its whole context (whose completion it
+          regenerates), the one holding the most, then the lowest (the running sequences stay packed). So a new chat
+          prefills a shared system prompt into an empty slot rather than take another conversation's slot for it:
+          the cache grows to hold every chat it can.
+        - Once every free slot holds another's conversation, of those holding within ``PREFIX_MIN`` tokens of the
+          most any holds (serving it about as well), the one freed longest ago (least recently used, as vLLM evicts):
+          the conversations that spoke last keep their caches."""
+        spare = [s for s in self._free_slots if len(self._slot_tokens[s]) - held[s] < PREFIX_MIN or held[s] == whole]
+        if spare:
+            return max(spare, key=lambda s: (held[s], -s))
+        longest = max(held.values())
+        return min((s for s in self._free_slots if held[s] > longest - PREFIX_MIN),
+                   key=lambda s: (self._slot_freed[s], s))
 
     @staticmethod
     def _admitted(seq: _Sequence) -> None:
@@ -572,7 +593,7 @@ class Engine:
         self._running.pop(seq.id)
         heapq.heappush(self._free_slots, seq.slot)
         if self.config.prefix_caching:  # readmitted, it finds them there if no one took the slot meanwhile
-            self._slot_tokens[seq.slot], self._slot_tenant[seq.slot] = seq.written(), seq.tenant
+            self._keep(seq)
         seq.slot = None
         held[seq.tenant] -= 1
         self._waiting.appendleft(seq)  # older than what waits (mostly): first again in its class
@@ -594,9 +615,16 @@ class Engine:
         if seq.slot is not None:
             self._running.pop(seq.id, None)
             heapq.heappush(self._free_slots, seq.slot)
-            self._slot_tokens[seq.slot] = seq.written() if kept and self.config.prefix_caching else []
-            self._slot_tenant[seq.slot] = seq.tenant
+            if kept and self.config.prefix_caching:
+                self._keep(seq)
+            else:
+                self._slot_tokens[seq.slot] = []
             seq.slot = None
+
+    def _keep(self, seq: _Sequence) -> None:
+        """Record what ``seq``, leaving its slot, wrote there, for a later sequence of its tenant to reuse."""
+        self._slot_tokens[seq.slot], self._slot_tenant[seq.slot] = seq.written(), seq.tenant
+        self._slot_freed[seq.slot] = next(self._frees)
 
     def _advance(self, seq: _Sequence, token: int, logprobs: tuple) -> None:
         if seq.cancelled:

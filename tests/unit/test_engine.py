@@ -488,8 +488,8 @@ def test_high_priority_preempts_a_low_priority_flood_without_changing_its_output
 def test_prefix_caching_prefills_only_what_the_freed_slot_does_not_hold(model, device):
     """A chat's next turn repeats the conversation so far: its prefill computes only what follows the tokens the last
     turn left in its slot (not the lowest free one), and it generates what an engine without prefix caching generates
-    (greedy; log-probabilities to float tolerance). A sequence sharing only a short start with a slot stays on the
-    lowest free one and prefills whole."""
+    (greedy; log-probabilities to float tolerance). A sequence sharing only a short start with a slot takes one holding
+    nothing and prefills whole."""
     greedy = GenerationParams(max_tokens=12, temperature=0.0, logprobs=True, ignore_eos=True)
 
     async def conversation(prefix_caching: bool):
@@ -532,13 +532,75 @@ def test_prefix_caching_never_serves_one_tenant_what_another_left_in_a_slot(mode
     async def main():
         engine = make_engine(model, slots=2)
         firsts = await asyncio.gather(first_event(engine, "a"), first_event(engine, "a"))  # slots 0 and 1: a's
-        other_tenant = await first_event(engine, "b")  # the lowest free slot, 0, holds a's: b may not use it
+        other_tenant = await first_event(engine, "b")  # both slots hold a's: b may use neither
         same_tenant = await first_event(engine, "a")  # slot 1 still holds a's
         await engine.shutdown()
         return [e.cached_tokens for e in firsts], other_tenant.cached_tokens, same_tenant.cached_tokens
 
     firsts, other_tenant, same_tenant = run(main())
     assert firsts == [0, 0] and other_tenant == 0 and same_tenant >= len(prompt)
+
+
+def test_prefix_caching_keeps_the_conversations_that_ended_last(model):
+    """A prompt with nothing cached takes an empty slot while there is one, else the one freed longest ago: three
+    chats taking turns one after another on three slots each find their whole conversation every turn, and a fourth
+    chat evicts the one that spoke longest ago, not the lowest slot's."""
+    params = GenerationParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def turn(engine, chats, name):
+        """One turn of chat ``name``: (tokens found cached, all but the last of what its last turn left)."""
+        held = max(len(chats[name]) - 1, 0)
+        prompt = chats[name] + list(f"{name} turn {len(chats[name]) // 19}, go on:".encode())  # 19 tokens a turn
+        events = [e async for e in engine.generate(prompt, params)]
+        chats[name] = prompt + [e.token for e in events]
+        return events[0].cached_tokens, held
+
+    async def main():
+        engine = make_engine(model, slots=3)
+        chats = {name: [] for name in "abcd"}
+        cached = {}
+        for round_, names in enumerate(["abc", "abc", "cba"]):  # slots 0, 1, 2; c's is then the least recent
+            for name in names:
+                cached[round_, name] = await turn(engine, chats, name)
+        cached["d"] = await turn(engine, chats, "d")
+        for name in "abc":
+            cached[3, name] = await turn(engine, chats, name)
+        await engine.shutdown()
+        return cached
+
+    cached = run(main())
+    assert [cached[0, name][0] for name in "abc"] == [0, 0, 0] and cached["d"][0] == 0
+    reused = [(r, name) for r in (1, 2, 3) for name in "abc" if (r, name) != (3, "c")]
+    assert [cached[key][0] for key in reused] == [cached[key][1] for key in reused]
+    assert all(cached[key][0] >= 16 for key in reused)
+    assert cached[3, "c"][0] == 0  # d took c's slot; lowest-first would have taken a's
+
+
+def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model):
+    """Two chats share a system prompt. The second takes an empty slot rather than the first's, whose system prompt
+    it would reuse at the cost of a longer conversation; each one's next turn takes its own slot, which it reuses
+    whole; a regenerated turn (the same prompt again) takes its own slot, losing only the completion it replaces."""
+    params = GenerationParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    system = list(b"system: answer briefly\n")  # 23 tokens, less than either conversation's own
+
+    async def turn(engine, prompt):
+        """(tokens found cached, the prompt of the conversation's next turn)."""
+        events = [e async for e in engine.generate(prompt, params)]
+        return events[0].cached_tokens, prompt + [e.token for e in events] + list(b"\nmore\n")
+
+    async def main():
+        engine = make_engine(model, slots=3)
+        chats = [system + list(f"{name}: please say something short\n".encode()) for name in "yx"]
+        first = [await turn(engine, chat) for chat in chats]  # slots 0 and 1
+        then = [await turn(engine, nxt) for _, nxt in reversed(first)]
+        again, _ = await turn(engine, first[0][1])  # y's last turn again: slot 0, though slot 2 is empty
+        await engine.shutdown()
+        return [len(chat) for chat in chats], [c for c, _ in first], [c for c, _ in then], again, len(first[0][1])
+
+    lengths, first, then, again, regenerated = run(main())
+    assert first == [0, 0]  # x prefilled the system prompt again rather than evict y's longer conversation
+    assert then == [lengths[1] + 2, lengths[0] + 2]  # each chat's slot held its prompt and 2 of its 3 tokens
+    assert again == regenerated - 1  # all but the last token of the prompt of the turn it regenerates
 
 
 def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):
