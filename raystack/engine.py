@@ -552,13 +552,15 @@ class Engine:
 
         - Of the slots it loses under ``PREFIX_MIN`` tokens of (an empty one; its own conversation's, where the client
           may have sent the last reply back a little differently) or that hold its whole context (whose completion it
-          regenerates), the one holding the most, then the lowest (the running sequences stay packed). So a new chat
-          prefills a shared system prompt into an empty slot rather than take another conversation's slot for it:
-          the cache grows to hold every chat it can.
+          regenerates; ``PREFIX_MIN`` tokens at least, not a short prompt that starts a long conversation), the one
+          holding the most, then the lowest (the running sequences stay packed). So a new chat prefills a shared
+          system prompt into an empty slot rather than take another conversation's slot for it: the cache grows to
+          hold every chat it can.
         - Once every free slot holds another's conversation, of those holding within ``PREFIX_MIN`` tokens of the
           most any holds (serving it about as well), the one freed longest ago (least recently used, as vLLM evicts):
           the conversations that spoke last keep their caches."""
-        spare = [s for s in self._free_slots if len(self._slot_tokens[s]) - held[s] < PREFIX_MIN or held[s] == whole]
+        spare = [s for s in self._free_slots
+                 if len(self._slot_tokens[s]) - held[s] < PREFIX_MIN or held[s] == whole >= PREFIX_MIN]
         if spare:
             return max(spare, key=lambda s: (held[s], -s))
         longest = max(held.values())

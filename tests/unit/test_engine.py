@@ -579,7 +579,8 @@ def test_prefix_caching_keeps_the_conversations_that_ended_last(model):
 def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model):
     """Two chats share a system prompt. The second takes an empty slot rather than the first's, whose system prompt
     it would reuse at the cost of a longer conversation; each one's next turn takes its own slot, which it reuses
-    whole; a regenerated turn (the same prompt again) takes its own slot, losing only the completion it replaces."""
+    whole; a regenerated turn (the same prompt again) takes its own slot, losing only the completion it replaces, and
+    a short prompt that starts like a conversation takes an empty slot."""
     params = GenerationParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     system = list(b"system: answer briefly\n")  # 23 tokens, less than either conversation's own
 
@@ -594,13 +595,16 @@ def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model):
         first = [await turn(engine, chat) for chat in chats]  # slots 0 and 1
         then = [await turn(engine, nxt) for _, nxt in reversed(first)]
         again, _ = await turn(engine, first[0][1])  # y's last turn again: slot 0, though slot 2 is empty
+        await turn(engine, system[:8])  # all of it but one in slot 0 too: too short to count as regenerating y's
+        once_more, _ = await turn(engine, first[0][1])
         await engine.shutdown()
-        return [len(chat) for chat in chats], [c for c, _ in first], [c for c, _ in then], again, len(first[0][1])
+        return ([len(chat) for chat in chats], [c for c, _ in first], [c for c, _ in then], [again, once_more],
+                len(first[0][1]))
 
     lengths, first, then, again, regenerated = run(main())
     assert first == [0, 0]  # x prefilled the system prompt again rather than evict y's longer conversation
     assert then == [lengths[1] + 2, lengths[0] + 2]  # each chat's slot held its prompt and 2 of its 3 tokens
-    assert again == regenerated - 1  # all but the last token of the prompt of the turn it regenerates
+    assert again == [regenerated - 1] * 2  # all but the last token of the prompt of the turn it regenerates
 
 
 def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):
