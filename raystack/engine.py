@@ -40,12 +40,13 @@ Contract:
   sequence that held it last, and a new sequence is given a free slot holding the longest start of its prompt (to
   within ``PREFIX_MIN`` tokens), whose prefill then computes only the rest: a chat's next turn, whose prompt repeats
   the conversation so far, prefills its new message, and requests that share a long instruction or few-shot preamble
-  prefill it once per slot. A sequence takes an empty slot rather than evict a cache holding more than it would save,
-  and once none is empty, the one freed longest ago (``Engine._reuse``): the conversations that spoke last keep
-  theirs. Logits from a cached prefix equal a full prefill's within float tolerance (the same arithmetic in another
-  order), so a seeded completion can differ in a near-tie, as vLLM's can. A slot's prefix serves only the tenant
-  whose sequence left it: a tenant cannot learn another's prompts from its own time to first token or
-  ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts ``prefilled_tokens`` and ``cached_tokens``.
+  prefill it once per slot. A sequence takes its own conversation's slot, else an empty one rather than another
+  conversation's, and once none is empty, the one freed longest ago (``Engine._reuse``): the conversations that spoke
+  last keep their caches. Logits from a cached prefix equal a full prefill's within float tolerance (the same
+  arithmetic in another order), so a seeded completion can differ in a near-tie, as vLLM's can. A slot's prefix
+  serves only the tenant whose sequence left it: a tenant cannot learn another's prompts from its own time to first
+  token or ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts ``prefilled_tokens`` and
+  ``cached_tokens``.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -81,9 +82,9 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (vLLM's default limit)."""
 
 PREFIX_MIN = 16
-"""Fewest cached tokens prefix caching starts a prefill from (a short match saves less than a spread-out decode batch
-costs), and how many fewer than the best free slot a slot may hold and still serve a sequence about as well when a
-cache must be evicted (``Engine._reuse``). A prompt with fewer cached tokens is prefilled whole, so its logits are
+"""Fewest cached tokens prefix caching starts a prefill from, and the tolerance of ``Engine._reuse``: a slot where a
+sequence would overwrite fewer tokens than this beyond those it reuses counts as its own, and one holding within this
+many of the best serves it about as well. A prompt with fewer cached tokens is prefilled whole, so its logits are
 bit for bit those without prefix caching."""
 
 
