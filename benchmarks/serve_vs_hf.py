@@ -13,8 +13,10 @@ path, so all do the same work), top_p 0.9:
   ``raystack.cluster`` switches Serve's throughput mode on (``--ingress proxy``: Serve's proxy actor instead), sent
   with ``aiohttp`` as ``vllm bench serve`` does (``--clients aiohttp,httpx`` adds the same paths with ``httpx``, the
   client before 2026-12-01, as ``http/httpx``: the client shares the machine's cores with the server);
-- ``engine-int8`` (``--int8``): the engine with int8 weights in its linear layers, with the held-out loss of both
-  (nats per byte on the Python standard library's ``json`` package source; random weights unless ``--model``).
+- ``engine-int8`` (``--int8``): the engine with int8 weights in its linear layers, with the quality cost: loss (nats
+  per byte) and perplexity of both on held-out text, the standard library modules ``raystack.data`` keeps out of
+  training at its defaults (``held_out_blocks``). Random weights unless ``--model``: pass a model trained on the
+  default corpus (``make demo``'s, say) for the cost on a model that has learned something.
 
 Each run sends ``max(c, --min-requests)`` requests, ``c`` at a time (``vllm bench serve``'s ``--num-prompts`` with
 ``--max-concurrency``; HF: static batches of ``c`` one after another), so a p50 at c=1 is over 8 requests a run; each
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -216,18 +219,35 @@ async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bo
 # Driver
 
 
-def held_out_loss(model) -> float:
-    """Mean next-byte loss (nats per byte) over the standard library's json package source, in context-long blocks."""
-    import sysconfig
+def held_out_blocks(block: int, budget: int) -> torch.Tensor:
+    """About ``budget`` tokens of text that no model trained on raystack's default corpus has seen: the standard
+    library's top-level modules that ``raystack.data`` holds out for validation (by content hash, at the default
+    ``val_fraction``), packed as training packs them (``<|endoftext|>`` after each) into ``[n, block + 1]`` blocks,
+    of which ``budget // (block + 1)`` spread evenly over all of them (every held-out module has its share)."""
+    import glob
 
+    from raystack.data import DataConfig, default_corpus_dir, is_validation, pack_tokens
+
+    tokenizer, documents = ByteTokenizer(), []
+    for path in sorted(glob.glob(os.path.join(default_corpus_dir(), "*.py"))):
+        text = Path(path).read_bytes()
+        if is_validation(text, DataConfig().val_fraction):
+            documents.append(tokenizer.encode_array(text))
+    blocks = torch.from_numpy(pack_tokens(documents, block).astype("int64"))
+    if not len(blocks):
+        sys.exit(f"serve_vs_hf.py: error: this Python's standard library ({default_corpus_dir()}) holds out no "
+                 f"module of {block + 1} tokens or more; pass a smaller --heldout-block")
+    take = min(len(blocks), max(1, budget // (block + 1)))
+    return blocks[torch.linspace(0, len(blocks) - 1, take).round().long()]
+
+
+def held_out_loss(model, blocks: torch.Tensor) -> float:
+    """Mean next-token loss (nats per byte) over ``blocks`` (``held_out_blocks``)."""
     from raystack.model import causal_lm_loss
 
-    text = b"".join(path.read_bytes() for path in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py")))
-    block = model.config.max_seq_len
-    ids = torch.tensor(list(text[: len(text) // (block + 1) * (block + 1)])).view(-1, block + 1)
     with torch.inference_mode():
-        return sum(causal_lm_loss(model, chunk, reduction="sum").item() for chunk in ids.split(16)) / (
-            ids.shape[0] * block)
+        return sum(causal_lm_loss(model, chunk, reduction="sum").item() for chunk in blocks.split(16)) / (
+            blocks.shape[0] * (blocks.shape[1] - 1))
 
 
 def hf_model(config: ModelConfig):
@@ -268,6 +288,9 @@ def measure_shape(name: str, args, rows: list) -> None:
         config = ModelConfig(**SHAPES[name])
         torch.manual_seed(0)
         model = GPT(config)
+    if args.prompt_tokens + args.new_tokens > config.max_seq_len:
+        sys.exit(f"serve_vs_hf.py: error: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} "
+                 f"exceed the {name} model's context of {config.max_seq_len} tokens; pass smaller ones")
     hf = hf_model(config)
     slots = max(args.concurrency)
     torch.set_num_threads(args.threads)
@@ -289,9 +312,12 @@ def measure_shape(name: str, args, rows: list) -> None:
         loop.run_until_complete(run_engine(engine8, prompts(2, args.prompt_tokens), 4, 2))
         paths["engine-int8"] = lambda batch, c: loop.run_until_complete(run_engine(engine8, batch, args.new_tokens,
                                                                                    c))
-        exact, quantized = held_out_loss(engine.runner.model), held_out_loss(engine8.runner.model)
-        print(f"{name}: held-out loss float32 {exact:.4f} nats/byte, int8 {quantized:.4f} "
-              f"({(quantized / exact - 1) * 100:+.2f}%)", flush=True)
+        blocks = held_out_blocks(min(config.max_seq_len, args.heldout_block), args.heldout_tokens)
+        exact, quantized = held_out_loss(engine.runner.model, blocks), held_out_loss(engine8.runner.model, blocks)
+        print(f"{name}: held-out text ({blocks.numel() - blocks.shape[0]} tokens predicted, {blocks.shape[0]} blocks"
+              f" of {blocks.shape[1] - 1}): loss float32 {exact:.4f} nats/byte, int8 {quantized:.4f} "
+              f"({(quantized / exact - 1) * 100:+.2f}%); perplexity {math.exp(exact):.4f} against "
+              f"{math.exp(quantized):.4f} ({(math.exp(quantized - exact) - 1) * 100:+.2f}%)", flush=True)
     if url:
         for n, kind in enumerate(args.clients.split(",")):  # the first client's paths are the goals' paths
             suffix = "" if n == 0 else f"/{kind}"
@@ -316,6 +342,8 @@ def measure_shape(name: str, args, rows: list) -> None:
         print(f"{name}: warning: the engine found {engine.stats['cached_tokens']} prompt tokens in its KV cache",
               flush=True)
     loop.run_until_complete(engine.shutdown())
+    if args.int8:
+        loop.run_until_complete(engine8.shutdown())
     if url:
         from ray import serve
 
@@ -361,6 +389,10 @@ def main() -> None:
                         help="requests per run at least (c at a time): a p50 of one request is no p50")
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--int8", action="store_true", help="add the engine with int8 weights, and its quality cost")
+    parser.add_argument("--heldout-tokens", type=int, default=32768, help="--int8: tokens of held-out text scored")
+    parser.add_argument("--heldout-block", type=int, default=128,
+                        help="--int8: the held-out text's block length (at most the model's context; default: "
+                             "training's default data.block_size, the length a model trained at the defaults knows)")
     parser.add_argument("--engine-threads", type=int, help="the engine's intra-op threads (default: --threads)")
     parser.add_argument("--replica-threads", type=int, default=0,
                         help="the HTTP replica's torch threads (serve spec ``threads``; 0: its default)")
@@ -372,6 +404,9 @@ def main() -> None:
                         help="HTTP clients, comma-separated, of aiohttp (vllm bench serve's) and httpx; the first "
                              "one's paths are the goals', the others' are printed as http/<client>")
     args = parser.parse_args()
+    if args.heldout_tokens < 1 or args.heldout_block < 1:
+        parser.error(f"--heldout-tokens and --heldout-block must be >= 1, got {args.heldout_tokens} and "
+                     f"{args.heldout_block}")
     unknown = set(args.clients.split(",")) - {"aiohttp", "httpx"}
     if unknown:
         parser.error(f"--clients: unknown {', '.join(sorted(unknown))}; known: aiohttp, httpx")
