@@ -235,8 +235,8 @@ def held_out_blocks(block: int, budget: int) -> torch.Tensor:
             documents.append(tokenizer.encode_array(text))
     blocks = torch.from_numpy(pack_tokens(documents, block).astype("int64"))
     if not len(blocks):
-        sys.exit(f"serve_vs_hf.py: error: this Python's standard library ({default_corpus_dir()}) holds out no "
-                 f"module of {block + 1} tokens or more; pass a smaller --heldout-block")
+        sys.exit(f"serve_vs_hf.py: error: this Python's standard library ({default_corpus_dir()}) holds out fewer "
+                 f"than {block + 1} tokens (one block); pass a smaller --heldout-block")
     take = min(len(blocks), max(1, budget // (block + 1)))
     return blocks[torch.linspace(0, len(blocks) - 1, take).round().long()]
 
