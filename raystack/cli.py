@@ -89,6 +89,9 @@ def cmd_deploy(args) -> int:
     if not on_cluster:  # a Ray of its own, so no Serve holds the ports yet: refuse a taken one before Ray starts
         apply_local_ray_env()
         check_http_port(http)
+    import ray
+
+    connected = ray.is_initialized()  # by a caller (in process): its connection is left as it is
     init_ray()
     from ray import serve
 
@@ -96,8 +99,11 @@ def cmd_deploy(args) -> int:
     try:
         serve.run(build_app(serve_args), name=args.name, route_prefix=args.route_prefix)
     except RuntimeError as e:  # Serve's "Deploying application ... failed": its replicas did not start
-        raise DeployFailed(f"deploying {args.name!r} failed: {error_line(deployment_message(args.name) or e)} "
-                           "(the Serve controller's log has the replicas' tracebacks)") from None
+        message = (f"deploying {args.name!r} failed: {error_line(deployment_message(args.name) or e)} "
+                   "(the Serve controller's log has the replicas' tracebacks)")
+        if not connected:  # flush and stop the controller's log lines Ray relays here, so the error is the last line
+            ray.shutdown()
+        raise DeployFailed(message) from None
     prefix = args.route_prefix.rstrip("/")
     print(f"[raystack] serving {serve_args['model']} at http://{host}:{port}{prefix}/v1 "
           f"(model id {serve_args.get('model_name', 'raystack')!r})", flush=True)
