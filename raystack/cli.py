@@ -101,7 +101,7 @@ def cmd_deploy(args) -> int:
     except RuntimeError as e:  # Serve's "Deploying application ... failed": its replicas did not start
         message = (f"deploying {args.name!r} failed: {error_line(deployment_message(args.name) or e)} "
                    "(the Serve controller's log has the replicas' tracebacks)")
-        if not connected:  # flush and stop the controller's log lines Ray relays here, so the error is the last line
+        if not connected:  # ends Ray's relay of the controller's log lines here, so the error is the last line
             ray.shutdown()
         raise DeployFailed(message) from None
     prefix = args.route_prefix.rstrip("/")

@@ -251,7 +251,7 @@ def test_deploy_job_serves_an_artifact_next_to_the_running_apps(server, ray_sess
 
     serve.delete("refused")
     assert refused.returncode == 2, refused.stderr[-2000:]
-    # The last line, after the controller's log lines Ray relays to the job (ending its connection flushes them).
+    # The last line, after the controller's log lines Ray relays to the job (the failed deploy ends that relay).
     assert refused.stderr.splitlines()[-1:] == [
         f"raystack: error: deploying 'refused' failed: raystack.checkpoint.CheckpointError: model artifact: "
         f"{elsewhere!r} holds no committed output (no _SUCCESS manifest): it was never written, or its writer did not "
