@@ -220,23 +220,22 @@ async def run_http(url: str, batch: list[list[int]], new_tokens: int, stream: bo
 
 
 def held_out_blocks(block: int, budget: int) -> torch.Tensor:
-    """About ``budget`` tokens of text that no model trained on raystack's default corpus has seen: the standard
-    library's top-level modules that ``raystack.data`` holds out for validation (by content hash, at the default
-    ``val_fraction``), packed as training packs them (``<|endoftext|>`` after each) into ``[n, block + 1]`` blocks,
-    of which ``budget // (block + 1)`` spread evenly over all of them (every held-out module has its share)."""
-    import glob
+    """About ``budget`` tokens of text that no model trained on raystack's default corpus has seen: that corpus's
+    validation split at the data defaults (``raystack.data``: the standard library's top-level modules held out by
+    content hash), packed as training packs it into ``[n, block + 1]`` blocks, of which ``budget // (block + 1)``
+    spread evenly over all of them (every held-out module has its share, as training's own evaluation picks)."""
+    from raystack.data import DataConfig, pack_documents, resolve_sources
 
-    from raystack.data import DataConfig, default_corpus_dir, is_validation, pack_tokens
-
-    tokenizer, documents = ByteTokenizer(), []
-    for path in sorted(glob.glob(os.path.join(default_corpus_dir(), "*.py"))):
-        text = Path(path).read_bytes()
-        if is_validation(text, DataConfig().val_fraction):
-            documents.append(tokenizer.encode_array(text))
-    blocks = torch.from_numpy(pack_tokens(documents, block).astype("int64"))
+    config = DataConfig()
+    (fs, paths), = resolve_sources(config).text
+    documents = []
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            documents.append(f.readall())
+    blocks = torch.from_numpy(pack_documents(documents, block, config.val_fraction)["val"].astype("int64"))
     if not len(blocks):
-        sys.exit(f"serve_vs_hf.py: error: this Python's standard library ({default_corpus_dir()}) holds out fewer "
-                 f"than {block + 1} tokens (one block); pass a smaller --heldout-block")
+        sys.exit(f"serve_vs_hf.py: error: the default corpus ({paths[0].rsplit('/', 1)[0]}) holds out fewer than "
+                 f"{block + 1} tokens (one block); pass a smaller --heldout-block")
     take = min(len(blocks), max(1, budget // (block + 1)))
     return blocks[torch.linspace(0, len(blocks) - 1, take).round().long()]
 
