@@ -10,6 +10,15 @@ Per preset (``issue``: 4 layers x 128 wide x 4 heads, issue 13's shape; ``small`
   ``cuda_graphs`` on and off, interleaved, best of 3; output tokens/s and the ratio (graphs / eager; above 1 is
   faster).
 
+- chats (``--chat-rows K``, 0 to skip): the slots of a server that chats came and went on. ``--chat-slots`` chats'
+  first turns (a shared 64-byte system prompt and a user message; 8 to 55 new tokens, so they end in a scrambled
+  order) leave one conversation in each slot; then ``K`` chats at a time send their second turn (the conversation so
+  far and a new message; 32 new tokens, top_p 0.9), in a shuffled order, each finding its conversation in its slot.
+  With ``Engine.pack_slots`` on (the default with graphs) a turn's cached conversation moves into the lowest free
+  slot; off, it decodes where its conversation was, so the rows spread over the slots and the graph runs up to the
+  highest. Per mode, interleaved, best of ``--repeats``: the second turns' output tokens/s, the rows decoded and the
+  rows the graph ran per decode step, and the ratio (packed / unpacked; above 1 is faster).
+
 ``--device cpu`` runs the script's logic with the graph step run eagerly (``capture=False``; capture needs CUDA):
 a check that the script works, not a figure to quote.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import time
@@ -91,13 +101,76 @@ async def engine_tokens_per_s(model: GPT, graphs: bool, requests: int, device: t
     return sum(len(o["tokens"]) for o in outs) / elapsed
 
 
+async def chat_run(model: GPT, device: torch.device, pack: bool, args) -> dict:
+    """One run of the chats part (module doc): second turns' output tokens/s, rows and graph rows per decode step."""
+    engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=args.chat_slots, device=device.type))
+    runner = engine.runner
+    if runner.graphs is None:  # on CPU; on CUDA, a capture that failed (the engine said so)
+        runner.graphs = DecodeGraphs(runner.model, runner.cache, capture=False)
+    engine.pack_slots = pack
+    rows, graph_rows = [], []
+    replay = runner.graphs.run
+
+    def counted(tokens, positions):
+        rows.append(sum(p >= 0 for p in positions))
+        graph_rows.append(runner.graphs.bucket(len(tokens)))
+        return replay(tokens, positions)
+
+    runner.graphs.run = counted
+    system = list(b"system: " + bytes(range(97, 123)) * 2 + b"0123456789ab\n")  # 64 bytes of content
+
+    def prompt(chat: int, turn: int) -> list[int]:
+        return list(f"user: chat {chat:3d} turn {turn} says hello\nassistant:".encode())
+
+    async def turn(tokens: list[int], max_tokens: int, seed: int) -> list[int]:
+        """The conversation after this turn: ``tokens`` and the reply."""
+        params = GenerationParams(max_tokens=max_tokens, top_p=0.9, seed=seed, ignore_eos=True)
+        return tokens + (await generate_text(engine, tokens, params))["tokens"]
+
+    # First turns, all at once, ending in a scrambled order: each slot is left holding one conversation.
+    chats = await asyncio.gather(*(turn(system + prompt(i, 1), 8 + i * 29 % 48, i) for i in range(args.chat_slots)))
+    order = random.Random(0).sample(range(args.chat_slots), args.chat_slots)
+
+    async def worker(w: int) -> int:
+        for chat in order[w::args.chat_rows]:
+            await turn(chats[chat] + prompt(chat, 2), 32, 1000 + chat)
+        return 32 * len(order[w::args.chat_rows])  # end-of-text ignored: every reply is 32 tokens
+
+    rows.clear(), graph_rows.clear()
+    start = time.perf_counter()
+    generated = sum(await asyncio.gather(*(worker(w) for w in range(args.chat_rows))))
+    elapsed = time.perf_counter() - start
+    cached = engine.stats["cached_tokens"]
+    await engine.shutdown()
+    return {"tok_s": generated / elapsed, "rows": statistics.mean(rows), "graph_rows": statistics.mean(graph_rows),
+            "cached": cached, "captured": runner.graphs.capture}
+
+
+def chats_line(model: GPT, device: torch.device, args) -> str:
+    runs: dict = {True: [], False: []}
+    for _ in range(args.repeats):
+        for pack in runs:
+            runs[pack].append(asyncio.run(chat_run(model, device, pack, args)))
+    on, off = (max(runs[pack], key=lambda r: r["tok_s"]) for pack in (True, False))
+    return (f"{args.chat_slots} slots holding a chat each, {args.chat_rows} chats' next turns at a time: packed "
+            f"{on['tok_s']:,.0f} tok/s, {on['rows']:.2f} rows a decode step, the graph {on['graph_rows']:.2f}; "
+            f"unpacked {off['tok_s']:,.0f} tok/s, {off['rows']:.2f} rows, the graph {off['graph_rows']:.2f}; "
+            f"ratio {on['tok_s'] / off['tok_s']:.2f}x (cached tokens {on['cached']:,} / {off['cached']:,})"
+            + ("" if on["captured"] and off["captured"] else "; the graph step run eagerly"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="issue,small")
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--chat-slots", type=int, default=64, help="the chats part's engine slots (and chats)")
+    parser.add_argument("--chat-rows", type=int, default=8, help="the chats part's chats at a time (0: skip it)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each chats mode")
     args = parser.parse_args()
+    if args.chat_slots < 1 or args.repeats < 1 or not 0 <= args.chat_rows <= args.chat_slots:
+        parser.error("--chat-slots and --repeats must be >= 1, --chat-rows from 0 to --chat-slots")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: CUDA graphs need one (--device cpu checks the script, without capture)")
     device = torch.device(args.device)
@@ -119,6 +192,8 @@ def main() -> None:
         on, off = max(rates[True]), max(rates[False])
         print(f"[{preset}] engine, {args.requests} concurrent requests: graphs {on:,.0f} tok/s, "
               f"eager {off:,.0f} tok/s, ratio {on / off:.2f}x")
+        if args.chat_rows:
+            print(f"[{preset}] chats: " + chats_line(model, device, args))
 
 
 if __name__ == "__main__":

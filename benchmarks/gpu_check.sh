@@ -11,7 +11,8 @@
 #                and the engine's correctness tests (test_engine: batched == alone, stop strings never leak,
 #                cancellation frees the slot) on CUDA with CUDA graphs: float32 where a row's tokens alone and
 #                batched are compared, bf16 (CUDA's default) elsewhere, and bf16 batched == alone up to a near-tie;
-#   graphs       benchmarks/decode_graphs.py: the decode step and the engine with CUDA graphs against eager;
+#   graphs       benchmarks/decode_graphs.py: the decode step and the engine with CUDA graphs against eager, and
+#                the engine over slots that chats left spread, with Engine.pack_slots on and off;
 #   sampling     benchmarks/sampling.py --cuda-only: the Triton kernel against the sort-based sampler on the GPU.
 # A part that fails or runs out of time is reported and the next one runs. Exit status 0 only when all passed.
 # PYTHON picks the interpreter (default python3). Without a CUDA GPU the script stops at once (exit 2).
@@ -41,13 +42,13 @@ part() {  # part NAME SECONDS COMMAND...: run, log to $out/NAME.log, note a fail
     [ "$rc" = 0 ] || { failed+=("$name (exit $rc$([ "$rc" = 124 ] && echo ', out of time'))"); echo "=== $name: exit $rc"; }
 }
 
-part env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \"$py\" -c \"
+part env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \"$py\" -c \"
 import torch, triton
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())\""
 part tests 240 "$py" -m pytest -q -p no:cacheprovider \
     tests/unit/test_sampling_triton.py tests/unit/test_decode_graphs.py tests/unit/test_engine.py
-part graphs 120 "$py" benchmarks/decode_graphs.py
+part graphs 150 "$py" benchmarks/decode_graphs.py --repeats 2
 part sampling 90 "$py" benchmarks/sampling.py --cuda-only --repeats 3
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -46,7 +46,9 @@ Contract:
   arithmetic in another order), so a seeded completion can differ in a near-tie, as vLLM's can. A slot's prefix
   serves only the tenant whose sequence left it: a tenant cannot learn another's prompts from its own time to first
   token or ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts ``prefilled_tokens`` and
-  ``cached_tokens``.
+  ``cached_tokens``. Where a decode over rows spread across the slots costs more than over packed ones (CUDA graphs,
+  the PyTorch ops: ``Engine.pack_slots``), the picked slot's contents move into the lowest free slot, so the running
+  sequences stay packed at the front.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -329,6 +331,13 @@ class Engine:
         """Set while the engine is broken (loop died, or a whole step failed); cleared by a step that succeeds."""
         self.after_step = None
         """Called (no arguments) on the event loop's thread after each step has delivered its tokens (``submit``)."""
+        self.pack_slots = self.runner.spread_rows_cost
+        """Keep the running sequences in the lowest slots where prefix caching picks another free slot: the picked
+        slot's cached prefix moves into the lowest free one, and what that one held into the picked one
+        (``ModelRunner.swap_slots``), so what stays cached is as without. On by default where a decode step over
+        spread rows costs more than over packed ones (``ModelRunner.spread_rows_cost``: CUDA graphs, which run slots
+        0 up to the highest running one; the PyTorch ops, which gather spread rows); under least-recently-used reuse a
+        chat server's rows spread over the slots (``benchmarks/decode_graphs.py``, its chats part)."""
         self.inline = False
         """Run the steps on the event loop's thread whatever the device and threads: for a process whose event loop
         has nothing else to do meanwhile (``raystack.engine_process``), which then pays no thread hand-off per step."""
@@ -526,9 +535,10 @@ class Engine:
         return admitted
 
     def _take_slot(self, seq: _Sequence) -> int:
-        """A free slot for ``seq`` (there is one): the lowest, or with ``prefix_caching`` the one ``_reuse`` picks.
-        Sets ``seq.cached``, the tokens of its ``context`` the slot holds from its tenant's last sequence there (0
-        below ``PREFIX_MIN``): at most all but the last, which the prefill feeds for the logits."""
+        """A free slot for ``seq`` (there is one): the lowest, or with ``prefix_caching`` the one ``_reuse`` picks
+        (with ``pack_slots``, the lowest with that one's contents moved in). Sets ``seq.cached``, the tokens of its
+        ``context`` the slot holds from its tenant's last sequence there (0 below ``PREFIX_MIN``): at most all but the
+        last, which the prefill feeds for the logits."""
         slot, cached = self._free_slots[0], 0
         if self.config.prefix_caching:
             context = seq.context
@@ -536,6 +546,12 @@ class Engine:
                     if self._slot_tenant[s] == seq.tenant else 0 for s in self._free_slots}
             slot = self._reuse(held, len(context) - 1)
             cached = held[slot] if held[slot] >= PREFIX_MIN else 0
+            lowest = self._free_slots[0]
+            if self.pack_slots and slot != lowest:  # the picked slot's prefix into the lowest, and back
+                self.runner.swap_slots(slot, lowest, max(cached, len(self._slot_tokens[lowest])))
+                for table in (self._slot_tokens, self._slot_tenant, self._slot_freed):
+                    table[slot], table[lowest] = table[lowest], table[slot]
+                slot = lowest
         if slot == self._free_slots[0]:
             heapq.heappop(self._free_slots)
         else:

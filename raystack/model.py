@@ -203,6 +203,12 @@ def _fused_op(cache: KVCache, name: str):
     return _fused_ops[name]
 
 
+def decode_reads_in_place(cache: KVCache) -> bool:
+    """Whether ``GPT.decode`` over rows given by slot ids reads each row's keys and values in place, wherever its slot
+    is (the fused CPU op), rather than gathering them (PyTorch ops)."""
+    return _fused_op(cache, "decode_attention") is not None
+
+
 def _slot_ids(slots, device) -> torch.Tensor:
     """The slot id of each row: ``slots`` itself, or the ids of a ``slice`` of consecutive slots."""
     return torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, slice) else slots

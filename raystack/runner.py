@@ -16,6 +16,8 @@ Contract:
   client_error)`` for those that failed on their own: a failing batch is retried one row at a time, so one row's
   failure never costs the others theirs.
 - ``score(tokens, top)``: each token's log-probability given those before it, outside the KV cache.
+- ``swap_slots(a, b, length)``: exchange what two slots hold in their first ``length`` positions (the scheduler
+  moves a cached prefix into the slot it wants its sequence in).
 - A row is the engine's sequence: the runner reads its ``id``, ``slot``, ``cached``, ``context``, ``position``,
   ``generated``, ``params``, ``seed``, ``bias`` and ``counts``, and writes none of them.
 """
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 
 from raystack.decode_graphs import DecodeGraphs
-from raystack.model import GPT, KVCache, pack_linears
+from raystack.model import GPT, KVCache, decode_reads_in_place, pack_linears
 from raystack.sampling import SamplingParamError, SamplingParams, sample, to_device, validate
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self.model, self.cache)
             except Exception as e:  # a capture the driver refuses, or a replay that differs: eager decode still works
                 logger.warning("capturing the decode step as CUDA graphs failed (%s); decoding eagerly", e)
+        self.spread_rows_cost = self.graphs is not None or not decode_reads_in_place(self.cache)
+        """Whether a decode over rows spread across the slots costs more than over the same rows packed at the
+        front: the graphs run slots 0 up to the highest running one, and the PyTorch ops gather spread rows' caches
+        (the fused CPU op reads them in place; ``decode``)."""
         self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): sampling_params
         # Per-step integers (the decoded rows among a graph's, the rows' steps) reach a CUDA device through these
         # pinned buffers with non-blocking copies: from a list (pageable memory) a copy waits for the stream, i.e.
@@ -203,6 +209,17 @@ class ModelRunner:
         out = host[:len(values)].to(self.device, non_blocking=True)
         copied.record()
         return out
+
+    @torch.inference_mode()
+    def swap_slots(self, a: int, b: int, length: int) -> None:
+        """Exchange the keys and values at positions ``0..length-1`` of cache slots ``a`` and ``b``, every layer
+        (``Engine.pack_slots``). Slices, not index tensors: on CUDA, copies queued on the stream, no host sync."""
+        if a == b or length <= 0:
+            return
+        for cache in (self.cache.k, self.cache.v):
+            held = cache[:, a, :, :length].clone()
+            cache[:, a, :, :length] = cache[:, b, :, :length]
+            cache[:, b, :, :length] = held
 
     @torch.inference_mode()
     def score(self, tokens: list[int], top: int) -> list[tuple[int, Optional[float], Optional[list]]]:

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raystack.decode_graphs import DecodeGraphs
 from raystack.engine import Engine, EngineConfig, GenerationParams, SequenceFailed, generate_text
 from raystack.model import GPT, ModelConfig, PackedLinear
 from raystack.tokenizer import ByteTokenizer
@@ -49,9 +50,13 @@ def on(model, device: str, dtype: str = "auto"):
     return _COPIES[key][1]
 
 
-def make_engine(model, slots=8, device="cpu", dtype="auto"):
-    return Engine(on(model, device, dtype), ByteTokenizer(),
-                  EngineConfig(max_batch_size=slots, device=device, dtype=dtype))
+def make_engine(model, slots=8, device="cpu", dtype="auto", pack_slots=None):
+    """``pack_slots``: set ``Engine.pack_slots`` (None leaves the engine's default for its device)."""
+    engine = Engine(on(model, device, dtype), ByteTokenizer(),
+                    EngineConfig(max_batch_size=slots, device=device, dtype=dtype))
+    if pack_slots is not None:
+        engine.pack_slots = pack_slots
+    return engine
 
 
 def exact_engine(model, slots=8, device="cpu"):
@@ -519,7 +524,8 @@ def test_prefix_caching_prefills_only_what_the_freed_slot_does_not_hold(model, d
     assert max(abs(a - b) for a, b in zip(second["logprobs"], plain_second["logprobs"])) < 1e-4
 
 
-def test_prefix_caching_never_serves_one_tenant_what_another_left_in_a_slot(model):
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefix_caching_never_serves_one_tenant_what_another_left_in_a_slot(model, pack):
     """A slot's keys and values serve only the tenant whose sequence left them: another tenant sending the same
     conversation prefills it whole (its time to first token and ``cached_tokens`` say nothing of others' prompts),
     while the same tenant's next request finds it."""
@@ -530,7 +536,7 @@ def test_prefix_caching_never_serves_one_tenant_what_another_left_in_a_slot(mode
         return [e async for e in engine.generate(prompt + list(b" more"), params, tenant=tenant)][0]
 
     async def main():
-        engine = make_engine(model, slots=2)
+        engine = make_engine(model, slots=2, pack_slots=pack)
         firsts = await asyncio.gather(first_event(engine, "a"), first_event(engine, "a"))  # slots 0 and 1: a's
         other_tenant = await first_event(engine, "b")  # both slots hold a's: b may use neither
         same_tenant = await first_event(engine, "a")  # slot 1 still holds a's
@@ -541,7 +547,8 @@ def test_prefix_caching_never_serves_one_tenant_what_another_left_in_a_slot(mode
     assert firsts == [0, 0] and other_tenant == 0 and same_tenant >= len(prompt)
 
 
-def test_prefix_caching_keeps_the_conversations_that_ended_last(model):
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefix_caching_keeps_the_conversations_that_ended_last(model, pack):
     """A prompt with nothing cached takes an empty slot while there is one, else the one freed longest ago: three
     chats taking turns one after another on three slots each find their whole conversation every turn, and a fourth
     chat evicts the one that spoke longest ago, not the lowest slot's."""
@@ -556,7 +563,7 @@ def test_prefix_caching_keeps_the_conversations_that_ended_last(model):
         return events[0].cached_tokens, held
 
     async def main():
-        engine = make_engine(model, slots=3)
+        engine = make_engine(model, slots=3, pack_slots=pack)
         chats = {name: [] for name in "abcd"}
         cached = {}
         for round_, names in enumerate(["abc", "abc", "cba"]):  # slots 0, 1, 2; c's is then the least recent
@@ -576,7 +583,8 @@ def test_prefix_caching_keeps_the_conversations_that_ended_last(model):
     assert cached[3, "c"][0] == 0  # d took c's slot; lowest-first would have taken a's
 
 
-def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model):
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model, pack):
     """Two chats share a system prompt. The second takes an empty slot rather than the first's, whose system prompt
     it would reuse at the cost of a longer conversation; each one's next turn takes its own slot, which it reuses
     whole; a regenerated turn (the same prompt again) takes its own slot, losing only the completion it replaces, and
@@ -590,7 +598,7 @@ def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model):
         return events[0].cached_tokens, prompt + [e.token for e in events] + list(b"\nmore\n")
 
     async def main():
-        engine = make_engine(model, slots=3)
+        engine = make_engine(model, slots=3, pack_slots=pack)
         chats = [system + list(f"{name}: please say something short\n".encode()) for name in "yx"]
         first = [await turn(engine, chat) for chat in chats]  # slots 0 and 1
         then = [await turn(engine, nxt) for _, nxt in reversed(first)]
@@ -605,6 +613,55 @@ def test_prefix_caching_keeps_a_conversation_over_a_shared_system_prompt(model):
     assert first == [0, 0]  # x prefilled the system prompt again rather than evict y's longer conversation
     assert then == [lengths[1] + 2, lengths[0] + 2]  # each chat's slot held its prompt and 2 of its 3 tokens
     assert again == [regenerated - 1] * 2  # all but the last token of the prompt of the turn it regenerates
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_slots_move_a_reused_conversation_into_the_lowest_free_slot(model, device):
+    """With ``pack_slots`` (the default where the decode step runs as CUDA graphs, which compute slots 0 up to the
+    highest running one), a chat whose conversation a higher slot holds decodes in the lowest free slot, its keys and
+    values moved there: every admission takes the lowest free slot, the tokens found cached are those found unpacked,
+    and every completion is what an engine without prefix caching generates (greedy, float32), through the graph step
+    (on CPU run eagerly)."""
+    greedy = GenerationParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+    slots = 6
+
+    async def main(prefix_caching: bool, pack: bool):
+        engine = Engine(on(model, device, "float32"), ByteTokenizer(), EngineConfig(
+            max_batch_size=slots, device=device, dtype="float32", prefix_caching=prefix_caching))
+        if engine.runner.graphs is None:
+            engine.runner.graphs = DecodeGraphs(engine.runner.model, engine.runner.cache, capture=False)
+        engine.pack_slots = pack
+        taken, take = [], engine._take_slot
+
+        def recorded(seq):
+            lowest = engine._free_slots[0]
+            taken.append((take(seq), lowest))
+            return taken[-1][0]
+
+        engine._take_slot = recorded
+        chats = [list(f"chat {i}: the first message is here\n".encode()) for i in range(slots)]
+
+        async def turn(i: int, max_tokens: int) -> dict:
+            out = await generate_text(engine, chats[i], dataclasses.replace(greedy, max_tokens=max_tokens))
+            chats[i] += out["tokens"] + list(b"\nmore\n")
+            return out
+
+        # First turns, ending in a scrambled order (0, 5, 4, 3, 2, 1): each slot is left holding one conversation.
+        outs = list(await asyncio.gather(*(turn(i, 2 + i * 5 % slots) for i in range(slots))))
+        for pair in ([4, 1], [5, 0], [2, 3], [1, 4]):  # next turns, two at a time, from anywhere
+            outs += await asyncio.gather(*(turn(i, 6) for i in pair))
+        stats = dict(engine.stats)
+        await engine.shutdown()
+        return outs, taken, stats
+
+    packed, taken, stats = run(main(True, True))
+    unpacked, spread, unpacked_stats = run(main(True, False))
+    plain, _, plain_stats = run(main(False, False))
+    assert all(slot == lowest for slot, lowest in taken)
+    assert any(slot != lowest for slot, lowest in spread)  # unpacked, the rows spread: what packing changes
+    assert stats["cached_tokens"] == unpacked_stats["cached_tokens"] > 8 * 16 and plain_stats["cached_tokens"] == 0
+    assert [o["tokens"] for o in packed] == [o["tokens"] for o in unpacked] == [o["tokens"] for o in plain]
+    assert max(abs(a - b) for p, q in zip(packed, plain) for a, b in zip(p["logprobs"], q["logprobs"])) < 1e-4
 
 
 def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):

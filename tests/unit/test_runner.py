@@ -136,3 +136,23 @@ def test_a_row_whose_parameters_the_sampler_refuses_fails_alone():
     assert [r for r, _, _ in results] == [good]
     (row, message, client_error), = failures
     assert row is bad and client_error and "top_p" in message
+
+
+def test_swapping_two_slots_exchanges_their_first_positions_and_leaves_the_rest():
+    """``swap_slots(a, b, n)`` exchanges positions 0..n-1 of two slots, keys and values, every layer; the other slots
+    and positions are untouched (the scheduler moves a cached prefix into the lowest free slot this way)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", max_seq_len=32)).eval()
+    runner = ModelRunner(model, EngineConfig(max_batch_size=4))
+    for cache in (runner.cache.k, runner.cache.v):
+        cache.copy_(torch.randn_like(cache))
+    k, v = runner.cache.k.clone(), runner.cache.v.clone()
+    runner.swap_slots(3, 1, 20)
+    for after, before in ((runner.cache.k, k), (runner.cache.v, v)):
+        assert torch.equal(after[:, 1, :, :20], before[:, 3, :, :20])
+        assert torch.equal(after[:, 3, :, :20], before[:, 1, :, :20])
+        assert torch.equal(after[:, :, :, 20:], before[:, :, :, 20:])
+        assert torch.equal(after[:, [0, 2]], before[:, [0, 2]])
+    runner.swap_slots(2, 2, 20)
+    runner.swap_slots(0, 2, 0)
+    assert torch.equal(runner.cache.k[:, [0, 2]], k[:, [0, 2]])
