@@ -1,26 +1,28 @@
 """The decode step as CUDA graphs (raystack.decode_graphs) against the same step run eagerly, same run, on a GPU.
 
-    python benchmarks/decode_graphs.py [--presets issue,small] [--batch 1,8,32] [--requests 32]
+    python benchmarks/decode_graphs.py [--presets issue,small] [--parts step,engine,chats] [--batch 1,8,32]
+        [--requests 32] [--chat-slots 64] [--chat-rows 8] [--repeats 3]
 
-Per preset (``issue``: 4 layers x 128 wide x 4 heads, issue 13's shape; ``small``), bfloat16, random weights:
+Per preset (``issue``: 4 layers x 128 wide x 4 heads, issue 13's shape; ``small``), bfloat16 on CUDA, random weights:
 - step: one decode step of ``batch`` rows at mid-context as the engine runs it (inputs built from host lists, logits
   back), ``DecodeGraphs.run`` against ``GPT.decode`` with the inputs built the same way; median milliseconds of 15
   interleaved rounds of 20 steps, and the median of the per-round ratios (graphs / eager; below 1 is faster);
 - engine: ``requests`` concurrent requests (64-token prompts, 128 new tokens, top_p 0.9) through an ``Engine`` with
   ``cuda_graphs`` on and off, interleaved, best of 3; output tokens/s and the ratio (graphs / eager; above 1 is
-  faster).
+  faster);
+- chats: the slots of a server that chats came and went on. ``--chat-slots`` chats' first turns (a shared 64-byte
+  system prompt and a user message; 8 to 55 new tokens, so they end in a scrambled order) leave one conversation in
+  each slot; then ``--chat-rows`` chats at a time send their second turn (the conversation so far and a new message;
+  32 new tokens, top_p 0.9), in a shuffled order, each finding its conversation in its slot. Through the engine as it
+  runs on the device (on CUDA, the graphs), with ``Engine.pack_slots`` on (a turn's cached conversation moves into
+  the lowest free slot) and off (it decodes where its conversation was: the rows spread over the slots). Per mode,
+  interleaved, best of ``--repeats``: the second turns' output tokens/s, per decode step the rows decoded and the
+  slots 0 up to the highest running one (what a graph runs, rounded up to its bucket), and the ratio (packed /
+  unpacked; above 1 is faster).
 
-- chats (``--chat-rows K``, 0 to skip): the slots of a server that chats came and went on. ``--chat-slots`` chats'
-  first turns (a shared 64-byte system prompt and a user message; 8 to 55 new tokens, so they end in a scrambled
-  order) leave one conversation in each slot; then ``K`` chats at a time send their second turn (the conversation so
-  far and a new message; 32 new tokens, top_p 0.9), in a shuffled order, each finding its conversation in its slot.
-  With ``Engine.pack_slots`` on (the default with graphs) a turn's cached conversation moves into the lowest free
-  slot; off, it decodes where its conversation was, so the rows spread over the slots and the graph runs up to the
-  highest. Per mode, interleaved, best of ``--repeats``: the second turns' output tokens/s, the rows decoded and the
-  rows the graph ran per decode step, and the ratio (packed / unpacked; above 1 is faster).
-
-``--device cpu`` runs the script's logic with the graph step run eagerly (``capture=False``; capture needs CUDA):
-a check that the script works, not a figure to quote.
+``--device cpu``: the step and engine parts run the graph step eagerly (``capture=False``; capture needs CUDA), a
+check that the script works, not a figure to quote. The chats part runs the CPU engine as it is: the fused decode op,
+which reads any slot in place, or with ``RAYSTACK_CPU_KERNELS=0`` the PyTorch ops, which gather spread rows.
 """
 
 from __future__ import annotations
@@ -102,21 +104,18 @@ async def engine_tokens_per_s(model: GPT, graphs: bool, requests: int, device: t
 
 
 async def chat_run(model: GPT, device: torch.device, pack: bool, args) -> dict:
-    """One run of the chats part (module doc): second turns' output tokens/s, rows and graph rows per decode step."""
+    """One run of the chats part (module doc): second turns' output tokens/s, rows and slots spanned per decode."""
     engine = Engine(model, ByteTokenizer(), EngineConfig(max_batch_size=args.chat_slots, device=device.type))
-    runner = engine.runner
-    if runner.graphs is None:  # on CPU; on CUDA, a capture that failed (the engine said so)
-        runner.graphs = DecodeGraphs(runner.model, runner.cache, capture=False)
     engine.pack_slots = pack
-    rows, graph_rows = [], []
-    replay = runner.graphs.run
+    runner, rows, spans = engine.runner, [], []
+    decode = runner.decode
 
-    def counted(tokens, positions):
-        rows.append(sum(p >= 0 for p in positions))
-        graph_rows.append(runner.graphs.bucket(len(tokens)))
-        return replay(tokens, positions)
+    def counted(decodes):
+        rows.append(len(decodes))
+        spans.append(decodes[-1].slot + 1)  # in slot order
+        return decode(decodes)
 
-    runner.graphs.run = counted
+    runner.decode = counted
     system = list(b"system: " + bytes(range(97, 123)) * 2 + b"0123456789ab\n")  # 64 bytes of content
 
     def prompt(chat: int, turn: int) -> list[int]:
@@ -136,14 +135,15 @@ async def chat_run(model: GPT, device: torch.device, pack: bool, args) -> dict:
             await turn(chats[chat] + prompt(chat, 2), 32, 1000 + chat)
         return 32 * len(order[w::args.chat_rows])  # end-of-text ignored: every reply is 32 tokens
 
-    rows.clear(), graph_rows.clear()
+    rows.clear(), spans.clear()
     start = time.perf_counter()
     generated = sum(await asyncio.gather(*(worker(w) for w in range(args.chat_rows))))
     elapsed = time.perf_counter() - start
     cached = engine.stats["cached_tokens"]
+    graphs = runner.graphs is not None
     await engine.shutdown()
-    return {"tok_s": generated / elapsed, "rows": statistics.mean(rows), "graph_rows": statistics.mean(graph_rows),
-            "cached": cached, "captured": runner.graphs.capture}
+    return {"tok_s": generated / elapsed, "rows": statistics.mean(rows), "span": statistics.mean(spans),
+            "cached": cached, "graphs": graphs}
 
 
 def chats_line(model: GPT, device: torch.device, args) -> str:
@@ -152,11 +152,11 @@ def chats_line(model: GPT, device: torch.device, args) -> str:
         for pack in runs:
             runs[pack].append(asyncio.run(chat_run(model, device, pack, args)))
     on, off = (max(runs[pack], key=lambda r: r["tok_s"]) for pack in (True, False))
-    return (f"{args.chat_slots} slots holding a chat each, {args.chat_rows} chats' next turns at a time: packed "
-            f"{on['tok_s']:,.0f} tok/s, {on['rows']:.2f} rows a decode step, the graph {on['graph_rows']:.2f}; "
-            f"unpacked {off['tok_s']:,.0f} tok/s, {off['rows']:.2f} rows, the graph {off['graph_rows']:.2f}; "
-            f"ratio {on['tok_s'] / off['tok_s']:.2f}x (cached tokens {on['cached']:,} / {off['cached']:,})"
-            + ("" if on["captured"] and off["captured"] else "; the graph step run eagerly"))
+    path = "graphs" if on["graphs"] else device.type
+    return (f"{args.chat_slots} slots holding a chat each, {args.chat_rows} chats' next turns at a time ({path}): "
+            f"packed {on['tok_s']:,.0f} tok/s, {on['rows']:.2f} rows a decode step over slots 0-{on['span'] - 1:.2f}; "
+            f"unpacked {off['tok_s']:,.0f} tok/s, {off['rows']:.2f} rows over slots 0-{off['span'] - 1:.2f}; "
+            f"ratio {on['tok_s'] / off['tok_s']:.2f}x (cached tokens {on['cached']:,} / {off['cached']:,})")
 
 
 def main() -> None:
@@ -165,36 +165,41 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--parts", default="step,engine,chats", help="of step, engine, chats")
     parser.add_argument("--chat-slots", type=int, default=64, help="the chats part's engine slots (and chats)")
-    parser.add_argument("--chat-rows", type=int, default=8, help="the chats part's chats at a time (0: skip it)")
+    parser.add_argument("--chat-rows", type=int, default=8, help="the chats part's chats at a time")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each chats mode")
     args = parser.parse_args()
-    if args.chat_slots < 1 or args.repeats < 1 or not 0 <= args.chat_rows <= args.chat_slots:
-        parser.error("--chat-slots and --repeats must be >= 1, --chat-rows from 0 to --chat-slots")
+    parts = set(args.parts.split(","))
+    if not parts <= {"step", "engine", "chats"}:
+        parser.error(f"--parts takes step, engine and chats, got {args.parts!r}")
+    if args.chat_slots < 1 or args.repeats < 1 or not 1 <= args.chat_rows <= args.chat_slots:
+        parser.error("--chat-slots and --repeats must be >= 1, --chat-rows from 1 to --chat-slots")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: CUDA graphs need one (--device cpu checks the script, without capture)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (graph step run eagerly)"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (step, engine: graph step run eagerly)"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; {name}; {dtype}")
     for preset in args.presets.split(","):
         if preset not in PRESETS:
             sys.exit(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         torch.manual_seed(0)
         model = GPT(ModelConfig(**PRESETS[preset])).to(device=device, dtype=dtype).eval()
-        print(f"[{preset}] step")
-        for batch in (int(b) for b in args.batch.split(",")):
-            print("  " + step_ratio(model, batch, device))
-        rates: dict = {True: [], False: []}
-        for _ in range(3):
-            for graphs in rates:
-                rates[graphs].append(asyncio.run(engine_tokens_per_s(model, graphs, args.requests, device)))
-        on, off = max(rates[True]), max(rates[False])
-        print(f"[{preset}] engine, {args.requests} concurrent requests: graphs {on:,.0f} tok/s, "
-              f"eager {off:,.0f} tok/s, ratio {on / off:.2f}x")
-        if args.chat_rows:
+        if "step" in parts:
+            print(f"[{preset}] step")
+            for batch in (int(b) for b in args.batch.split(",")):
+                print("  " + step_ratio(model, batch, device))
+        if "engine" in parts:
+            rates: dict = {True: [], False: []}
+            for _ in range(3):
+                for graphs in rates:
+                    rates[graphs].append(asyncio.run(engine_tokens_per_s(model, graphs, args.requests, device)))
+            on, off = max(rates[True]), max(rates[False])
+            print(f"[{preset}] engine, {args.requests} concurrent requests: graphs {on:,.0f} tok/s, "
+                  f"eager {off:,.0f} tok/s, ratio {on / off:.2f}x")
+        if "chats" in parts:
             print(f"[{preset}] chats: " + chats_line(model, device, args))
-
 
 if __name__ == "__main__":
     main()

@@ -337,7 +337,7 @@ class Engine:
         (``ModelRunner.swap_slots``), so what stays cached is as without. On by default where a decode step over
         spread rows costs more than over packed ones (``ModelRunner.spread_rows_cost``: CUDA graphs, which run slots
         0 up to the highest running one; the PyTorch ops, which gather spread rows); under least-recently-used reuse a
-        chat server's rows spread over the slots (``benchmarks/decode_graphs.py``, its chats part)."""
+        chat server's rows spread over the slots (``benchmarks/decode_graphs.py --parts chats``)."""
         self.inline = False
         """Run the steps on the event loop's thread whatever the device and threads: for a process whose event loop
         has nothing else to do meanwhile (``raystack.engine_process``), which then pays no thread hand-off per step."""
