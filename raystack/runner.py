@@ -66,10 +66,6 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self.model, self.cache)
             except Exception as e:  # a capture the driver refuses, or a replay that differs: eager decode still works
                 logger.warning("capturing the decode step as CUDA graphs failed (%s); decoding eagerly", e)
-        self.spread_rows_cost = self.graphs is not None or not decode_reads_in_place(self.cache)
-        """Whether a decode over rows spread across the slots costs more than over the same rows packed at the
-        front: the graphs run slots 0 up to the highest running one, and the PyTorch ops gather spread rows' caches
-        (the fused CPU op reads them in place; ``decode``)."""
         self._params: tuple = (None, None, False)  # (row ids, their SamplingParams, any penalties): sampling_params
         # Per-step integers (the decoded rows among a graph's, the rows' steps) reach a CUDA device through these
         # pinned buffers with non-blocking copies: from a list (pageable memory) a copy waits for the stream, i.e.
@@ -80,6 +76,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._pinned = {name: (torch.zeros(config.max_batch_size, dtype=torch.int64, pin_memory=True),
                                    torch.cuda.Event()) for name in ("rows", "step")}
+
+    @property
+    def spread_rows_cost(self) -> bool:
+        """Whether a decode over rows spread across the slots costs more than over the same rows packed at the
+        front: the graphs run slots 0 up to the highest running one, and the PyTorch ops gather spread rows' caches
+        (the fused CPU op reads them in place; ``decode``)."""
+        return self.graphs is not None or not decode_reads_in_place(self.cache)
 
     @torch.inference_mode()
     def step(self, prefills: list, decodes: list):
