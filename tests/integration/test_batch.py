@@ -190,9 +190,10 @@ def test_one_file_spreads_over_every_actor_of_the_pool(ray_session, artifact, tm
     context.wait_for_min_actors_s = 300  # both actors up before the first block (a busy machine starts one late)
     try:
         start = time.time()
-        # Blocks long enough (48 tokens a row) that the next one arrives while an actor is still busy: blocks that
-        # each finished before the next came could all go to one actor however many it has (seen in a CI run).
-        summary = run_batch(job(artifact, path, tmp_path / "out", {"max_tokens": 48}, batch_size=8, min_actors=2,
+        # Blocks long enough (112 tokens a row, near the tiny model's 128) that the next one arrives while an actor
+        # is still busy: the read task streams its blocks out while the actors run, and blocks that each finished
+        # before the next came all went to one actor (seen in CI runs with 48 tokens, 40-80 ms a block).
+        summary = run_batch(job(artifact, path, tmp_path / "out", {"max_tokens": 112}, batch_size=8, min_actors=2,
                                 id_column="key"))
     finally:
         context.wait_for_min_actors_s = wait
