@@ -13,12 +13,13 @@ Per preset (``issue``: 4 layers x 128 wide x 4 heads, issue 13's shape; ``small`
 - chats: the slots of a server that chats came and went on. ``--chat-slots`` chats' first turns (a shared 64-byte
   system prompt and a user message; 8 to 55 new tokens, so they end in a scrambled order) leave one conversation in
   each slot; then ``--chat-rows`` chats at a time send their second turn (the conversation so far and a new message;
-  32 new tokens, top_p 0.9), in a shuffled order, each finding its conversation in its slot. Through the engine as it
-  runs on the device (on CUDA, the graphs), with ``Engine.pack_slots`` on (a turn's cached conversation moves into
-  the lowest free slot) and off (it decodes where its conversation was: the rows spread over the slots). Per mode,
-  interleaved, best of ``--repeats``: the second turns' output tokens/s, per decode step the rows decoded and the
-  slots 0 up to the highest running one (what a graph runs, rounded up to its bucket), and the ratio (packed /
-  unpacked; above 1 is faster).
+  16 to 48 new tokens, so rows end among running ones; top_p 0.9), in a shuffled order, each finding its
+  conversation in its slot. Through the engine as it runs on the device (on CUDA, the graphs), with
+  ``Engine.pack_slots`` on (a turn's cached conversation moves into the lowest free slot, and a running row moves
+  down into the slot of one that ended) and off (it decodes where its conversation was: the rows spread over the
+  slots, and rows that end leave holes). Per mode, interleaved, best of ``--repeats``: the second turns' output
+  tokens/s, per decode step the rows decoded and the slots 0 up to the highest running one (what a graph runs,
+  rounded up to its bucket), the running rows moved down, and the ratio (packed / unpacked; above 1 is faster).
 
 ``--device cpu``: the step and engine parts run the graph step eagerly (``capture=False``; capture needs CUDA), a
 check that the script works, not a figure to quote. The chats part runs the CPU engine as it is: the fused decode op,
@@ -131,19 +132,24 @@ async def chat_run(model: GPT, device: torch.device, pack: bool, args) -> dict:
     order = random.Random(0).sample(range(args.chat_slots), args.chat_slots)
 
     async def worker(w: int) -> int:
+        generated = 0
         for chat in order[w::args.chat_rows]:
-            await turn(chats[chat] + prompt(chat, 2), 32, 1000 + chat)
-        return 32 * len(order[w::args.chat_rows])  # end-of-text ignored: every reply is 32 tokens
+            length = 16 + chat * 37 % 33  # 16 to 48 tokens, so rows end among running ones
+            await turn(chats[chat] + prompt(chat, 2), length, 1000 + chat)
+            generated += length  # end-of-text ignored: every reply is as long as asked
+        return generated
 
     rows.clear(), spans.clear()
+    moved = engine.stats["moved_rows"]
     start = time.perf_counter()
     generated = sum(await asyncio.gather(*(worker(w) for w in range(args.chat_rows))))
     elapsed = time.perf_counter() - start
     cached = engine.stats["cached_tokens"]
+    moved = engine.stats["moved_rows"] - moved
     graphs = runner.graphs is not None
     await engine.shutdown()
     return {"tok_s": generated / elapsed, "rows": statistics.mean(rows), "span": statistics.mean(spans),
-            "cached": cached, "graphs": graphs}
+            "cached": cached, "graphs": graphs, "moved": moved}
 
 
 def chats_line(model: GPT, device: torch.device, args) -> str:
@@ -154,7 +160,8 @@ def chats_line(model: GPT, device: torch.device, args) -> str:
     on, off = (max(runs[pack], key=lambda r: r["tok_s"]) for pack in (True, False))
     path = "graphs" if on["graphs"] else device.type
     return (f"{args.chat_slots} slots holding a chat each, {args.chat_rows} chats' next turns at a time ({path}): "
-            f"packed {on['tok_s']:,.0f} tok/s, {on['rows']:.2f} rows a decode step over slots 0-{on['span'] - 1:.2f}; "
+            f"packed {on['tok_s']:,.0f} tok/s, {on['rows']:.2f} rows a decode step over slots 0-{on['span'] - 1:.2f} "
+            f"({on['moved']} rows moved down); "
             f"unpacked {off['tok_s']:,.0f} tok/s, {off['rows']:.2f} rows over slots 0-{off['span'] - 1:.2f}; "
             f"ratio {on['tok_s'] / off['tok_s']:.2f}x (cached tokens {on['cached']:,} / {off['cached']:,})")
 

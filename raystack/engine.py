@@ -47,8 +47,9 @@ Contract:
   serves only the tenant whose sequence left it: a tenant cannot learn another's prompts from its own time to first
   token or ``cached_tokens`` (what vLLM's ``cache_salt`` is for). ``stats`` counts ``prefilled_tokens`` and
   ``cached_tokens``. Where a decode over rows spread across the slots costs more than over packed ones (CUDA graphs,
-  the PyTorch ops: ``Engine.pack_slots``), the picked slot's contents move into the lowest free slot, so the running
-  sequences stay packed at the front.
+  the PyTorch ops: ``Engine.pack_slots``), the picked slot's contents move into the lowest free slot, and where a
+  sequence ends among running ones the highest running one moves down into its slot, so the running sequences stay
+  packed at the front.
 - One sequence never takes down another: a step that fails is retried row by row (each prefill alone, the decode
   rows one at a time, sampling one row at a time), and only the rows that fail alone end, with ``SequenceFailed``
   (``client_error`` when the op refused the request's own parameters). The rest of the batch carries on.
@@ -332,17 +333,19 @@ class Engine:
         self.after_step = None
         """Called (no arguments) on the event loop's thread after each step has delivered its tokens (``submit``)."""
         self.pack_slots = self.runner.spread_rows_cost
-        """Keep the running sequences in the lowest slots where prefix caching picks another free slot: the picked
+        """Keep the running sequences in the lowest slots: where prefix caching picks another free slot, the picked
         slot's cached prefix moves into the lowest free one, and what that one held into the picked one
-        (``ModelRunner.swap_slots``), so what stays cached is as without. On by default where a decode step over
-        spread rows costs more than over packed ones (``ModelRunner.spread_rows_cost``: CUDA graphs, which run slots
-        0 up to the highest running one; the PyTorch ops, which gather spread rows); under least-recently-used reuse a
-        chat server's rows spread over the slots (``benchmarks/decode_graphs.py --parts chats``)."""
+        (``ModelRunner.swap_slots``); where a sequence ended among running ones and no admission took its slot, the
+        highest running sequence moves down into it, and what the ended one left there up (``_compact``). What stays
+        cached is as without. On by default where a decode step over spread rows costs more than over packed ones
+        (``ModelRunner.spread_rows_cost``: CUDA graphs, which run slots 0 up to the highest running one; the PyTorch
+        ops, which gather spread rows); under least-recently-used reuse a chat server's rows spread over the slots
+        (``benchmarks/decode_graphs.py --parts chats``)."""
         self.inline = False
         """Run the steps on the event loop's thread whatever the device and threads: for a process whose event loop
         has nothing else to do meanwhile (``raystack.engine_process``), which then pays no thread hand-off per step."""
         self.stats = {"steps": 0, "generated_tokens": 0, "requests": 0, "failed_sequences": 0, "preempted": 0,
-                      "prefilled_tokens": 0, "cached_tokens": 0}
+                      "prefilled_tokens": 0, "cached_tokens": 0, "moved_rows": 0}
 
     @classmethod
     def from_artifact(cls, uri: str, config: EngineConfig | None = None) -> "Engine":
@@ -487,6 +490,8 @@ class Engine:
             await self._wakeup.wait()
             return
         prefills = self._admit()
+        if self.pack_slots:
+            self._compact(prefills)
         decodes = sorted((s for s in self._running.values() if s not in prefills), key=lambda s: s.slot)
         results, failures = await self._compute(self.runner.step, prefills, decodes)
         self.stats["steps"] += 1
@@ -548,9 +553,7 @@ class Engine:
             cached = held[slot] if held[slot] >= PREFIX_MIN else 0
             lowest = self._free_slots[0]
             if self.pack_slots and slot != lowest:  # the picked slot's prefix into the lowest, and back
-                self.runner.swap_slots(slot, lowest, max(cached, len(self._slot_tokens[lowest])))
-                for table in (self._slot_tokens, self._slot_tenant, self._slot_freed):
-                    table[slot], table[lowest] = table[lowest], table[slot]
+                self._swap_slots(slot, lowest, cached)
                 slot = lowest
         if slot == self._free_slots[0]:
             heapq.heappop(self._free_slots)
@@ -562,6 +565,26 @@ class Engine:
         self.stats["cached_tokens"] += cached
         self.stats["prefilled_tokens"] += len(seq.context) - cached
         return slot
+
+    def _compact(self, prefills: list[_Sequence]) -> None:
+        """With ``pack_slots``, move the highest running sequences down into the free slots below them: where a
+        sequence ended among running ones and no admission filled its slot, the rows stay packed at the front. What the
+        free slot held for prefix caching moves up into the slot left (``_swap_slots``): nothing cached is lost."""
+        while self._free_slots and self._free_slots[0] < len(self._running):  # else slots 0..running-1 run
+            seq, lowest = max(self._running.values(), key=lambda s: s.slot), self._free_slots[0]
+            held = seq.cached if seq in prefills else seq.position  # what its slot holds of it so far
+            self._swap_slots(seq.slot, lowest, held)
+            heapq.heapreplace(self._free_slots, seq.slot)
+            seq.slot = lowest
+            self.stats["moved_rows"] += 1
+
+    def _swap_slots(self, a: int, b: int, held: int) -> None:
+        """Exchange what slots ``a`` and ``b`` hold (``ModelRunner.swap_slots``) and their tables: ``a`` is a running
+        sequence's (``held``: the positions it has written) or a free slot picked for one (``held``: the positions it
+        finds cached there), ``b`` a free slot, all of whose cached tokens move."""
+        self.runner.swap_slots(a, b, max(held, len(self._slot_tokens[b])))
+        for table in (self._slot_tokens, self._slot_tenant, self._slot_freed):
+            table[a], table[b] = table[b], table[a]
 
     def _reuse(self, held: dict[int, int], whole: int) -> int:
         """The free slot a sequence takes, given how many tokens of its context each holds (``held``; ``whole``: all

@@ -17,7 +17,7 @@ Contract:
   failure never costs the others theirs.
 - ``score(tokens, top)``: each token's log-probability given those before it, outside the KV cache.
 - ``swap_slots(a, b, length)``: exchange what two slots hold in their first ``length`` positions (the scheduler
-  moves a cached prefix into the slot it wants its sequence in).
+  moves a cached prefix into the slot it wants its sequence in, and a running sequence down into a free slot).
 - A row is the engine's sequence: the runner reads its ``id``, ``slot``, ``cached``, ``context``, ``position``,
   ``generated``, ``params``, ``seed``, ``bias`` and ``counts``, and writes none of them.
 """

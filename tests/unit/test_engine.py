@@ -664,6 +664,53 @@ def test_packed_slots_move_a_reused_conversation_into_the_lowest_free_slot(model
     assert max(abs(a - b) for p, q in zip(packed, plain) for a, b in zip(p["logprobs"], q["logprobs"])) < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_packed_slots_move_running_rows_down_into_the_slots_of_rows_that_ended(model, device, prefix_caching):
+    """With ``pack_slots``, a sequence that ends among running ones leaves no hole: the highest running row moves
+    down into its slot (keys and values with it), so every decode step runs slots 0 up to the rows running. Its
+    completion is what it is unpacked (greedy, float32, through the graph step; on CPU run eagerly), and with prefix
+    caching what the ended row left there moves up with the swap: the next turns find as many tokens cached."""
+    greedy = GenerationParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+    slots = 6
+
+    async def main(pack: bool):
+        engine = Engine(on(model, device, "float32"), ByteTokenizer(), EngineConfig(
+            max_batch_size=slots, device=device, dtype="float32", prefix_caching=prefix_caching))
+        if engine.runner.graphs is None:
+            engine.runner.graphs = DecodeGraphs(engine.runner.model, engine.runner.cache, capture=False)
+        engine.pack_slots = pack
+        decoded, decode = [], engine.runner.decode
+
+        def recorded(decodes):
+            decoded.append([s.slot for s in decodes])
+            return decode(decodes)
+
+        engine.runner.decode = recorded
+        chats = [list(f"row {i}: the prompt of this row\n".encode()) for i in range(slots)]
+
+        async def turn(i: int, max_tokens: int) -> dict:
+            out = await generate_text(engine, chats[i], dataclasses.replace(greedy, max_tokens=max_tokens))
+            chats[i] += out["tokens"] + list(b"\nmore\n")
+            return out
+
+        # Lengths that end among running rows (rows 1, 3, 5 first), then next turns in another order, same again.
+        outs = list(await asyncio.gather(*(turn(i, (4, 2, 9, 3, 12, 5)[i]) for i in range(slots))))
+        outs += await asyncio.gather(*(turn(i, (7, 3, 10, 2, 6, 4)[n]) for n, i in enumerate((3, 0, 5, 1, 4, 2))))
+        stats = dict(engine.stats)
+        await engine.shutdown()
+        return outs, decoded, stats
+
+    packed, packed_steps, stats = run(main(True))
+    unpacked, unpacked_steps, unpacked_stats = run(main(False))
+    assert all(step == list(range(len(step))) for step in packed_steps) and stats["moved_rows"] >= 4
+    assert any(step != list(range(len(step))) for step in unpacked_steps) and unpacked_stats["moved_rows"] == 0
+    assert [o["tokens"] for o in packed] == [o["tokens"] for o in unpacked]
+    assert max(abs(a - b) for p, q in zip(packed, unpacked) for a, b in zip(p["logprobs"], q["logprobs"])) < 1e-4
+    assert stats["cached_tokens"] == unpacked_stats["cached_tokens"]
+    assert (stats["cached_tokens"] > 6 * 16) == prefix_caching
+
+
 def test_a_tenant_over_its_share_yields_slots_to_one_of_the_same_priority(model):
     async def main():
         engine = make_engine(model, slots=4)
