@@ -694,7 +694,7 @@ def test_packed_slots_move_running_rows_down_into_the_slots_of_rows_that_ended(m
             chats[i] += out["tokens"] + list(b"\nmore\n")
             return out
 
-        # Lengths that end among running rows (rows 1, 3, 5 first), then next turns in another order, same again.
+        # Lengths that end among running rows (in the order 1, 3, 0, 5, 2, 4), then next turns in another order.
         outs = list(await asyncio.gather(*(turn(i, (4, 2, 9, 3, 12, 5)[i]) for i in range(slots))))
         outs += await asyncio.gather(*(turn(i, (7, 3, 10, 2, 6, 4)[n]) for n, i in enumerate((3, 0, 5, 1, 4, 2))))
         stats = dict(engine.stats)
