@@ -140,12 +140,12 @@ async def chat_run(model: GPT, device: torch.device, pack: bool, args) -> dict:
         return generated
 
     rows.clear(), spans.clear()
-    moved = engine.stats["moved_rows"]
+    moved_before = engine.stats["moved_rows"]
     start = time.perf_counter()
     generated = sum(await asyncio.gather(*(worker(w) for w in range(args.chat_rows))))
     elapsed = time.perf_counter() - start
     cached = engine.stats["cached_tokens"]
-    moved = engine.stats["moved_rows"] - moved
+    moved = engine.stats["moved_rows"] - moved_before
     graphs = runner.graphs is not None
     await engine.shutdown()
     return {"tok_s": generated / elapsed, "rows": statistics.mean(rows), "span": statistics.mean(spans),
